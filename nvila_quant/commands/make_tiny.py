@@ -1,0 +1,46 @@
+"""``nvila-quant make-tiny OUT``: write a seeded synthetic NVILA checkpoint in the real layout."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from nvila_quant.model.factory import TinySpec, make_tiny
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-tiny",
+        help="write a tiny seeded NVILA checkpoint (for tests and the demo)",
+        description="Write a tiny, seeded NVILA checkpoint in NVIDIA's three-folder layout: a locally trained "
+        "byte-level BPE tokenizer, SigLIP at 448 px / patch 14, a small GQA Qwen2 and the projector.",
+    )
+    p.add_argument("output", help="folder to create (must not exist unless --overwrite)")
+    p.add_argument("--variant", choices=["nvila", "nvila-lite"], default="nvila",
+                   help="nvila: dynamic S2 + 2x2 downsample projector; nvila-lite: dynamic tiling with thumbnail "
+                   "+ 3x3 downsample projector (default: nvila)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizer corpus (default: 0)")
+    p.add_argument("--outliers", action=argparse.BooleanOptionalAction, default=True,
+                   help="plant function-preserving activation outlier channels, as trained LLMs have "
+                   "(default: on)")
+    p.add_argument("--llm-hidden", type=int, default=TinySpec.llm_hidden, help="LLM hidden size")
+    p.add_argument("--llm-intermediate", type=int, default=TinySpec.llm_intermediate, help="LLM MLP width")
+    p.add_argument("--llm-layers", type=int, default=TinySpec.llm_layers, help="number of decoder layers")
+    p.add_argument("--llm-heads", type=int, default=TinySpec.llm_heads, help="attention heads")
+    p.add_argument("--llm-kv-heads", type=int, default=TinySpec.llm_kv_heads, help="KV heads (GQA)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype of the stored weights (default: bfloat16, as NVIDIA ships)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = TinySpec(
+        variant=args.variant, seed=args.seed, outliers=args.outliers, llm_hidden=args.llm_hidden,
+        llm_intermediate=args.llm_intermediate, llm_layers=args.llm_layers, llm_heads=args.llm_heads,
+        llm_kv_heads=args.llm_kv_heads, dtype=args.dtype,
+    )
+    out = make_tiny(args.output, spec, overwrite=args.overwrite)
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    print(f"wrote {spec.variant} checkpoint to {out} ({', '.join(f'{k}={v}' for k, v in list(fields.items())[:3])})")
+    return 0

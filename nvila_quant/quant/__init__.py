@@ -1,0 +1,1 @@
+"""Quantization: numerics (primitives), AWQ search and the block-by-block runner."""
