@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny seeded NVILA checkpoints built once per session with the project's own factory."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA not available)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_nvila(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny NVILA (dynamic S2, 2x2 projector) with planted outliers, bf16 on disk."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "nvila-tiny", TinySpec(variant="nvila", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_nvila_lite(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny NVILA-Lite (dynamic tiling + thumbnail, 3x3 projector) with planted outliers."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "nvila-lite-tiny", TinySpec(variant="nvila-lite", seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_nvila):
+    """The tiny NVILA loaded in fp32 on CPU (shared: do not modify its weights)."""
+    from nvila_quant.model import NVILAQwen2
+
+    return NVILAQwen2.load_pretrained(tiny_nvila, torch_dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Built-in photos of different aspect ratios (PIL, RGB)."""
+    from nvila_quant.model.media import load_image
+    from nvila_quant.paths import builtin_calib_dir
+
+    root = builtin_calib_dir()
+    return {name: load_image(root / f"{name}.jpg") for name in ("astronaut", "cat", "coffee", "rocket")}
