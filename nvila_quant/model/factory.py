@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    GenerationConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 from transformers import logging as hf_logging
 
 from nvila_quant.errors import ConfigError
@@ -33,9 +39,7 @@ __all__ = ["TinySpec", "build_tokenizer", "make_tiny", "plant_outliers", "synthe
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[BOS]", "[PAD]"]
 # Qwen2's pre-tokenizer split pattern
-_QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+_QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 @dataclass
@@ -79,21 +83,135 @@ class TinySpec:
                 f"llm_kv_heads ({self.llm_kv_heads})"
             )
         if self.vision_hidden % self.vision_heads:
-            raise ConfigError(f"vision_hidden ({self.vision_hidden}) must divide by vision_heads ({self.vision_heads})")
+            raise ConfigError(
+                f"vision_hidden ({self.vision_hidden}) must divide by vision_heads ({self.vision_heads})"
+            )
         if self.image_size % self.patch_size:
-            raise ConfigError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise ConfigError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
 
 
 # ---------------------------------------------------------------------------- tokenizer
 _WORDS = {
-    "adj": "red blue green small large old young tall short bright dark white black wooden metal quiet busy "
-    "sunny rainy happy tired striped round square soft shiny empty crowded open closed yellow brown".split(),
-    "noun": "cat dog man woman child bird horse car bus train boat table chair window door tree flower street "
-    "river mountain beach city kitchen plate cup bottle book phone computer camera ball bicycle road sky "
-    "building bridge field garden shirt hat umbrella clock sign picture".split(),
-    "verb": "sits stands walks runs lies rests waits looks plays holds carries rides crosses eats reads "
-    "watches jumps flies swims drives".split(),
-    "prep": "on under near beside behind in front of across along over inside next to".split(),
+    "adj": [
+        "red",
+        "blue",
+        "green",
+        "small",
+        "large",
+        "old",
+        "young",
+        "tall",
+        "short",
+        "bright",
+        "dark",
+        "white",
+        "black",
+        "wooden",
+        "metal",
+        "quiet",
+        "busy",
+        "sunny",
+        "rainy",
+        "happy",
+        "tired",
+        "striped",
+        "round",
+        "square",
+        "soft",
+        "shiny",
+        "empty",
+        "crowded",
+        "open",
+        "closed",
+        "yellow",
+        "brown",
+    ],
+    "noun": [
+        "cat",
+        "dog",
+        "man",
+        "woman",
+        "child",
+        "bird",
+        "horse",
+        "car",
+        "bus",
+        "train",
+        "boat",
+        "table",
+        "chair",
+        "window",
+        "door",
+        "tree",
+        "flower",
+        "street",
+        "river",
+        "mountain",
+        "beach",
+        "city",
+        "kitchen",
+        "plate",
+        "cup",
+        "bottle",
+        "book",
+        "phone",
+        "computer",
+        "camera",
+        "ball",
+        "bicycle",
+        "road",
+        "sky",
+        "building",
+        "bridge",
+        "field",
+        "garden",
+        "shirt",
+        "hat",
+        "umbrella",
+        "clock",
+        "sign",
+        "picture",
+    ],
+    "verb": [
+        "sits",
+        "stands",
+        "walks",
+        "runs",
+        "lies",
+        "rests",
+        "waits",
+        "looks",
+        "plays",
+        "holds",
+        "carries",
+        "rides",
+        "crosses",
+        "eats",
+        "reads",
+        "watches",
+        "jumps",
+        "flies",
+        "swims",
+        "drives",
+    ],
+    "prep": [
+        "on",
+        "under",
+        "near",
+        "beside",
+        "behind",
+        "in",
+        "front",
+        "of",
+        "across",
+        "along",
+        "over",
+        "inside",
+        "next",
+        "to",
+    ],
 }
 _TEMPLATES = [
     "A {adj} {noun} {verb} {prep} the {adj2} {noun2}.",
@@ -115,9 +233,13 @@ def synthetic_corpus(n: int = 4000, seed: int = 0) -> list[str]:
         t = rng.choice(_TEMPLATES)
         out.append(
             t.format(
-                adj=rng.choice(_WORDS["adj"]), adj2=rng.choice(_WORDS["adj"]),
-                noun=rng.choice(_WORDS["noun"]), noun2=rng.choice(_WORDS["noun"]),
-                verb=rng.choice(_WORDS["verb"]), prep=rng.choice(_WORDS["prep"]), num=rng.randint(0, 120),
+                adj=rng.choice(_WORDS["adj"]),
+                adj2=rng.choice(_WORDS["adj"]),
+                noun=rng.choice(_WORDS["noun"]),
+                noun2=rng.choice(_WORDS["noun"]),
+                verb=rng.choice(_WORDS["verb"]),
+                prep=rng.choice(_WORDS["prep"]),
+                num=rng.randint(0, 120),
             )
         )
     return out
@@ -138,7 +260,10 @@ def build_tokenizer(vocab_merges: int = 1000, seed: int = 0, model_max_length: i
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=len(alphabet) + vocab_merges, initial_alphabet=alphabet, show_progress=False, special_tokens=[]
+        vocab_size=len(alphabet) + vocab_merges,
+        initial_alphabet=alphabet,
+        show_progress=False,
+        special_tokens=[],
     )
     tok.train_from_iterator(synthetic_corpus(seed=seed), trainer)
     model = json.loads(tok.to_str())["model"]
@@ -157,7 +282,13 @@ def build_tokenizer(vocab_merges: int = 1000, seed: int = 0, model_max_length: i
 
 # ---------------------------------------------------------------------------- outliers
 @torch.no_grad()
-def _plant(norm_weight: torch.Tensor, linears: list[torch.nn.Linear], channels: torch.Tensor, alpha: float, salience: float) -> None:
+def _plant(
+    norm_weight: torch.Tensor,
+    linears: list[torch.nn.Linear],
+    channels: torch.Tensor,
+    alpha: float,
+    salience: float,
+) -> None:
     """norm/producer side x alpha, consumer input columns / alpha * salience (salience is part of the
     random init: the planted channels carry a larger share of the output)."""
     norm_weight[channels] *= alpha
@@ -166,7 +297,9 @@ def _plant(norm_weight: torch.Tensor, linears: list[torch.nn.Linear], channels: 
 
 
 @torch.no_grad()
-def plant_outliers(llm: Qwen2ForCausalLM, projector: MultimodalProjector, spec: TinySpec, gen: torch.Generator) -> dict:
+def plant_outliers(
+    llm: Qwen2ForCausalLM, projector: MultimodalProjector, spec: TinySpec, gen: torch.Generator
+) -> dict:
     """Plant outlier channels in every decoder block and the projector. Returns the planted channels."""
     cfg = llm.config
     k, alpha, sal = spec.outlier_channels, spec.outlier_scale, spec.salience
@@ -294,7 +427,9 @@ def make_tiny(output: str | os.PathLike, spec: TinySpec | None = None, overwrite
             llm.config.architectures = ["Qwen2ForCausalLM"]
             llm.config.dtype = dtype
             llm.config.save_pretrained(str(llm_dir))
-            GenerationConfig(do_sample=False, max_new_tokens=64, eos_token_id=None).save_pretrained(str(llm_dir))
+            GenerationConfig(do_sample=False, max_new_tokens=64, eos_token_id=None).save_pretrained(
+                str(llm_dir)
+            )
             save_state_dict({k: v.to(dtype) for k, v in llm.state_dict().items()}, llm_dir)
             tokenizer.save_pretrained(str(llm_dir))
             # vision_tower/  (keys carry the "vision_model." prefix, as NVIDIA's files do)
@@ -303,16 +438,27 @@ def make_tiny(output: str | os.PathLike, spec: TinySpec | None = None, overwrite
             vision.config.dtype = dtype
             vision.config.save_pretrained(str(vt_dir))
             save_state_dict(
-                {(k if k.startswith("vision_model.") else f"vision_model.{k}"): v.to(dtype)
-                 for k, v in vision.state_dict().items()},
+                {
+                    (k if k.startswith("vision_model.") else f"vision_model.{k}"): v.to(dtype)
+                    for k, v in vision.state_dict().items()
+                },
                 vt_dir,
             )
-            write_json(vt_dir / "preprocessor_config.json", {
-                "do_normalize": True, "do_rescale": True, "do_resize": True,
-                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-                "image_processor_type": "SiglipImageProcessor", "processor_class": "SiglipProcessor",
-                "resample": 3, "rescale_factor": 1 / 255, "size": {"height": spec.image_size, "width": spec.image_size},
-            })
+            write_json(
+                vt_dir / "preprocessor_config.json",
+                {
+                    "do_normalize": True,
+                    "do_rescale": True,
+                    "do_resize": True,
+                    "image_mean": [0.5, 0.5, 0.5],
+                    "image_std": [0.5, 0.5, 0.5],
+                    "image_processor_type": "SiglipImageProcessor",
+                    "processor_class": "SiglipProcessor",
+                    "resample": 3,
+                    "rescale_factor": 1 / 255,
+                    "size": {"height": spec.image_size, "width": spec.image_size},
+                },
+            )
             # mm_projector/
             mp_dir = tmp / "mm_projector"
             save_state_dict({k: v.to(dtype) for k, v in projector.state_dict().items()}, mp_dir)

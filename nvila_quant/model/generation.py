@@ -127,7 +127,7 @@ def stream_step(
         if past_mask.shape[0] != mask.shape[0]:
             raise ValueError(f"batch size changed from {past_mask.shape[0]} to {mask.shape[0]} within a cached sequence")
         if start_pos < cached:
-            cache.crop(start_pos)
+            cache.crop(start_pos - cached)  # negative: drop that many trailing positions
         past_mask = past_mask[:, :start_pos]
     full_mask = torch.cat([past_mask, mask], dim=1)
     position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
@@ -194,7 +194,7 @@ class ChatSession:
 
     def _common_prefix(self, ids: list[int]) -> int:
         n = 0
-        for a, b in zip(self.token_ids, ids):
+        for a, b in zip(self.token_ids, ids, strict=False):
             if a != b:
                 break
             n += 1

@@ -195,20 +195,20 @@ class LlavaMetaModel(ABC):
         block_sizes = list(block_sizes) if block_sizes is not None else [None] * len(images)
         features = self.get_vision_tower()(images)  # (tiles, 1024, C)
         merged, new_block_sizes = self.merge_features_for_dynamic_s2(features, block_sizes)
-        split = [self.split_chessboard(x, bs[0], bs[1]) for x, bs in zip(merged, new_block_sizes)]
+        split = [self.split_chessboard(x, bs[0], bs[1]) for x, bs in zip(merged, new_block_sizes, strict=True)]
         stacked = torch.cat([rearrange(x, "b c h w -> b (h w) c") for x in split], dim=0)  # (B, 1024, 3C)
         projected = self.get_mm_projector()(stacked)  # (B, 256, H)
         per_image = projected.split([bs[0] * bs[1] for bs in new_block_sizes], dim=0)
         out = [
             rearrange(self.merge_chessboard(x, bs[0], bs[1]), "1 c h w -> (h w) c")
-            for x, bs in zip(per_image, new_block_sizes)
+            for x, bs in zip(per_image, new_block_sizes, strict=True)
         ]
         if all(f.shape[0] == out[0].shape[0] for f in out):
             return torch.stack(out, dim=0)
         return out
 
 
-class LlavaMetaForCausalLM(ABC):
+class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is LlavaMetaModel)
     """Generation over a :class:`LlavaMetaModel`: ``_embed``, ``generate``, ``generate_content``,
     ``prepare_media``, ``stream_gen`` and ``benchmark``."""
 
@@ -390,7 +390,7 @@ class LlavaMetaForCausalLM(ABC):
         embeds = inputs[0].new_zeros((batch, max_len, hidden))
         out_labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=labels[0].dtype, device=device)
         mask = torch.zeros((batch, max_len), dtype=torch.bool, device=device)
-        for k, (x, lab) in enumerate(zip(inputs, labels)):
+        for k, (x, lab) in enumerate(zip(inputs, labels, strict=True)):
             n = x.shape[0]
             sl = slice(0, n) if padding_side == "right" else slice(max_len - n, max_len)
             embeds[k, sl], out_labels[k, sl], mask[k, sl] = x, lab, True
