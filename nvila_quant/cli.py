@@ -22,6 +22,7 @@ COMMANDS = [
     "nvila_quant.commands.make_tiny",
     "nvila_quant.commands.info",
     "nvila_quant.commands.generate",
+    "nvila_quant.commands.compare",
     "nvila_quant.commands.demo",
 ]
 

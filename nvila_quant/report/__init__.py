@@ -1,0 +1,1 @@
+"""Accuracy and speed reports of quantized NVILA checkpoints against their float reference."""
