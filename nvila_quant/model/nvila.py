@@ -48,11 +48,10 @@ def _check_loading_info(folder: Path, info: dict[str, Any], ignore: tuple[str, .
 def load_llm(llm_dir: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """The float LLM of ``llm/`` as a real transformers causal LM (``Qwen2ForCausalLM`` on NVILA)."""
     cfg = read_json(llm_dir / "config.json")
-    if cfg.get("quantization_config"):
-        raise CheckpointError(
-            f"{llm_dir} holds a quantized LLM ({cfg['quantization_config'].get('quant_method')}); "
-            "load it with nvila_quant.model.NVILAQwen2.load_pretrained, which builds quantized linears"
-        )
+    if cfg.get("quantization_config"):  # packed int4 linears: the quantized runtime builds QuantLinear modules
+        from nvila_quant.model.quantized import load_quantized_llm
+
+        return load_quantized_llm(llm_dir, dtype, device)
     safetensors_key_map(llm_dir)  # validates every shard before transformers reads it
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -158,6 +157,8 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
         config: NVILAConfig,
         torch_dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
+        vision_backend: str = "torch",
+        onnx_dir: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -182,7 +183,12 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
             self.tokenizer.padding_side = padding_side
         self._grow_embeddings(len(self.tokenizer))
 
-        self.vision_tower = build_vision_tower(vt_dir, config, dtype, device)
+        if vision_backend == "torch" and onnx_dir is None:
+            self.vision_tower = build_vision_tower(vt_dir, config, dtype, device)
+        else:  # vision tower through onnxruntime (an `nvila-export onnx` folder); same interface
+            from nvila_quant.runtime.onnx_vision import build_onnx_vision_tower
+
+            self.vision_tower = build_onnx_vision_tower(vision_backend, onnx_dir, vt_dir, config, dtype, device)
         if config.mm_hidden_size and config.mm_hidden_size != self.vision_tower.hidden_size:
             raise CheckpointError(
                 f"config.json mm_hidden_size={config.mm_hidden_size} but the vision tower gives features of width "
@@ -204,11 +210,19 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
 
     # Overridable builders: the quantized runtime swaps in packed linears here.
     def build_llm(self, llm_dir: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-        return load_llm(llm_dir, dtype, device)
+        return load_llm(llm_dir, dtype, device)  # quantized llm/ -> nvila_quant.model.quantized
 
     def build_projector(
         self, mp_dir: Path, mm_hidden_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device
     ) -> nn.Module:
+        from nvila_quant.model.quantized import is_quantized, load_quantized_projector
+
+        if is_quantized(mp_dir):
+            cfg = read_json(mp_dir / "config.json")
+            projector_type = cfg.get("mm_projector_type") or (self.config.mm_projector_cfg or {}).get("mm_projector_type")
+            if not projector_type:
+                raise CheckpointError(f"{mp_dir}/config.json lacks 'mm_projector_type'")
+            return load_quantized_projector(mp_dir, projector_type, mm_hidden_size, hidden_size, dtype, device)
         return build_mm_projector(mp_dir, self.config, mm_hidden_size, hidden_size, dtype, device)
 
     def _grow_embeddings(self, n_tokens: int) -> None:

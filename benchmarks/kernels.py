@@ -1,0 +1,244 @@
+"""Int4 linear kernels vs dense F.linear, same run: every available backend, ratios, goals.
+
+    python benchmarks/kernels.py [--tokens 1 8 32 128 512] [--repeats 7] [--threads T] [--clock wall|thread]
+
+For (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008)} and each token count M: the quantized layer with
+each backend ("cpu" as shipped; each CPU path forced: the native few-token kernel, torch's int4 kernel and the
+chunked dequantize + dense bf16 path, which locates the threshold; "reference" on the smallest shape), against a
+dense bf16 and an fp32 ``F.linear`` with the same weights. Timings are interleaved medians; CPU caches are
+evicted before each timed call (in decode a layer's weights are never cache-resident) unless --warm-cache.
+``--threads 1 --clock thread`` times this thread's CPU time, which stays meaningful on a shared machine.
+On a GPU: the CUDA kernels vs fp16 cuBLAS and the GEMV's fraction of the measured copy bandwidth.
+Writes benchmarks/results/kernels-<cpu|cuda>[-<T>thread][-cputime].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table, write_json  # noqa: E402
+
+from nvila_quant.formats import QTensor  # noqa: E402
+from nvila_quant.kernels import cpu as cpu_backend  # noqa: E402
+from nvila_quant.kernels.cpu_native import native_available  # noqa: E402
+from nvila_quant.kernels.linear import QuantLinear  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+CPU_GOALS = {"m1_vs_bf16": 3.5, "m1_vs_fp32": 6.0, "max_slowdown_vs_bf16": 1.1}
+GPU_GOALS = {"gemv_bandwidth_fraction_m1": 0.7, "gemm_vs_cublas_fp16_m512": 0.8}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+CLOCK = {"fn": time.perf_counter}  # --clock thread: time.thread_time (CPU time of this thread; 1 thread only)
+FLUSH: dict[str, torch.Tensor | None] = {"buf": None}  # written before each timed call: weights start cold
+
+
+def _flush_caches() -> None:
+    if FLUSH["buf"] is not None:
+        FLUSH["buf"].add_(1)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of each fn, run round-robin so background load hits all of them alike."""
+    clock = CLOCK["fn"]
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _flush_caches()
+            _sync()
+            t = clock()
+            fn()
+            _sync()
+            times[name].append((clock() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _layer(n: int, k: int, group: int, device: str = "cpu") -> QuantLinear:
+    gen = torch.Generator().manual_seed(n + k)
+    qt = QTensor.from_float(torch.randn(n, k, generator=gen) * 0.02, 4, group, True, scale_dtype=torch.bfloat16)
+    return QuantLinear.from_qtensor(qt).to(device)
+
+
+def _forced(**env: str) -> Callable[[Callable[[], object]], Callable[[], object]]:
+    """Run fn with environment overrides (e.g. NVILA_QUANT_CPU_DENSE_MIN_TOKENS) restored afterwards."""
+    def wrap(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                return fn()
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = v
+        return run
+    return wrap
+
+
+def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w16: torch.Tensor,
+              w32: torch.Tensor) -> dict[str, Callable[[], object]]:
+    x32 = x16.float()
+    fns = {
+        "cpu": lambda: layer(x16),
+        "cpu_int4_kernel": _forced(NVILA_QUANT_CPU_DENSE_MIN_TOKENS="1000000")(lambda: layer(x16)),
+        "cpu_dequant_dense": _forced(NVILA_QUANT_CPU_DENSE_MIN_TOKENS="1")(lambda: layer(x16)),
+        "torch_int4_kernel": _forced(NVILA_QUANT_CPU_DENSE_MIN_TOKENS="1000000",
+                                     NVILA_QUANT_CPU_KERNEL="torch")(lambda: layer(x16)),
+        "dense_bf16": lambda: F.linear(x16, w16),
+        "dense_fp32": lambda: F.linear(x32, w32),
+    }
+    if ref is not None:
+        fns["reference"] = lambda: ref(x16)
+    return fns
+
+
+def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
+    rows = []
+    for n, k in SHAPES:
+        layer = _layer(n, k, group)
+        layer.backend = "cpu"
+        w16 = layer.dequantize_weight(torch.bfloat16)
+        w32 = layer.dequantize_weight(torch.float32)
+        for m in tokens:
+            x16 = torch.randn(m, k).bfloat16()
+            ref = QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if (n, k) == SHAPES[0] and m <= 8 else None
+            fns = _cpu_case(layer, ref, x16, w16, w32)
+            ms = interleaved(fns, repeats if m <= 128 else max(3, repeats // 2))
+            row = {"N": n, "K": k, "M": m, **{f"{name}_ms": v for name, v in ms.items()}}
+            kernel = cpu_backend.few_token_kernel(group, n, k, torch.bfloat16)
+            row["path"] = "dense" if kernel is None or m >= cpu_backend.cpu_dense_min_tokens(kernel) else kernel
+            row["x_vs_bf16"] = ms["dense_bf16"] / ms["cpu"]
+            row["x_vs_fp32"] = ms["dense_fp32"] / ms["cpu"]
+            rows.append(row)
+            print(f"  N={n} K={k} M={m}: cpu {ms['cpu']:.2f} ms ({row['path']}), bf16 {ms['dense_bf16']:.2f}, "
+                  f"fp32 {ms['dense_fp32']:.2f} -> {row['x_vs_bf16']:.2f}x / {row['x_vs_fp32']:.2f}x", flush=True)
+    return rows
+
+
+def crossover(rows: list[dict]) -> dict[str, int | None]:
+    """Smallest M per shape where dequantize + dense beats the int4 kernel."""
+    out = {}
+    for n, k in SHAPES:
+        ms = [r["M"] for r in rows if (r["N"], r["K"]) == (n, k) and r["cpu_dequant_dense_ms"] < r["cpu_int4_kernel_ms"]]
+        out[f"{n}x{k}"] = min(ms) if ms else None
+    return out
+
+
+def check_cpu_goals(rows: list[dict]) -> dict:
+    m1 = [r for r in rows if r["M"] == 1]
+    return {
+        "m1_vs_bf16_min": min(r["x_vs_bf16"] for r in m1) if m1 else None,
+        "m1_vs_fp32_min": min(r["x_vs_fp32"] for r in m1) if m1 else None,
+        "worst_slowdown_vs_bf16": max(r["cpu_ms"] / r["dense_bf16_ms"] for r in rows),
+        "goals": CPU_GOALS,
+        "met": {
+            "m1_vs_bf16": all(r["x_vs_bf16"] >= CPU_GOALS["m1_vs_bf16"] for r in m1),
+            "m1_vs_fp32": all(r["x_vs_fp32"] >= CPU_GOALS["m1_vs_fp32"] for r in m1),
+            "no_m_slower_than_1.1x_bf16": all(r["cpu_ms"] <= CPU_GOALS["max_slowdown_vs_bf16"] * r["dense_bf16_ms"] for r in rows),
+        },
+    }
+
+
+def measured_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second)."""
+    a = torch.empty(512 * 1024**2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = interleaved({"copy": lambda: b.copy_(a)}, 10)["copy"]
+    return 2 * a.numel() / (ms / 1e3) / 1e9
+
+
+def _gpu_case(layer: QuantLinear, x: torch.Tensor, w16: torch.Tensor) -> dict[str, Callable[[], object]]:
+    return {"cuda": lambda: layer(x), "cublas_fp16": lambda: F.linear(x, w16)}
+
+
+def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
+    bw = measured_bandwidth_gbs()
+    rows = []
+    for n, k in SHAPES:
+        layer = _layer(n, k, group, "cuda")
+        layer.backend = "cuda"
+        w16 = layer.dequantize_weight(torch.float16)
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            ms = interleaved(_gpu_case(layer, x, w16), repeats)
+            bytes_moved = n * k // 2 + layer.scale.numel() * 4 + layer.zero.numel() + m * (k + n) * 2
+            rows.append({"N": n, "K": k, "M": m, "cuda_ms": ms["cuda"], "cublas_fp16_ms": ms["cublas_fp16"],
+                         "x_vs_fp16": ms["cublas_fp16"] / ms["cuda"],
+                         "bandwidth_fraction": bytes_moved / (ms["cuda"] / 1e3) / 1e9 / bw})
+    m1 = [r for r in rows if r["M"] == 1]
+    big = [r for r in rows if r["M"] >= 512]
+    return {"device": torch.cuda.get_device_name(0), "copy_bandwidth_gbs": bw, "rows": rows, "goals": GPU_GOALS,
+            "gemv_bandwidth_fraction_m1_min": min(r["bandwidth_fraction"] for r in m1) if m1 else None,
+            "gemm_vs_cublas_fp16_m512_min": min(r["x_vs_fp16"] for r in big) if big else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512], help="token counts M")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (interleaved; medians)")
+    parser.add_argument("--group-size", type=int, default=128, help="quantization group size")
+    parser.add_argument("--skip-cpu", action="store_true", help="only the GPU part (when a GPU is present)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="do not evict the CPU caches before each timed call (int4 weights of small layers then "
+                             "stay in L3, dense ones do not)")
+    parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="wall time, or this thread's CPU time (robust on a shared machine; needs --threads 1)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.warm_cache:
+        FLUSH["buf"] = torch.zeros(128 * 1024**2 // 4)  # 128 MB > L3
+    if args.clock == "thread":
+        if torch.get_num_threads() != 1:
+            parser.error("--clock thread measures one thread's CPU time: use it with --threads 1")
+        CLOCK["fn"] = time.thread_time
+    torch.manual_seed(0)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    payload: dict = {"group_size": args.group_size, "tokens": args.tokens, "threads": torch.get_num_threads(),
+                     "clock": args.clock, "caches_evicted_before_each_call": not args.warm_cache,
+                     "load_average_start": load,
+                     "native_cpu_helpers": native_available(), "cpu_dense_min_tokens": cpu_backend.cpu_dense_min_tokens()}
+    with torch.inference_mode():
+        if not args.skip_cpu:
+            print(f"CPU ({torch.get_num_threads()} threads): int4 'cpu' backend vs dense F.linear, same run")
+            rows = bench_cpu(args.tokens, args.repeats, args.group_size)
+            payload["cpu"] = {"rows": rows, "dequant_beats_int4_kernel_from_m": crossover(rows), **check_cpu_goals(rows)}
+            cols = ["N", "K", "M", "path", "cpu_ms", "cpu_int4_kernel_ms", "torch_int4_kernel_ms", "cpu_dequant_dense_ms",
+                    "dense_bf16_ms", "dense_fp32_ms", "x_vs_bf16", "x_vs_fp32"]
+            print(table(rows, cols))
+            print("dequantize + dense beats the int4 kernel from M =", payload["cpu"]["dequant_beats_int4_kernel_from_m"])
+            print("goals met:", payload["cpu"]["met"])
+        if torch.cuda.is_available():
+            payload["gpu"] = bench_gpu(args.tokens, args.repeats, args.group_size)
+            print(table(payload["gpu"]["rows"], ["N", "K", "M", "cuda_ms", "cublas_fp16_ms", "x_vs_fp16", "bandwidth_fraction"]))
+        else:
+            payload["gpu"] = {"status": "not measured: no GPU", "goals": {k: "not measured: no GPU" for k in GPU_GOALS}}
+    payload["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    name = "kernels-cuda" if torch.cuda.is_available() else "kernels-cpu"
+    suffix = (f"-{args.threads}thread" if args.threads else "") + ("-cputime" if args.clock == "thread" else "")
+    path = write_json(name + suffix, payload)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

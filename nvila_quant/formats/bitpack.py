@@ -1,0 +1,78 @@
+"""Bit packing of small unsigned integers into 32-bit words (pure functions; every pack has an unpack).
+
+Layout of :func:`pack_int32` for ``bits`` b and pack factor ``pf = 32 // b``:
+    word j of a row, slot i (bits i*b .. i*b + b - 1) holds column ``j * pf + order[i]``
+with ``order = 0..pf-1`` (sequential) unless given. Columns past the end are zero padded.
+Words are returned as int32 holding the same 32 bits (two's complement reinterpretation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["as_int16_bits", "as_int32_bits", "pack_int32", "unpack_int32", "word_count"]
+
+
+def word_count(n_values: int, bits: int) -> int:
+    """Number of int32 words that hold ``n_values`` values of ``bits`` bits (padded)."""
+    pf = 32 // bits
+    return -(-n_values // pf)
+
+
+def as_int32_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same low 32 bits."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def as_int16_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^16) -> int16 with the same low 16 bits."""
+    return torch.where(x >= 2**15, x - 2**16, x).to(torch.int16)
+
+
+def _check_order(order: Sequence[int] | None, pf: int) -> list[int] | None:
+    if order is None:
+        return None
+    order = list(order)
+    if sorted(order) != list(range(pf)):
+        raise ValueError(f"order must be a permutation of 0..{pf - 1}, got {order}")
+    return order
+
+
+def pack_int32(values: torch.Tensor, bits: int, order: Sequence[int] | None = None) -> torch.Tensor:
+    """values: (R, C) integers in [0, 2^bits) -> (R, ceil(C / (32 // bits))) int32, packed along dim 1."""
+    if values.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor to pack, got shape {tuple(values.shape)}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    pf = 32 // bits
+    order = _check_order(order, pf)
+    r, c = values.shape
+    v = values.to(torch.int64)
+    if c % pf:
+        v = F.pad(v, (0, pf - c % pf))
+    v = v.reshape(r, -1, pf)  # (R, W, pf): column j*pf + t
+    if order is not None:
+        v = v[..., order]  # slot i <- column j*pf + order[i]
+    shifts = torch.arange(pf, dtype=torch.int64, device=v.device) * bits
+    return as_int32_bits((v << shifts).sum(-1))
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int, order: Sequence[int] | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: (R, W) int32 -> (R, cols) uint8 (padding dropped)."""
+    if packed.dim() != 2 or packed.dtype != torch.int32:
+        raise ValueError(f"expected a 2-D int32 tensor to unpack, got {packed.dtype} {tuple(packed.shape)}")
+    pf = 32 // bits
+    order = _check_order(order, pf)
+    r, w = packed.shape
+    if w * pf < cols or (w - 1) * pf >= max(cols, 1):
+        raise ValueError(f"{w} packed words of {pf} values cannot hold exactly {cols} columns")
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(pf, dtype=torch.int64, device=packed.device) * bits
+    v = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (R, W, pf): slot i
+    if order is not None:
+        inverse = sorted(range(pf), key=order.__getitem__)  # column t sits in slot inverse[t]
+        v = v[..., inverse]
+    return v.reshape(r, w * pf)[:, :cols].to(torch.uint8)

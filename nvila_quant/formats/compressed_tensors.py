@@ -1,0 +1,141 @@
+"""compressed-tensors "pack-quantized" layout (llm-compressor output; vLLM and SGLang load it).
+
+Tensors of a module ``<name>`` (N = out_features, K = in_features, G = group size, K when -1,
+pf = 32 // bits values per int32):
+    weight_packed:     (N, ceil(K/pf)) int32   packed along the INPUT dim, sequential slots, value = q_signed + 2^(b-1)
+    weight_scale:      (N, K/G) float          the QTensor's scale dtype
+    weight_zero_point: (ceil(N/pf), K/G) int32 asymmetric only; zp_signed + 2^(b-1) packed along dim 0
+    weight_shape:      (2,) int64              [N, K] (what ``torch.tensor(weight.shape)`` gives upstream)
+    bias:              (N,) float              optional
+Stored values are the canonical unsigned q and z (signed value + offset), so (q - z) * s is unchanged.
+Any bits in 1..8 and any N, K pack; vLLM/SGLang serve 4 and 8 bits (the upstream compressor's set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from nvila_quant.errors import CheckpointError, ConfigError
+from nvila_quant.formats.bitpack import pack_int32, unpack_int32, word_count
+from nvila_quant.formats.common import (
+    FLOAT_DTYPES,
+    check_bits,
+    check_group_size,
+    check_shape,
+    expect,
+    symmetric_zero,
+    take,
+)
+from nvila_quant.formats.qtensor import QTensor
+
+__all__ = ["BITS", "MARKER", "NAME", "SERVED_BITS", "SUFFIXES", "check", "pack", "quantization_config", "unpack", "weights_args"]
+
+NAME = "compressed-tensors"
+BITS = tuple(range(1, 9))
+SERVED_BITS = (4, 8)
+MARKER = "weight_packed"
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "bias")
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def check(bits: int, group_size: int, shape: tuple[int, int]) -> None:
+    """Raise ConfigError unless a (N, K) weight with these settings can be stored in this format."""
+    _, k = check_shape(NAME, shape)
+    check_bits(NAME, bits, BITS)
+    check_group_size(NAME, group_size, k)
+
+
+def pack(qt: QTensor) -> dict[str, torch.Tensor]:
+    """QTensor -> {suffix: tensor}."""
+    n, k = qt.q.shape
+    check(qt.bits, qt.group_size, (n, k))
+    out = {
+        "weight_packed": pack_int32(qt.q, qt.bits),  # (N, ceil(K/pf))
+        "weight_scale": qt.scale.contiguous(),  # (N, K/G)
+        "weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
+    if qt.symmetric:
+        symmetric_zero(NAME, qt.zero, qt.bits)
+    else:
+        out["weight_zero_point"] = pack_int32(qt.zero.t(), qt.bits).t().contiguous()  # (ceil(N/pf), K/G)
+    if qt.bias is not None:
+        out["bias"] = qt.bias
+    return out
+
+
+def unpack(
+    tensors: Mapping[str, torch.Tensor], bits: int, group_size: int, symmetric: bool, module: str = "?"
+) -> QTensor:
+    """{suffix: tensor} -> QTensor; shapes and dtypes are checked against (bits, group_size)."""
+    check_bits(NAME, bits, BITS)
+    shape = take(tensors, "weight_shape", module, NAME)
+    if shape.numel() != 2 or shape.dtype not in _INT_DTYPES:
+        raise CheckpointError(f"{module}.weight_shape must hold [out_features, in_features], got {shape.tolist()}")
+    n, k = (int(v) for v in shape.tolist())
+    try:
+        g = check_group_size(NAME, group_size, k)
+    except ConfigError as e:
+        raise CheckpointError(f"{module}: metadata group_size={group_size} does not fit weight_shape {[n, k]}: {e}") from e
+    packed = take(tensors, "weight_packed", module, NAME)
+    expect(packed, (n, word_count(k, bits)), (torch.int32,), f"{module}.weight_packed (N, ceil(K/{32 // bits})) for weight_shape {[n, k]}")
+    scale = take(tensors, "weight_scale", module, NAME)
+    expect(scale, (n, k // g), FLOAT_DTYPES, f"{module}.weight_scale (N, K/G) with G={g}")
+    if "weight_zero_point" in tensors:
+        zp = tensors["weight_zero_point"]
+        expect(zp, (word_count(n, bits), k // g), (torch.int32,), f"{module}.weight_zero_point (ceil(N/{32 // bits}), K/G)")
+        zero = unpack_int32(zp.t().contiguous(), bits, n).t().to(torch.int32)
+    elif symmetric:
+        zero = torch.full((n, k // g), 2 ** (bits - 1), dtype=torch.int32, device=packed.device)
+    else:
+        raise CheckpointError(f"{module} lacks 'weight_zero_point', which asymmetric weights need")
+    bias = tensors.get("bias")
+    if bias is not None:
+        expect(bias, (n,), FLOAT_DTYPES, f"{module}.bias")
+    q = unpack_int32(packed, bits, k)
+    return QTensor(q, scale.contiguous(), zero.contiguous(), bits, group_size, symmetric, bias)
+
+
+def weights_args(bits: int, group_size: int, symmetric: bool) -> dict:
+    """One ``config_groups.<group>.weights`` entry."""
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "group_size": None if group_size == -1 else group_size,
+        "strategy": "channel" if group_size == -1 else "group",
+        "dynamic": False,
+        "actorder": None,
+        "block_structure": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(
+    bits: int, group_size: int, symmetric: bool, modules_to_not_convert: list[str],
+    overrides: Mapping[str, int] | None = None,
+) -> dict:
+    """``quantization_config`` for config.json. ``group_0`` targets every Linear; each per-module group-size
+    override becomes its own group whose targets are exact module names (exact names win over class names)."""
+    groups: dict[str, dict] = {
+        "group_0": {"targets": ["Linear"], "weights": weights_args(bits, group_size, symmetric),
+                    "input_activations": None, "output_activations": None, "format": "pack-quantized"},
+    }
+    by_size: dict[int, list[str]] = {}
+    for name, g in sorted((overrides or {}).items()):
+        by_size.setdefault(g, []).append(name)
+    for i, (g, names) in enumerate(sorted(by_size.items()), start=1):
+        groups[f"group_{i}"] = {"targets": names, "weights": weights_args(bits, g, symmetric),
+                                "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": list(modules_to_not_convert),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+    }

@@ -1,0 +1,205 @@
+"""CPU backend: fused int4 kernels for few tokens, dequantize + dense matmul for many.
+
+Few tokens (M below a measured threshold):
+  * the project's native AVX-512 kernels (kernels/csrc/int4_cpu.c) when they build on this CPU: bf16
+    activations with vdpbf16ps (fp32 accumulation), or fp32 activations with FMA (exact fp32 weights);
+  * otherwise PyTorch's ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G', scales_and_zeros)``, which
+    computes ``x @ ((q - 8) * scale + zero).T``: AWQ's (q - z) * s becomes ``zero = (8 - z) * s`` (float domain).
+    Its packed layout depends on the CPU ISA, so it is built at load time (:func:`prepare_torch_int4`), never
+    stored. It is fast in bf16 only: bf16/fp16 activations run it in bf16.
+``NVILA_QUANT_CPU_KERNEL=torch`` makes torch's kernel the few-token kernel wherever it applies.
+Many tokens: dequantize (native, bit exact) blocks of output rows into a reused cache-sized buffer and run a
+dense bf16 (fp32 for fp32 activations) matmul on each block, so the dequantized weights are read from cache. A layer no fast kernel can take falls back to the reference backend (kernels/linear.py).
+fp16 activations compute in bf16 (the CPU kernels have no fp16 path); the result is cast back.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nvila_quant.kernels.cpu_native import (
+    dequantize_nibbles,
+    native_linear,
+    native_linear_support,
+    unpack_nibbles,
+)
+
+__all__ = [
+    "DENSE_MIN_TOKENS",
+    "CpuState",
+    "TorchInt4Weights",
+    "cpu_dense_min_tokens",
+    "cpu_linear",
+    "cpu_support",
+    "few_token_kernel",
+    "kernel_group",
+    "prepare_cpu",
+    "prepare_torch_int4",
+]
+
+TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
+# Smallest token count that runs the (chunked) dequantize + dense matmul instead of the few-token kernel.
+# Measured with benchmarks/kernels.py on a 2-core AVX-512 (bf16) CPU, shapes 4096x4096 / 11008x4096 /
+# 4096x11008: the native bf16 kernel is faster than chunked dense bf16 up to M = 24..31; the native fp32
+# kernel up to M = 8..15. torch's int4 kernel only runs where the native kernels cannot, and there the
+# dequantization is torch-only (~20x slower), which moves its crossover to ~600 tokens.
+DENSE_MIN_TOKENS = {"native-bf16": 32, "native-fp32": 12, "torch-int4": 640}
+
+
+def _compute_dtype(x_dtype: torch.dtype | None) -> torch.dtype:
+    return torch.float32 if x_dtype == torch.float32 else torch.bfloat16
+
+
+def kernel_group(group: int, in_features: int, allowed: tuple[int, ...] = TORCH_KERNEL_GROUPS) -> int | None:
+    """Largest group size of torch's int4 kernel that divides the checkpoint group (K when -1), or None."""
+    g = in_features if group == -1 else group
+    return next((a for a in allowed if g % a == 0 and in_features % a == 0), None)
+
+
+def _torch_int4_reason(group: int, out_features: int, in_features: int) -> str | None:
+    if out_features % 16:
+        return f"out_features={out_features} is not a multiple of 16"
+    if kernel_group(group, in_features) is None:
+        return f"group_size={group} is not a multiple of 32"
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "this torch has no _weight_int4pack_mm_for_cpu"
+    return None
+
+
+def few_token_kernel(group: int, out_features: int, in_features: int, x_dtype: torch.dtype | None) -> str | None:
+    """"native-bf16" / "native-fp32" / "torch-int4", or None when no fast kernel takes this layer and dtype."""
+    compute = _compute_dtype(x_dtype)
+    prefer_torch = os.environ.get("NVILA_QUANT_CPU_KERNEL") == "torch"  # compare with / debug torch's kernel
+    if not prefer_torch and native_linear_support(compute, in_features, group):
+        return "native-fp32" if compute == torch.float32 else "native-bf16"
+    if compute == torch.bfloat16 and _torch_int4_reason(group, out_features, in_features) is None:
+        return "torch-int4"
+    return None
+
+
+def cpu_support(bits: int, group: int, out_features: int, in_features: int,
+                x_dtype: torch.dtype | None = torch.bfloat16) -> str | None:
+    """None when a fast CPU kernel can run this layer for ``x_dtype`` activations, else the reason."""
+    if bits != 4:
+        return f"bits={bits} (the int4 kernels need 4)"
+    if in_features % 2:
+        return f"in_features={in_features} is odd"
+    if few_token_kernel(group, out_features, in_features, x_dtype) is not None:
+        return None
+    if _compute_dtype(x_dtype) == torch.float32:
+        return "fp32 activations need the native kernels (in_features and group_size multiples of 32, AVX-512)"
+    return _torch_int4_reason(group, out_features, in_features) or "no CPU int4 kernel for this layer"
+
+
+def cpu_dense_min_tokens(kernel: str = "native-bf16") -> int:
+    """Token count from which the dense path runs (``NVILA_QUANT_CPU_DENSE_MIN_TOKENS`` overrides)."""
+    env = os.environ.get("NVILA_QUANT_CPU_DENSE_MIN_TOKENS")
+    return int(env) if env else DENSE_MIN_TOKENS[kernel]
+
+
+@dataclass
+class TorchInt4Weights:
+    """Load-time repack for torch's kernel. packed: (N, K/2) uint8 in torch's CPU layout;
+    scales_and_zeros: (K/G', N, 2) bf16; group: G'."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    group: int
+
+
+def prepare_torch_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> TorchInt4Weights:
+    """q (N, K) uint8, scale (N, K/group) float, zero (N, K/group) int -> TorchInt4Weights (group: real size)."""
+    n, k = q.shape
+    kg = kernel_group(group, k)
+    if kg is None:
+        raise ValueError(f"no torch int4 kernel group divides group_size={group} (in_features={k})")
+    rep = group // kg  # a checkpoint group = rep kernel groups with the same scale and zero: exact
+    s = scale.float().repeat_interleave(rep, dim=1)  # (N, K/G')
+    z = zero.float().repeat_interleave(rep, dim=1)
+    sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/G', N, 2)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    return TorchInt4Weights(packed, sz, kg)
+
+
+@dataclass
+class CpuState:
+    """What the CPU backend keeps per layer: fp32 copies of scale/zero/bias (small) and, only when torch's
+    kernel is the few-token kernel, its repack (built on first use)."""
+
+    scale: torch.Tensor  # (N, K/G) fp32
+    zero: torch.Tensor  # (N, K/G) fp32
+    bias: torch.Tensor | None  # (N,) fp32
+    group: int
+    torch_int4: TorchInt4Weights | None = None
+
+
+def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, group: int) -> CpuState:
+    return CpuState(scale.float().contiguous(), zero.float().contiguous(),
+                    None if bias is None else bias.float().contiguous(), group)
+
+
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+# Dequantized weight rows per dense matmul: a 4 MB block stays in cache between the two steps (measured: dense
+# bf16 time + 2..5% instead of + 20..30% for a whole-weight dequantize). Each block costs two OpenMP regions,
+# which is slow on an oversubscribed machine: NVILA_QUANT_CPU_CHUNK_MB=0 dequantizes in one block.
+CHUNK_BYTES = 4 * 1024**2
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused flat buffer (no page faults per call; never handed to autograd)."""
+    buf = _SCRATCH.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def dense_chunked(x2: torch.Tensor, qnib: torch.Tensor, state: CpuState, dtype: torch.dtype) -> torch.Tensor:
+    """x2 (M, K) -> (M, N): dequantize a block of output rows into a cache-sized buffer, matmul it, repeat."""
+    n, k = qnib.shape[0], qnib.shape[1] * 2
+    env = os.environ.get("NVILA_QUANT_CPU_CHUNK_MB")
+    chunk_bytes = CHUNK_BYTES if env is None else int(float(env) * 1024**2)
+    # 0 = one block: 2 parallel regions per call instead of 2 per block (better on oversubscribed machines)
+    rows = n if chunk_bytes <= 0 else max(16, min(n, chunk_bytes // (k * torch.finfo(dtype).bits // 8)) // 16 * 16)
+    buf = _scratch(rows * k, dtype)
+    x2 = x2.to(dtype)
+    outs = []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = dequantize_nibbles(qnib[r0:r1], state.scale[r0:r1], state.zero[r0:r1], state.group, dtype,
+                               out=buf[: (r1 - r0) * k].view(r1 - r0, k))
+        outs.append(F.linear(x2, w, None if state.bias is None else state.bias[r0:r1].to(dtype)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+@torch.compiler.disable  # ctypes and torch's CPU int4 op: run eagerly inside compiled graphs
+def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Tensor:
+    """x (..., K) bf16/fp16/fp32 -> (..., N) in x's dtype. qnib: (N, K/2) uint8 nibble rows."""
+    shape = x.shape
+    n, k = qnib.shape[0], shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    compute = _compute_dtype(x.dtype)
+    kernel = few_token_kernel(state.group, n, k, x.dtype)
+    needs_grad = torch.is_grad_enabled() and x.requires_grad  # the fused kernels have no backward
+    if kernel is not None and m < cpu_dense_min_tokens(kernel) and not needs_grad:
+        if kernel.startswith("native"):
+            y = native_linear(x2.to(compute), qnib, state.scale, state.zero, state.bias, state.group)
+        else:
+            if state.torch_int4 is None:
+                state.torch_int4 = prepare_torch_int4(unpack_nibbles(qnib), state.scale, state.zero, state.group)
+            t = state.torch_int4
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), t.packed, t.group,
+                                                           t.scales_and_zeros)
+            if state.bias is not None:
+                y = y + state.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*shape[:-1], n)
+    if needs_grad:  # autograd keeps the weight: a fresh one, not the shared scratch buffer
+        w = dequantize_nibbles(qnib, state.scale, state.zero, state.group, compute)
+        y = F.linear(x2.to(compute), w, None if state.bias is None else state.bias.to(compute))
+    else:
+        y = dense_chunked(x2, qnib, state, compute)
+    return y.to(x.dtype).reshape(*shape[:-1], n)

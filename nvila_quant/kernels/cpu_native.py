@@ -1,0 +1,139 @@
+"""Native CPU int4 kernels (``csrc/int4_cpu.c``, AVX-512 + OpenMP) with torch fallbacks.
+
+Layout ("nibble rows"): q (N, K/2) uint8, byte j of row n = k 2j (low nibble) | k 2j+1 (high nibble).
+The library is compiled on first use with the system C compiler (``-march=native``) and cached per CPU
+(kernels/build.py); without a compiler or AVX-512 the torch paths run instead. ``NVILA_QUANT_NO_NATIVE=1``
+disables it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from nvila_quant.kernels.build import BuildError, build_shared_library, cpu_fingerprint
+
+__all__ = [
+    "dequantize_nibbles",
+    "native_available",
+    "native_caps",
+    "native_linear",
+    "native_linear_support",
+    "pack_nibbles",
+    "unpack_nibbles",
+]
+
+logger = logging.getLogger(__name__)
+_SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.c"
+CAP_F32, CAP_BF16 = 1, 2
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("NVILA_QUANT_NO_NATIVE"):
+        return None
+    try:
+        path = build_shared_library(
+            "nq_int4_cpu", [_SOURCE], "cc",
+            ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"], cpu_fingerprint(),
+        )
+        lib = ctypes.CDLL(str(path))
+    except (BuildError, OSError) as e:
+        logger.info("native CPU int4 kernels unavailable (%s); using torch ops", e)
+        return None
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.nq_caps.restype = cint
+    lib.nq_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint]
+    lib.nq_dequant.restype = cint
+    lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
+    lib.nq_linear.restype = cint
+    lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint]
+    lib.nq_linear_bf16_64.restype = cint
+    return lib
+
+
+def native_caps() -> int:
+    """Bit 1: fp32 kernels (AVX-512F); bit 2: bf16 kernels (AVX-512 BW + BF16); 0 without the library."""
+    lib = _library()
+    return 0 if lib is None else int(lib.nq_caps())
+
+
+def native_available() -> bool:
+    return native_caps() != 0
+
+
+def _dtype_cap(dtype: torch.dtype) -> int:
+    return {torch.float32: CAP_F32, torch.bfloat16: CAP_BF16}.get(dtype, 0)
+
+
+def native_linear_support(dtype: torch.dtype, in_features: int, group: int) -> bool:
+    """Whether the native kernels take activations/weights of ``dtype`` for this K and group size."""
+    cap = _dtype_cap(dtype)
+    return bool(cap and native_caps() & cap and in_features % 32 == 0 and group % 32 == 0 and in_features % group == 0)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q: (N, K) uint8 in [0, 15], K even -> (N, K/2) uint8 (low nibble = even k)."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> q (N, K) uint8."""
+    n, half = packed.shape
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, 2 * half)
+
+
+def dequantize_nibbles(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(q - z) * s in fp32, rounded once to ``dtype``. packed (N, K/2) uint8, scale/zero (N, K/group) float32
+    -> (N, K) ``dtype``; written into ``out`` when given (a reusable scratch buffer)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    native = (
+        packed.device.type == "cpu" and native_linear_support(dtype, k, group)
+        and scale.dtype == torch.float32 and zero.dtype == torch.float32
+    )
+    if not native:
+        q = unpack_nibbles(packed).reshape(n, k // group, group).float()
+        w = (q - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+        return out.copy_(w.reshape(n, k))
+    packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
+    rc = _library().nq_dequant(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), n, k, group,
+                               int(dtype == torch.bfloat16), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native dequantize failed with code {rc} for ({n}, {k}), group {group}")
+    return out
+
+
+def native_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
+    group: int,
+) -> torch.Tensor:
+    """Fused dequantize-GEMM: x (M, K) bf16 or fp32 -> (M, N) in x's dtype. scale/zero/bias fp32.
+
+    Callers check :func:`native_linear_support` first."""
+    m, k = x.shape
+    n = packed.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if x.dtype == torch.bfloat16 and k % 64 == 0 and group % 64 == 0:
+        # even k of each 64-wide chunk first, then the odd k: the order the kernel unpacks nibbles in
+        xp = x.reshape(m, k // 64, 32, 2).transpose(2, 3).contiguous()
+        rc = _library().nq_linear_bf16_64(xp.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                          bias_ptr, out.data_ptr(), m, n, k, group, torch.get_num_threads())
+    else:
+        x = x.contiguous()
+        rc = _library().nq_linear(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias_ptr,
+                                  out.data_ptr(), m, n, k, group, int(x.dtype == torch.bfloat16),
+                                  torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native int4 linear failed with code {rc} for x {tuple(x.shape)}, N={n}, group {group}")
+    return out

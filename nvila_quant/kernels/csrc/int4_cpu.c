@@ -1,0 +1,341 @@
+// Native CPU kernels for int4 weights: plain C + AVX-512 intrinsics, built with the system C compiler
+// (-O3 -march=native -fopenmp) and loaded with ctypes. OpenMP resolves to the libgomp.so.1 torch has already
+// loaded, so these kernels share torch's thread pool. Rows are handed out dynamically (a shared or busy core
+// slows one thread, not the whole call).
+//
+// Weight layout ("nibble rows"): q (N, K/2) uint8, byte j of row n holds k = 2j (low nibble) and
+// k = 2j + 1 (high nibble). scale (N, K/G) float32, zero (N, K/G) float32 (integer values).
+// Every weight is w = (q - z) * s computed in fp32 and rounded once (to nearest even) to the compute dtype,
+// bit-identical to nvila_quant.quant.primitives.dequantize(...).to(dtype): per (row, group) the 16 possible
+// values are computed once into a register table and looked up with vpermw / vpermps.
+//
+//   nq_dequant  (N, K) bf16 or fp32 weights (dense-matmul path for many tokens)
+//   nq_linear   y (M, N) = x (M, K) @ w^T + bias, fused: bf16 x with vdpbf16ps (fp32 accumulation) or
+//               fp32 x with FMA. Tokens go in blocks of up to 8 per pass over a weight row.
+// Return codes: 0 ok, -1 bad arguments, -2 not compiled for this CPU (no AVX-512 F/BW/BF16).
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define NQ_HAVE_BF16 1
+#else
+#define NQ_HAVE_BF16 0
+#endif
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+int nq_caps(void) {
+    int caps = 0;
+#ifdef __AVX512F__
+    caps |= 1;
+#endif
+#if NQ_HAVE_BF16
+    caps |= 2;
+#endif
+    return caps;
+}
+
+static int bad_shape(int64_t n, int64_t k, int64_t group) {
+    return n < 0 || k <= 0 || group <= 0 || k % group || group % 32 || k % 32;
+}
+
+#ifdef __AVX512F__
+// 16 bytes of nibbles -> 32 int16 lanes [lo0, hi0, lo1, hi1, ...] = table indices in k order
+static inline __m512i nibble_idx32(const uint8_t* p) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(15));
+    const __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16);
+    return _mm512_or_si512(lo, hi);
+}
+
+// 8 bytes of nibbles -> 16 int32 lanes [lo0, hi0, ..., lo7, hi7]
+static inline __m512i nibble_idx16(const uint8_t* p) {
+    const __m512i b = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i*)p));
+    const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi64(15));
+    const __m512i hi = _mm512_slli_epi64(_mm512_srli_epi64(b, 4), 32);
+    return _mm512_or_si512(lo, hi);
+}
+
+// the 16 dequantized values (q - z) * s, q = 0..15, in fp32
+static inline __m512 table_f32(float s, float z) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+}
+#endif
+
+#if NQ_HAVE_BF16
+static inline __m512i table_bf16(float s, float z) {
+    const __m256bh h = _mm512_cvtneps_pbh(table_f32(s, z));  // round to nearest even
+    __m256i hi;
+    memcpy(&hi, &h, sizeof hi);
+    return _mm512_zextsi256_si512(hi);
+}
+#endif
+
+int nq_dequant(const uint8_t* q, const float* scale, const float* zero, void* out, int64_t n, int64_t k,
+               int64_t group, int bf16, int nthreads) {
+#ifndef __AVX512F__
+    (void)q; (void)scale; (void)zero; (void)out; (void)n; (void)k; (void)group; (void)bf16; (void)nthreads;
+    return -2;
+#else
+    if (bad_shape(n, k, group)) return -1;
+#if !NQ_HAVE_BF16
+    if (bf16) return -2;
+#endif
+    const int64_t ng = k / group;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+    for (int64_t r = 0; r < n; ++r) {
+        const uint8_t* qr = q + r * (k / 2);
+        for (int64_t g = 0; g < ng; ++g) {
+            const float s = scale[r * ng + g], z = zero[r * ng + g];
+            if (bf16) {
+#if NQ_HAVE_BF16
+                const __m512i t = table_bf16(s, z);
+                uint16_t* o = (uint16_t*)out + r * k;
+                for (int64_t kk = g * group; kk < (g + 1) * group; kk += 32)
+                    _mm512_storeu_si512(o + kk, _mm512_permutexvar_epi16(nibble_idx32(qr + kk / 2), t));
+#endif
+            } else {
+                const __m512 t = table_f32(s, z);
+                float* o = (float*)out + r * k;
+                for (int64_t kk = g * group; kk < (g + 1) * group; kk += 16)
+                    _mm512_storeu_ps(o + kk, _mm512_permutexvar_ps(nibble_idx16(qr + kk / 2), t));
+            }
+        }
+    }
+    return 0;
+#endif
+}
+
+#if NQ_HAVE_BF16
+// one weight row against MB tokens (MB a compile-time constant after inlining)
+static inline __attribute__((always_inline)) void row_bf16(
+    const uint16_t* x, const uint8_t* qr, const float* s, const float* z, int64_t k, int64_t group,
+    const int mb, float* acc_out) {
+    __m512 acc[8];
+    for (int m = 0; m < mb; ++m) acc[m] = _mm512_setzero_ps();
+    const int64_t ng = k / group;
+    for (int64_t g = 0; g < ng; ++g) {
+        const __m512i t = table_bf16(s[g], z[g]);
+        for (int64_t kk = g * group; kk < (g + 1) * group; kk += 32) {
+            const __m512i w = _mm512_permutexvar_epi16(nibble_idx32(qr + kk / 2), t);
+            __m512bh wb;
+            memcpy(&wb, &w, sizeof wb);
+            for (int m = 0; m < mb; ++m) {
+                const __m512i xv = _mm512_loadu_si512(x + m * k + kk);
+                __m512bh xb;
+                memcpy(&xb, &xv, sizeof xb);
+                acc[m] = _mm512_dpbf16_ps(acc[m], wb, xb);
+            }
+        }
+    }
+    for (int m = 0; m < mb; ++m) acc_out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+#endif
+
+#if NQ_HAVE_BF16
+// The 16 values duplicated into both 256-bit halves: vpermw reads index bits [4:0], so a raw byte
+// (lo nibble + bit 4) indexes the low nibble's value without masking.
+static inline __m512i table2_bf16(float s, float z) {
+    const __m256bh h = _mm512_cvtneps_pbh(table_f32(s, z));
+    __m256i v;
+    memcpy(&v, &h, sizeof v);
+    return _mm512_broadcast_i64x4(v);
+}
+
+#define NQ_MB 6  // tokens per pass over a block of 4 weight rows (4 x 6 accumulators)
+
+// R weight rows x MB tokens over 64-wide K chunks. x is pre-permuted per chunk: positions 0..31 hold the even
+// k of the chunk, 32..63 the odd k (matching the low / high nibbles of its 32 bytes). E = 2 keeps separate
+// even/odd accumulators (more independent chains when R * MB is small).
+static inline __attribute__((always_inline)) void rows_bf16_64(
+    const uint16_t* xp, const uint8_t* q, int64_t qstride, const float* s, const float* z, int64_t ng,
+    int64_t k, int64_t group, const int R, const int MB, float* acc_out) {
+    const int E = R * MB <= 8 ? 2 : 1;
+    __m512 acc[4][NQ_MB][2];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m)
+            for (int e = 0; e < E; ++e) acc[r][m][e] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        __m512i t[4];
+        for (int r = 0; r < R; ++r) t[r] = table2_bf16(s[r * ng + g], z[r * ng + g]);
+        for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
+            for (int r = 0; r < R; ++r) {
+                // prefetch the same columns of the next row block (never faults, even past the end)
+                _mm_prefetch((const char*)(q + (r + R) * qstride + kk / 2), _MM_HINT_T0);
+                const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + r * qstride + kk / 2)));
+                const __m512i we = _mm512_permutexvar_epi16(bytes, t[r]);
+                const __m512i wo = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), t[r]);
+                __m512bh web, wob;
+                memcpy(&web, &we, sizeof web);
+                memcpy(&wob, &wo, sizeof wob);
+                for (int m = 0; m < MB; ++m) {  // x straight from L1 (memory operands): no registers held
+                    const __m512i a = _mm512_loadu_si512(xp + m * k + kk);
+                    const __m512i b = _mm512_loadu_si512(xp + m * k + kk + 32);
+                    __m512bh xe, xo;
+                    memcpy(&xe, &a, sizeof xe);
+                    memcpy(&xo, &b, sizeof xo);
+                    acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], web, xe);
+                    acc[r][m][E - 1] = _mm512_dpbf16_ps(acc[r][m][E - 1], wob, xo);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m)
+            acc_out[r * NQ_MB + m] = _mm512_reduce_add_ps(E == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0]);
+}
+
+#define NQ_ROWS_CASE(RR, MM) rows_bf16_64(xb, qr, k / 2, s, z, ng, k, group, RR, MM, acc)
+
+// bf16 x pre-permuted per 64-wide chunk (see rows_bf16_64); needs k % 64 == 0 and group % 64 == 0.
+int nq_linear_bf16_64(const uint16_t* xp, const uint8_t* q, const float* scale, const float* zero,
+                      const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
+                      int nthreads) {
+    if (bad_shape(n, k, group) || m_tokens < 0 || k % 64 || group % 64) return -1;
+    const int64_t ng = k / group;
+    const int64_t blocks = (n + 3) / 4;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t r0 = blk * 4;
+        const int rows = (int)(n - r0 < 4 ? n - r0 : 4);
+        for (int64_t m0 = 0; m0 < m_tokens; m0 += NQ_MB) {
+            const int mb = (int)(m_tokens - m0 < NQ_MB ? m_tokens - m0 : NQ_MB);
+            const uint16_t* xb = xp + m0 * k;
+            float acc[4 * NQ_MB] = {0};
+            const int rr = rows == 4 ? 4 : 1;
+            for (int r1 = 0; r1 < rows; r1 += rr) {
+                const uint8_t* qr = q + (r0 + r1) * (k / 2);
+                const float* s = scale + (r0 + r1) * ng;
+                const float* z = zero + (r0 + r1) * ng;
+                if (rr == 4) {
+                    switch (mb) {
+                        case 1: NQ_ROWS_CASE(4, 1); break;
+                        case 2: NQ_ROWS_CASE(4, 2); break;
+                        case 3: NQ_ROWS_CASE(4, 3); break;
+                        case 4: NQ_ROWS_CASE(4, 4); break;
+                        case 5: NQ_ROWS_CASE(4, 5); break;
+                        default: NQ_ROWS_CASE(4, 6); break;
+                    }
+                } else {
+                    switch (mb) {
+                        case 1: NQ_ROWS_CASE(1, 1); break;
+                        case 2: NQ_ROWS_CASE(1, 2); break;
+                        case 3: NQ_ROWS_CASE(1, 3); break;
+                        case 4: NQ_ROWS_CASE(1, 4); break;
+                        case 5: NQ_ROWS_CASE(1, 5); break;
+                        default: NQ_ROWS_CASE(1, 6); break;
+                    }
+                }
+                for (int r = 0; r < rr; ++r)
+                    for (int m = 0; m < mb; ++m)
+                        out[(m0 + m) * n + r0 + r1 + r] =
+                            f32_to_bf16(acc[r * NQ_MB + m] + (bias ? bias[r0 + r1 + r] : 0.f));
+            }
+        }
+    }
+    return 0;
+}
+#undef NQ_ROWS_CASE
+#else
+int nq_linear_bf16_64(const uint16_t* xp, const uint8_t* q, const float* scale, const float* zero,
+                      const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
+                      int nthreads) {
+    (void)xp; (void)q; (void)scale; (void)zero; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
+    (void)group; (void)nthreads;
+    return -2;
+}
+#endif
+
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) void row_f32(
+    const float* x, const uint8_t* qr, const float* s, const float* z, int64_t k, int64_t group,
+    const int mb, float* acc_out) {
+    __m512 acc[8];
+    for (int m = 0; m < mb; ++m) acc[m] = _mm512_setzero_ps();
+    const int64_t ng = k / group;
+    for (int64_t g = 0; g < ng; ++g) {
+        const __m512 t = table_f32(s[g], z[g]);
+        for (int64_t kk = g * group; kk < (g + 1) * group; kk += 16) {
+            const __m512 w = _mm512_permutexvar_ps(nibble_idx16(qr + kk / 2), t);
+            for (int m = 0; m < mb; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * k + kk), acc[m]);
+        }
+    }
+    for (int m = 0; m < mb; ++m) acc_out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+#endif
+
+// x (M, K) bf16 (bf16 != 0) or fp32; bias (N,) fp32 or NULL; out (M, N) in x's dtype.
+int nq_linear(const void* x, const uint8_t* q, const float* scale, const float* zero, const float* bias,
+              void* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int bf16, int nthreads) {
+#ifndef __AVX512F__
+    (void)x; (void)q; (void)scale; (void)zero; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
+    (void)group; (void)bf16; (void)nthreads;
+    return -2;
+#else
+    if (bad_shape(n, k, group) || m_tokens < 0) return -1;
+#if !NQ_HAVE_BF16
+    if (bf16) return -2;
+#endif
+    const int64_t ng = k / group;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+    for (int64_t r = 0; r < n; ++r) {
+        const uint8_t* qr = q + r * (k / 2);
+        const float* s = scale + r * ng;
+        const float* z = zero + r * ng;
+        const float b = bias ? bias[r] : 0.f;
+        for (int64_t m0 = 0; m0 < m_tokens; m0 += 8) {
+            const int mb = (int)(m_tokens - m0 < 8 ? m_tokens - m0 : 8);
+            float acc[8];
+            if (bf16) {
+#if NQ_HAVE_BF16
+                const uint16_t* xb = (const uint16_t*)x + m0 * k;
+                switch (mb) {
+                    case 1: row_bf16(xb, qr, s, z, k, group, 1, acc); break;
+                    case 2: row_bf16(xb, qr, s, z, k, group, 2, acc); break;
+                    case 3: row_bf16(xb, qr, s, z, k, group, 3, acc); break;
+                    case 4: row_bf16(xb, qr, s, z, k, group, 4, acc); break;
+                    case 5: row_bf16(xb, qr, s, z, k, group, 5, acc); break;
+                    case 6: row_bf16(xb, qr, s, z, k, group, 6, acc); break;
+                    case 7: row_bf16(xb, qr, s, z, k, group, 7, acc); break;
+                    default: row_bf16(xb, qr, s, z, k, group, 8, acc); break;
+                }
+                for (int m = 0; m < mb; ++m) ((uint16_t*)out)[(m0 + m) * n + r] = f32_to_bf16(acc[m] + b);
+#endif
+            } else {
+                const float* xf = (const float*)x + m0 * k;
+                switch (mb) {
+                    case 1: row_f32(xf, qr, s, z, k, group, 1, acc); break;
+                    case 2: row_f32(xf, qr, s, z, k, group, 2, acc); break;
+                    case 3: row_f32(xf, qr, s, z, k, group, 3, acc); break;
+                    case 4: row_f32(xf, qr, s, z, k, group, 4, acc); break;
+                    case 5: row_f32(xf, qr, s, z, k, group, 5, acc); break;
+                    case 6: row_f32(xf, qr, s, z, k, group, 6, acc); break;
+                    case 7: row_f32(xf, qr, s, z, k, group, 7, acc); break;
+                    default: row_f32(xf, qr, s, z, k, group, 8, acc); break;
+                }
+                for (int m = 0; m < mb; ++m) ((float*)out)[(m0 + m) * n + r] = acc[m] + b;
+            }
+        }
+    }
+    return 0;
+#endif
+}
+
+// keep the scalar helper referenced for non-AVX-512 builds (documentation of the rounding rule)
+float nq_bf16_roundtrip(float f) { return bf16_to_f32(f32_to_bf16(f)); }

@@ -1,0 +1,211 @@
+"""``QuantLinear``: a drop-in ``nn.Linear`` holding group-quantized weights, and its backend choice.
+
+Stored buffers (the runtime layout, not an on-disk format; N = out_features, K = in_features):
+    q:     (N, K/2) uint8 nibble rows (low nibble = even k) for 4-bit weights with even K, else (N, K) uint8
+    scale: (N, K/G) float (the checkpoint's scale dtype)
+    zero:  (N, K/G) uint8
+    bias:  (N,) float or None
+w = (q - zero) * scale. Kernel-specific repacks are built once per device by :meth:`QuantLinear.prepare`
+(lazily on first use), never stored in a state dict.
+
+Backends (``backend`` attribute, default "auto" = the fast one for the input's device):
+    "cpu"       fused int4 kernels for few tokens (native AVX-512, else torch's int4 op), dequantize + dense
+                matmul for many (kernels/cpu.py)
+    "cuda"      the project's W4A16 GEMM/GEMV (kernels/cuda), fp16/bf16 activations
+    "reference" dequantize (exact fp32 (q - z) * s, cast to the activation dtype) + F.linear: the oracle
+A fast backend that cannot run a layer (bits, shape, group size, dtype) falls back to "reference" and logs
+the reason once per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvila_quant.formats.qtensor import QTensor
+from nvila_quant.kernels import cpu as cpu_backend
+from nvila_quant.kernels.cpu_native import dequantize_nibbles, pack_nibbles, unpack_nibbles
+
+__all__ = ["BACKENDS", "QuantLinear", "log_once"]
+
+logger = logging.getLogger(__name__)
+BACKENDS = ("auto", "cpu", "cuda", "reference")
+_LOGGED: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Log a fallback reason once per process."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.warning(message)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + b with W group-quantized (see module docstring). x: (..., K) -> (..., N)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 bias: bool = True, symmetric: bool = False, scale_dtype: torch.dtype = torch.float16,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        g = in_features if group_size == -1 else group_size
+        if g <= 0 or in_features % g:
+            raise ValueError(f"group_size must divide in_features (got in_features={in_features}, group_size={group_size})")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self._backend_for: dict[tuple[str, torch.dtype], str] = {}  # (device type, x dtype) -> resolved backend
+        self.backend = backend
+        self.nibbles = bits == 4 and in_features % 2 == 0
+        cols = in_features // 2 if self.nibbles else in_features
+        self.register_buffer("q", torch.zeros(out_features, cols, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, in_features // g, dtype=scale_dtype))
+        self.register_buffer("zero", torch.zeros(out_features, in_features // g, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
+        self._prepared: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ conversion
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+        self._backend_for.clear()
+
+    @property
+    def group(self) -> int:
+        """The effective group size (in_features when group_size == -1)."""
+        return self.in_features if self.group_size == -1 else self.group_size
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, backend: str = "auto", dtype: torch.dtype | None = None) -> QuantLinear:
+        """Build from the canonical form; ``dtype`` casts scale and bias (default: keep them)."""
+        n, k = qt.q.shape
+        scale = qt.scale if dtype is None else qt.scale.to(dtype)
+        mod = cls(k, n, qt.bits, qt.group_size, qt.bias is not None, qt.symmetric, scale.dtype, backend)
+        mod.load_qtensor(qt, dtype)
+        return mod
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, zero_point: bool = True,
+                    backend: str = "auto") -> QuantLinear:
+        """Round-to-nearest quantize an nn.Linear (scale and bias keep the weight's dtype)."""
+        bias = None if linear.bias is None else linear.bias.detach()
+        qt = QTensor.from_float(linear.weight.detach(), bits, group_size, zero_point, bias=bias)
+        return cls.from_qtensor(qt, backend)
+
+    @torch.no_grad()
+    def load_qtensor(self, qt: QTensor, dtype: torch.dtype | None = None) -> None:
+        expect = (self.out_features, self.in_features, self.bits, self.group_size, self.bias is not None)
+        got = (qt.out_features, qt.in_features, qt.bits, qt.group_size, qt.bias is not None)
+        if expect != got:
+            raise ValueError(f"QTensor (N, K, bits, group_size, has bias) = {got} does not fit this layer's {expect}")
+        if int(qt.zero.max()) > 255 or int(qt.zero.min()) < 0:
+            raise ValueError("zero points must lie in [0, 255]")
+        device = self.q.device
+        self.q = (pack_nibbles(qt.q) if self.nibbles else qt.q.contiguous()).to(device)
+        self.scale = (qt.scale if dtype is None else qt.scale.to(dtype)).contiguous().to(device)
+        self.zero = qt.zero.to(torch.uint8).contiguous().to(device)
+        self.symmetric = qt.symmetric
+        if qt.bias is not None:
+            self.bias = (qt.bias if dtype is None else qt.bias.to(dtype)).to(device)
+        self._prepared.clear()
+        self._backend_for.clear()
+
+    def qtensor(self) -> QTensor:
+        """The canonical form (bit exact with what was loaded)."""
+        q = unpack_nibbles(self.q) if self.nibbles else self.q
+        return QTensor(q.clone(), self.scale.clone(), self.zero.to(torch.int32), self.bits, self.group_size,
+                       self.symmetric, None if self.bias is None else self.bias.clone())
+
+    @torch.no_grad()
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(N, K) weight: (q - z) * s computed in fp32, rounded once to ``dtype`` (default: scale dtype)."""
+        dtype = dtype or self.scale.dtype
+        if self.nibbles and self.q.device.type == "cpu":
+            w = dequantize_nibbles(self.q, self.scale.float(), self.zero.float(), self.group, torch.float32)
+        else:
+            q = unpack_nibbles(self.q) if self.nibbles else self.q
+            n, k = self.out_features, self.in_features
+            w = (q.reshape(n, -1, self.group).float() - self.zero.float()[..., None]) * self.scale.float()[..., None]
+            w = w.reshape(n, k)
+        return w.to(dtype)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module signature)
+        self._prepared.clear()  # repacks are per device and dtype
+        self._backend_for.clear()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}")
+
+    # ------------------------------------------------------------------ backends
+    def unsupported_reason(self, backend: str, x_dtype: torch.dtype | None = None) -> str | None:
+        """None when ``backend`` can run this layer (for activations of ``x_dtype``), else why not."""
+        if backend == "reference":
+            return None
+        if backend == "cpu":
+            return cpu_backend.cpu_support(self.bits, self.group, self.out_features, self.in_features, x_dtype)
+        if backend == "cuda":
+            from nvila_quant.kernels.cuda import cuda_support
+
+            return cuda_support(self.bits, self.group, self.out_features, self.in_features, x_dtype)
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def resolve_backend(self, device: torch.device, x_dtype: torch.dtype | None = None) -> str:
+        """The backend a call on ``device`` with ``x_dtype`` activations takes (after fallbacks)."""
+        wanted = self.backend
+        if wanted == "auto":
+            wanted = "cuda" if device.type == "cuda" else "cpu" if device.type == "cpu" else "reference"
+        if wanted != "reference" and wanted != device.type:
+            log_once(f"QuantLinear: backend {wanted!r} cannot run on {device.type} tensors; using 'reference'")
+            return "reference"
+        reason = self.unsupported_reason(wanted, x_dtype)
+        if reason is not None:
+            log_once(f"QuantLinear: {wanted} backend unsupported ({reason}); using 'reference' for such layers")
+            return "reference"
+        return wanted
+
+    def prepare(self, backend: str | None = None) -> str:
+        """Build the kernel repack for ``backend`` (default: the one for this module's device) now."""
+        backend = backend or self.resolve_backend(self.q.device)
+        if backend in self._prepared or backend == "reference":
+            return backend
+        if backend == "cpu":
+            self._prepared["cpu"] = cpu_backend.prepare_cpu(self.scale, self.zero, self.bias, self.group)
+        elif backend == "cuda":
+            from nvila_quant.kernels.cuda import prepare_cuda
+
+            self._prepared["cuda"] = prepare_cuda(self.q, self.scale, self.zero, self.group, self.in_features)
+        return backend
+
+    @torch.compiler.disable
+    def _select(self, device: torch.device, dtype: torch.dtype) -> str:
+        """Resolve and prepare the backend for (device, dtype) once; later calls are a dict lookup."""
+        backend = self.prepare(self.resolve_backend(device, dtype))
+        self._backend_for[(device.type, dtype)] = backend
+        return backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dim in_features={self.in_features}, got {tuple(x.shape)}")
+        backend = self._backend_for.get((x.device.type, x.dtype)) or self._select(x.device, x.dtype)
+        if backend == "cuda":
+            from nvila_quant.kernels.cuda import cuda_linear
+
+            return cuda_linear(x, self._prepared["cuda"], self.bias)
+        if backend == "cpu":
+            return cpu_backend.cpu_linear(x, self.q, self._prepared["cpu"])
+        return reference_linear(x, self, self.bias)
+
+
+def reference_linear(x: torch.Tensor, layer: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    """Oracle: F.linear with the exactly dequantized weight cast to x's dtype."""
+    w = layer.dequantize_weight(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))

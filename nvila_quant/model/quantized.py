@@ -1,0 +1,293 @@
+"""Quantized runtime: build ``llm/`` and ``mm_projector/`` with :class:`QuantLinear` modules from packed folders.
+
+``NVILAQwen2.build_llm`` / ``build_projector`` call :func:`load_quantized_llm` / :func:`load_quantized_projector`
+when a sub-folder's ``config.json`` carries quantization metadata (any of the three formats). The LLM skeleton is
+built on the meta device (no float copy of the quantized weights is ever allocated), packed linears become
+``QuantLinear`` modules, every other tensor loads from the checkpoint, and kernel repacks are built once at load.
+Backend: "auto" unless ``NVILA_QUANT_BACKEND`` (cpu | cuda | reference) says otherwise; :func:`set_backend`
+changes it on a loaded model.
+
+:func:`write_rtn_checkpoint` writes a round-to-nearest quantized copy of a float NVILA folder (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import logging as hf_logging
+
+from nvila_quant.errors import CheckpointError, ConfigError
+from nvila_quant.formats import (
+    QTensor,
+    QuantizedCheckpointWriter,
+    check_packable,
+    detect_format,
+    read_quantized_submodel,
+)
+from nvila_quant.formats.checkpoint import METADATA_KEY, QuantSpec
+from nvila_quant.io import load_state_dict, read_json, safetensors_key_map
+from nvila_quant.kernels.linear import BACKENDS, QuantLinear
+from nvila_quant.model.projector import MultimodalProjector
+
+__all__ = [
+    "LLM_LINEARS",
+    "convert_quantized_folder",
+    "is_quantized",
+    "load_quantized_llm",
+    "load_quantized_projector",
+    "quantized_modules",
+    "set_backend",
+    "write_rtn_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _backend() -> str:
+    backend = os.environ.get("NVILA_QUANT_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ConfigError(f"NVILA_QUANT_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def is_quantized(folder: str | os.PathLike) -> bool:
+    """True when ``folder/config.json`` carries quantization metadata (raises for unsupported schemes)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        return detect_format(read_json(path)) is not None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Select the backend of every QuantLinear in ``model`` ("auto", "cpu", "cuda", "reference")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for m in quantized_modules(model).values():
+        m.backend = backend
+
+
+def _install(model: nn.Module, qlinears: dict[str, QTensor], folder: Path, device: torch.device) -> None:
+    """Replace each packed module's nn.Linear by a QuantLinear holding its QTensor (shapes checked)."""
+    backend = _backend()
+    for name, qt in qlinears.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"{folder} has packed linear {name!r}, which the model does not have") from e
+        shape = getattr(old, "_nq_shape", None)  # placeholder left by load_quantized_llm
+        if shape is None:
+            if not isinstance(old, nn.Linear):
+                raise CheckpointError(f"{folder}: {name!r} is a {type(old).__name__}, not a Linear, but has packed weights")
+            shape = (old.out_features, old.in_features, old.bias is not None)
+        n, k, has_bias = shape
+        if (qt.out_features, qt.in_features) != (n, k):
+            raise CheckpointError(
+                f"{folder}: packed {name!r} is ({qt.out_features}, {qt.in_features}) but the model's Linear is ({n}, {k})"
+            )
+        if (qt.bias is not None) != has_bias:
+            raise CheckpointError(
+                f"{folder}: packed {name!r} {'has' if qt.bias is not None else 'lacks'} a bias but the model's Linear "
+                f"{'has' if has_bias else 'has none'}"
+            )
+        new = QuantLinear.from_qtensor(qt, backend=backend).to(device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        new.prepare()
+
+
+def _load_floats(model: nn.Module, floats: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype,
+                 ignore_missing: Iterable[str] = ()) -> None:
+    quant_prefixes = tuple(f"{n}." for n in quantized_modules(model))
+    expected = {k for k in model.state_dict() if not k.startswith(quant_prefixes)}
+    missing = sorted(expected - set(floats) - set(ignore_missing))
+    unexpected = sorted(set(floats) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {folder} do not match the model: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
+        )
+    state = model.state_dict()
+    for key, tensor in floats.items():
+        if tuple(tensor.shape) != tuple(state[key].shape):
+            raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[key].shape)}")
+    cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in floats.items()}
+    model.load_state_dict(cast, strict=False)
+
+
+def _reset_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rebuild modules whose non-persistent buffers (rotary inv_freq) were left empty by meta construction."""
+    for name, module in list(model.named_modules()):
+        if not getattr(module, "_non_persistent_buffers_set", None) or isinstance(module, QuantLinear):
+            continue
+        try:
+            fresh = type(module)(config=model.config)
+        except TypeError as e:
+            raise CheckpointError(f"cannot initialise the buffers of {name!r} ({type(module).__name__}) for a quantized model") from e
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, fresh.to(device))
+
+
+def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> PreTrainedModel:
+    """The LLM of a quantized ``llm/`` as a transformers causal LM whose packed linears are QuantLinear."""
+    llm_dir, device = Path(llm_dir), torch.device(device)
+    floats, qlinears, spec = read_quantized_submodel(llm_dir)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(str(llm_dir))
+        for attr in ("quantization_config", "compression_config", METADATA_KEY):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot build the LLM of {llm_dir}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # packed linears stay off the float allocation: swap in shape-carrying placeholders first
+    for name in qlinears:
+        try:
+            old = llm.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"{llm_dir} has packed linear {name!r}, which {type(llm).__name__} does not have") from e
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(f"{llm_dir}: {name!r} is a {type(old).__name__}, not a Linear, but has packed weights")
+        holder = nn.Identity()
+        holder._nq_shape = (old.out_features, old.in_features, old.bias is not None)
+        parent, _, child = name.rpartition(".")
+        setattr(llm.get_submodule(parent) if parent else llm, child, holder)
+    llm = llm.to_empty(device=device)
+    _reset_non_persistent_buffers(llm, device)
+    _install(llm, qlinears, llm_dir, device)
+    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
+    _load_floats(llm, floats, llm_dir, dtype, ignore_missing=("lm_head.weight",) if tied else ())
+    if tied and not isinstance(llm.get_output_embeddings(), QuantLinear):
+        llm.tie_weights()
+    if (llm_dir / "generation_config.json").is_file():
+        llm.generation_config = GenerationConfig.from_pretrained(str(llm_dir))
+    llm.nvila_quant_spec = spec
+    return llm.eval()
+
+
+def load_quantized_projector(
+    mp_dir: str | os.PathLike, projector_type: str, mm_hidden_size: int, hidden_size: int,
+    dtype: torch.dtype, device: torch.device | str,
+) -> MultimodalProjector:
+    """A MultimodalProjector whose packed linears (e.g. ``layers.2``) are QuantLinear modules."""
+    mp_dir, device = Path(mp_dir), torch.device(device)
+    floats, qlinears, spec = read_quantized_submodel(mp_dir)
+    projector = MultimodalProjector(projector_type, mm_hidden_size, hidden_size).to(device=device, dtype=dtype)
+    _install(projector, qlinears, mp_dir, device)
+    _load_floats(projector, floats, mp_dir, dtype)
+    projector.nvila_quant_spec = spec
+    return projector.eval()
+
+
+# ---------------------------------------------------------------------------------------------- RTN writer
+def _pick_group(fmt: str, bits: int, group_size: int, shape: tuple[int, int]) -> int | None:
+    """The checkpoint group size, else the largest fallback (64, 32, per channel) this format packs, else None."""
+    for g in dict.fromkeys((group_size, 64, 32, -1)):
+        if g != -1 and (g > group_size > 0):
+            continue
+        try:
+            check_packable(fmt, bits, g, shape)
+            return g
+        except ConfigError:
+            continue
+    return None
+
+
+def _quantize_folder(src: Path, dst: Path, fmt: str, bits: int, group_size: int, symmetric: bool,
+                     is_target, scale_dtype: torch.dtype | None) -> QuantSpec:  # noqa: ANN001
+    state = load_state_dict(src)
+    writer = QuantizedCheckpointWriter(dst, fmt, bits, group_size, symmetric)
+    skipped: list[str] = []
+    for key in tqdm(list(state), desc=f"rtn {src.name}", leave=False, disable=None):
+        tensor = state[key]
+        module, _, leaf = key.rpartition(".")
+        if leaf == "bias" and f"{module}.weight" in state and is_target(module, state[f"{module}.weight"]):
+            continue  # written with its linear
+        if leaf == "weight" and is_target(module, tensor):
+            g = _pick_group(fmt, bits, group_size, tuple(tensor.shape))
+            if g is None:
+                logger.warning("%s: %s %s cannot be packed in %s; kept in float", src.name, module, tuple(tensor.shape), fmt)
+                skipped.append(module)
+            else:
+                if g != group_size:
+                    logger.warning("%s: %s has in_features=%d; group size %d instead of %d", src.name, module,
+                                   tensor.shape[1], g, group_size)
+                qt = QTensor.from_float(tensor.float(), bits, g, not symmetric, bias=state.get(f"{module}.bias"),
+                                        scale_dtype=scale_dtype or tensor.dtype)
+                writer.add_linear(module, qt)
+                continue
+        writer.add_tensor(key, tensor)
+    for name in (p.name for p in src.iterdir() if p.is_file()):
+        if not name.endswith(".safetensors") and name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(src / name, dst / name)
+    writer.finish(read_json(src / "config.json"), modules_to_not_convert=skipped or None)
+    return writer.spec
+
+
+def convert_quantized_folder(src: str | os.PathLike, dst: str | os.PathLike, fmt: str) -> Path:
+    """Repack a quantized sub-model folder (``llm/`` or ``mm_projector/``) into ``fmt``, bit exact."""
+    src, dst = Path(src), Path(dst)
+    floats, qlinears, spec = read_quantized_submodel(src)
+    writer = QuantizedCheckpointWriter(dst, fmt, spec.bits, spec.group_size, spec.symmetric)
+    for key, tensor in floats.items():
+        writer.add_tensor(key, tensor)
+    for name, qt in qlinears.items():
+        writer.add_linear(name, qt)
+    for name in (p.name for p in src.iterdir() if p.is_file()):
+        if not name.endswith(".safetensors") and name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(src / name, dst / name)
+    writer.finish(read_json(src / "config.json"), modules_to_not_convert=spec.modules_to_not_convert)
+    return dst
+
+
+def write_rtn_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "autoawq", bits: int = 4, group_size: int = 128,
+    symmetric: bool = False, targets: Iterable[str] = ("llm", "projector"), scale_dtype: torch.dtype | None = None,
+) -> Path:
+    """Round-to-nearest quantize a float NVILA folder's LLM decoder linears and/or projector linears.
+
+    Writes ``dst`` with ``llm/`` and ``mm_projector/`` in ``fmt`` (per-layer group fallback where in_features is
+    not a multiple of ``group_size``), ``vision_tower/`` and the root files copied unchanged."""
+    src, dst = Path(src), Path(dst)
+    targets = set(targets)
+    if not targets <= {"llm", "projector"}:
+        raise ConfigError(f"targets must be a subset of ('llm', 'projector'), got {sorted(targets)}")
+    safetensors_key_map(src / "llm")
+    dst.mkdir(parents=True, exist_ok=False)
+    for p in src.iterdir():
+        if p.is_file():
+            shutil.copy2(p, dst / p.name)
+    shutil.copytree(src / "vision_tower", dst / "vision_tower")
+
+    def llm_target(module: str, w: torch.Tensor) -> bool:
+        return w.dim() == 2 and ".layers." in f".{module}" and module.rsplit(".", 1)[-1] in LLM_LINEARS
+
+    def projector_target(module: str, w: torch.Tensor) -> bool:
+        return w.dim() == 2 and module.startswith("layers")
+
+    for sub, target, name in (("llm", llm_target, "llm"), ("mm_projector", projector_target, "projector")):
+        if name in targets:
+            _quantize_folder(src / sub, dst / sub, fmt, bits, group_size, symmetric, target, scale_dtype)
+        else:
+            shutil.copytree(src / sub, dst / sub)
+    return dst

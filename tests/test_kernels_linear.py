@@ -1,0 +1,141 @@
+"""QuantLinear backends vs the reference oracle (CPU here; CUDA tests run where a GPU is present)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nvila_quant.formats import QTensor
+from nvila_quant.kernels import cpu as cpu_backend
+from nvila_quant.kernels.cpu_native import dequantize_nibbles, native_available, pack_nibbles
+from nvila_quant.kernels.linear import QuantLinear
+from nvila_quant.quant.primitives import dequantize
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+SHAPES = [  # (N, K, group): LLM-like, tiny projector, lite projector (576/192 fall back from 128)
+    (128, 256, 128), (256, 768, 128), (256, 256, 64), (192, 576, 64), (256, 192, 64), (256, 576, -1),
+    (64, 128, 32), (48, 384, 192), (32, 96, 32),
+]
+
+
+def _layer(n: int, k: int, group: int, bias: bool, seed: int = 0, scale_dtype=torch.bfloat16) -> QTensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    return QTensor.from_float(w, 4, group, True, bias=b, scale_dtype=scale_dtype)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("n,k,group", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_cpu_backend_matches_reference(n: int, k: int, group: int, dtype: torch.dtype) -> None:
+    for bias in (True, False):
+        qt = _layer(n, k, group, bias, seed=n + k)
+        fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+        assert fast.resolve_backend(torch.device("cpu"), dtype) == "cpu"
+        for m in (1, 3, 7, 13, 33):  # odd counts on both sides of the dense threshold
+            x = torch.randn(2, m, k).to(dtype)  # fresh input per check, batched leading dims
+            y = fast(x)
+            assert y.shape == (2, m, n) and y.dtype == dtype
+            assert _rel(y, ref(x)) < TOL[dtype], (n, k, group, dtype, bias, m)
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch-int4"])
+def test_cpu_few_token_kernels_and_dense_path(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both few-token kernels (native AVX-512, torch's int4 op) and the dense path match the oracle."""
+    if kernel == "native" and not native_available():
+        pytest.skip("native kernels did not build on this machine")
+    if kernel == "torch-int4":
+        monkeypatch.setattr(cpu_backend, "native_linear_support", lambda *a: False)
+    qt = _layer(128, 256, 128, True)
+    fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+    picked = cpu_backend.few_token_kernel(128, 128, 256, torch.bfloat16)
+    assert picked == ("native-bf16" if kernel == "native" else "torch-int4")
+    for threshold in ("1000", "1"):  # all few-token kernel / all dense
+        monkeypatch.setenv("NVILA_QUANT_CPU_DENSE_MIN_TOKENS", threshold)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(5, 256).to(dtype)
+            assert _rel(fast(x), ref(x)) < 1e-2, (kernel, threshold, dtype)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    assert torch.equal(fast(x), ref(x))  # dense path: the same bf16 weights as the oracle
+    if kernel == "torch-int4":  # torch's kernel is bf16-only: fp32 activations fall back to the oracle
+        assert fast.resolve_backend(torch.device("cpu"), torch.float32) == "reference"
+
+
+def test_dense_path_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many tokens: dequantize + matmul in cache-sized blocks of output rows (here 9 blocks, last one short)."""
+    monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 32 * 256 * 2)  # 32 rows of K=256 bf16 per block
+    monkeypatch.setenv("NVILA_QUANT_CPU_DENSE_MIN_TOKENS", "1")
+    qt = _layer(272, 256, 64, True)
+    fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(40, 256).to(dtype)
+        assert _rel(fast(x), ref(x)) < TOL[dtype]
+    monkeypatch.setenv("NVILA_QUANT_CPU_CHUNK_MB", "0")  # one block
+    x = torch.randn(40, 256, dtype=torch.bfloat16)
+    assert torch.equal(fast(x), ref(x))
+
+
+def test_fallback_to_reference_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Layers no CPU int4 kernel takes (group not a multiple of 32, odd K, 3-bit) run the oracle, logged once."""
+    cases = [_layer(32, 96, 48, False), _layer(16, 63, -1, True),
+             QTensor.from_float(torch.randn(32, 64), 3, 32, True, scale_dtype=torch.bfloat16)]
+    for qt in cases:
+        fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+        with caplog.at_level(logging.WARNING, logger="nvila_quant.kernels.linear"):
+            caplog.clear()
+            for _ in range(3):
+                x = torch.randn(3, qt.in_features, dtype=torch.bfloat16)
+                assert torch.equal(fast(x), ref(x))
+        assert fast.resolve_backend(torch.device("cpu"), torch.bfloat16) == "reference"
+        assert len([r for r in caplog.records if "using 'reference'" in r.message]) <= 1
+
+
+def test_module_api_for_exporters() -> None:
+    qt = _layer(64, 192, 64, True, scale_dtype=torch.float16)
+    mod = QuantLinear.from_qtensor(qt)
+    assert (mod.in_features, mod.out_features, mod.bits, mod.group_size) == (192, 64, 4, 64)
+    assert mod.bias is not None and mod.qtensor().equal(qt)
+    exact = dequantize(qt.q, qt.scale.float(), qt.zero, 64)  # fp32 (q - z) * s
+    assert torch.equal(mod.dequantize_weight(torch.float32), exact)
+    assert torch.equal(mod.dequantize_weight(torch.bfloat16), exact.bfloat16())
+    assert "group_size=64" in repr(mod)
+    with pytest.raises(ValueError, match="in_features=192"):
+        mod(torch.randn(2, 100))
+
+
+def test_from_linear_and_grad_through_input() -> None:
+    lin = torch.nn.Linear(256, 64)
+    mod = QuantLinear.from_linear(lin, group_size=64, backend="cpu")
+    x = torch.randn(20, 256, requires_grad=True)
+    y = mod(x)
+    y.sum().backward()
+    w = mod.dequantize_weight(torch.float32)
+    assert torch.allclose(x.grad, w.sum(0).expand_as(x), atol=1e-5)
+    with torch.no_grad():
+        assert _rel(y, F.linear(x, lin.weight, lin.bias)) < 0.1  # 4-bit RTN error only
+
+
+def test_native_dequantize_bit_exact() -> None:
+    if not native_available():
+        pytest.skip("no C compiler: the torch fallback is used")
+    n, k, g = 48, 512, 128
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    s, z = torch.rand(n, k // g) * 0.05, torch.randint(0, 16, (n, k // g), dtype=torch.int32)
+    exact = dequantize(q, s, z, g)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize_nibbles(pack_nibbles(q), s, z.float(), g, dtype), exact.to(dtype))
+
+
+def test_cpu_prepare_repeats_groups_exactly() -> None:
+    """A per-channel (or 192-wide) group runs as repeated 64-wide kernel groups: same numbers."""
+    assert cpu_backend.kernel_group(-1, 576) == 64 and cpu_backend.kernel_group(192, 576) == 64
+    assert cpu_backend.kernel_group(48, 96) is None
+    assert cpu_backend.cpu_support(4, 48, 32, 96) == "group_size=48 is not a multiple of 32"
+    assert cpu_backend.cpu_support(3, 32, 32, 96) == "bits=3 (the int4 kernels need 4)"
