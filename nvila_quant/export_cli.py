@@ -1,0 +1,140 @@
+"""``nvila-export``: export NVILA's vision side for deployment.
+
+    nvila-export onnx --model PATH --output DIR [--opset N] [--dtype fp32|fp16] [--include-projector]
+                      [--max-tiles T] [--verify/--no-verify] [--overwrite]
+
+Errors this package raises on purpose print as one line and exit with status 2 (as ``nvila-quant``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from nvila_quant.errors import CheckpointError, NVILAError, OutputExistsError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nvila-export",
+        description="Export NVILA's vision side (SigLIP tower, dynamic-S2 stage, projector) for deployment.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser(
+        "onnx",
+        help="vision tower + S2 stage (+ projector) as ONNX graphs, verified against PyTorch",
+        description="Write vision_tower.onnx (pixel tiles -> selected features), s2.onnx (per-scale tile features "
+        "-> merged multi-scale features split into the output block; dynamic-S2 models) and, with "
+        "--include-projector, projector.onnx, plus export.json. Weights go to external .data files. The folder "
+        "is written to a temporary sibling and renamed when export and verification succeed.",
+    )
+    p.add_argument("--model", required=True, help="NVILA checkpoint folder (config.json, vision_tower/, mm_projector/)")
+    p.add_argument("--output", required=True, help="folder to create (must not exist unless --overwrite)")
+    p.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset, 17..23 (default: 18, for onnxruntime and TensorRT 10; 23 adds a fused "
+                   "Attention op, faster on onnxruntime CPU)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="weights and graph inputs/outputs (default: fp32). fp16 is verified against the fp32 "
+                   "PyTorch model with rel <= 2e-2 and cosine >= 0.999")
+    p.add_argument("--include-projector", action="store_true",
+                   help="also export projector.onnx (a quantized projector keeps its integer weights, "
+                   "dequantized in the graph)")
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="largest tile batch the vision tower graph is declared for (TensorRT profile max; the "
+                   "runtime splits larger batches). Default: the most tiles one image can have (17 on NVILA)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="run onnxruntime against PyTorch on real images of several aspect ratios and fail past "
+                   "tolerance (default: on)")
+    p.add_argument("--verify-images", nargs="+", default=None, metavar="IMAGE",
+                   help="images for --verify (default: built-in photos in four aspect ratios)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=run_onnx)
+    return parser
+
+
+def check_writable(output: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early when OUTPUT exists (without --overwrite) or cannot be created (not a folder, read-only)."""
+    from nvila_quant.io import check_output_dir
+
+    path = check_output_dir(output, overwrite)
+    probe = path.absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputExistsError(f"cannot create {path}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise OutputExistsError(f"cannot write to {probe}: {e.strerror or e}") from e
+    return path
+
+
+def _check_model(model: str) -> None:
+    path = Path(model)
+    if not path.exists():
+        raise CheckpointError(f"model folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not an NVILA checkpoint folder")
+
+
+def _summary(manifest: dict, output: str) -> str:
+    lines = [f"wrote {output} (opset {manifest['opset']}, {manifest['dtype']}, max_tiles {manifest['max_tiles']})"]
+    for spec in manifest["graphs"].values():
+        if spec:
+            ins = ", ".join(f"{i['name']}{i['shape']}" for i in spec["inputs"])
+            outs = ", ".join(f"{o['name']}{o['shape']}" for o in spec["outputs"])
+            lines.append(f"  {spec['file']:<18} {ins} -> {outs}")
+    ver = manifest.get("verification")
+    if ver:
+        lines.append(f"  verified on {len(ver['cases'])} cases with {', '.join(ver['providers'])}: PASSED "
+                     f"(tolerance rel <= {ver['tolerance']['rel']:g}, cosine >= {ver['tolerance']['cosine']:g})")
+        for name, w in ver["worst"].items():
+            lines.append(f"    {name:<13} worst max-abs {w['max_abs']:.3g}  rel {w['rel']:.3g}  cosine {w['cosine']:.8f}")
+    else:
+        lines.append("  not verified (--no-verify)")
+    return "\n".join(lines)
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    from nvila_quant.export import ExportOptions, export_onnx  # torch import: after argument parsing
+
+    options = ExportOptions(  # validates opset, dtype, max_tiles
+        opset=args.opset, dtype=args.dtype, include_projector=args.include_projector, max_tiles=args.max_tiles,
+        verify=args.verify, verify_images=args.verify_images, overwrite=args.overwrite,
+    )
+    _check_model(args.model)
+    check_writable(args.output, args.overwrite)
+    manifest = export_onnx(args.model, args.output, options)
+    print(_summary(manifest, args.output))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except NVILAError as e:
+        print(f"nvila-export {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
