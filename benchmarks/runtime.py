@@ -67,7 +67,7 @@ def main() -> None:
                 })
     cols = ["model", "dtype", "vision_ms_per_image", "prefill_tokens", "prefill_tok_s", "decode_tok_s", "ttft_ms",
             "prefill_vs_fp32", "decode_vs_fp32"]
-    print(f"machine: {machine().get('cpu', machine()['processor'])}, {torch.get_num_threads()} threads")
+    print(f"machine: {machine()['cpu']}, {torch.get_num_threads()} threads")
     print(table(rows, cols))
     path = write_json("runtime", {"decode_tokens": args.decode_tokens, "repeats": args.repeats, "rows": rows})
     print(f"wrote {path}")

@@ -21,9 +21,13 @@ __all__ = ["BasicImageEncoder", "BasicVideoEncoder", "TSPVideoEncoder", "build_e
 
 
 class BaseEncoder(nn.Module):
-    def __init__(self, parent: LlavaMetaModel) -> None:
+    """Holds the parent model and the separator strings embedded around each media block."""
+
+    def __init__(self, parent: LlavaMetaModel, start_tokens: str | None = None, end_tokens: str | None = "\n") -> None:
         super().__init__()
         self._parent = [parent]  # a list so the parent is not registered as a sub-module
+        self.start_tokens = start_tokens
+        self.end_tokens = end_tokens
 
     @property
     def parent(self) -> LlavaMetaModel:
@@ -39,11 +43,6 @@ class BaseEncoder(nn.Module):
 
 
 class BasicImageEncoder(BaseEncoder):
-    def __init__(self, parent: LlavaMetaModel, start_tokens: str | None = None, end_tokens: str | None = "\n") -> None:
-        super().__init__(parent)
-        self.start_tokens = start_tokens
-        self.end_tokens = end_tokens
-
     @staticmethod
     def _process_features(
         features: torch.Tensor, start: torch.Tensor | None, end: torch.Tensor | None
@@ -62,11 +61,6 @@ class BasicImageEncoder(BaseEncoder):
 
 
 class BasicVideoEncoder(BaseEncoder):
-    def __init__(self, parent: LlavaMetaModel, start_tokens: str | None = None, end_tokens: str | None = "\n") -> None:
-        super().__init__(parent)
-        self.start_tokens = start_tokens
-        self.end_tokens = end_tokens
-
     @staticmethod
     def _process_features(
         features: torch.Tensor, start: torch.Tensor | None, end: torch.Tensor | None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,17 @@ logger = logging.getLogger(__name__)
 _UNUSED_VISION_PREFIXES = ("head.", "post_layernorm.", "vision_model.head.", "vision_model.post_layernorm.")
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load-time warnings (we check missing/mismatched keys ourselves)."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -53,14 +66,11 @@ def load_llm(llm_dir: Path, dtype: torch.dtype, device: torch.device) -> PreTrai
 
         return load_quantized_llm(llm_dir, dtype, device)
     safetensors_key_map(llm_dir)  # validates every shard before transformers reads it
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        llm, info = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, output_loading_info=True)
+        with _quiet_transformers():
+            llm, info = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load the LLM in {llm_dir}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
     ignore = ("lm_head.",) if getattr(llm.config, "tie_word_embeddings", False) else ()
     _check_loading_info(llm_dir, info, ignore)
     return llm.to(device).eval()
@@ -74,20 +84,13 @@ def build_vision_tower(vt_dir: Path, config: NVILAConfig, dtype: torch.dtype, de
             "'siglip_vision_model'"
         )
     safetensors_key_map(vt_dir)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    # a full SigLIP config (model_type "siglip"): take its vision part
+    extra = {"config": SiglipVisionConfig(**cfg.get("vision_config", {}))} if cfg.get("model_type") == "siglip" else {}
     try:
-        if cfg.get("model_type") == "siglip":  # a full SigLIP config: take its vision part
-            model_cfg = SiglipVisionConfig(**cfg.get("vision_config", {}))
-            model, info = SiglipVisionModel.from_pretrained(
-                str(vt_dir), config=model_cfg, dtype=dtype, output_loading_info=True
-            )
-        else:
-            model, info = SiglipVisionModel.from_pretrained(str(vt_dir), dtype=dtype, output_loading_info=True)
+        with _quiet_transformers():
+            model, info = SiglipVisionModel.from_pretrained(str(vt_dir), dtype=dtype, output_loading_info=True, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load the vision tower in {vt_dir}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
     _check_loading_info(vt_dir, info, _UNUSED_VISION_PREFIXES)
     scales = config.s2_scales if config.is_dynamic_s2 else None
     if scales and scales[0] != model.config.image_size:

@@ -20,6 +20,7 @@ import torch
 
 from nvila_quant.errors import CheckpointError, NVILAError
 from nvila_quant.io import atomic_output_dir, check_output_dir, read_json
+from nvila_quant.machine import machine_info
 from nvila_quant.model.config import NVILAConfig
 from nvila_quant.model.summary import describe_checkpoint
 from nvila_quant.report import plots
@@ -216,7 +217,7 @@ def compare(
 
     report: dict[str, Any] = {
         "generated": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": _machine(cfg.device),
+        "machine": machine_info(cfg.device),
         "settings": {"device": cfg.device, "dtype": cfg.dtype, "eval_data": evalset.source,
                      "conversations": len(evalset.conversations), "texts": len(evalset.texts),
                      "repeats": cfg.repeats, "decode_tokens": cfg.decode_tokens},
@@ -260,23 +261,6 @@ def _speed_ratios(cand: dict, ref: dict) -> dict:
     return {"vision_encode_ms": ratio("vision_encode_ms"), "ttft_ms": ratio("ttft_ms"),
             "decode_tokens_per_s": ratio("decode_tokens_per_s"), "peak_rss_mb": ratio("peak_rss_mb"),
             "peak_cuda_mb": ratio("peak_cuda_mb")}
-
-
-def _machine(device: str) -> dict:
-    import platform
-
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 # ---------------------------------------------------------------------------- the document
