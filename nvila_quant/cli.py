@@ -23,6 +23,7 @@ COMMANDS = [
     "nvila_quant.commands.info",
     "nvila_quant.commands.generate",
     "nvila_quant.commands.compare",
+    "nvila_quant.commands.awq",
     "nvila_quant.commands.demo",
 ]
 

@@ -1,0 +1,159 @@
+"""``AWQConfig``: every setting of an AWQ (or round-to-nearest) run, validated on construction.
+
+Defaults reproduce the reference implementation (llm-awq) numerically; the options beyond it are off
+by default and named after what they change (see ``../shared/reference/awq.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from nvila_quant.errors import ConfigError
+from nvila_quant.model.config import dtype_from_str
+
+__all__ = [
+    "BITS",
+    "DEFAULT_FORMAT",
+    "FORMATS",
+    "GROUP_SIZES",
+    "METHODS",
+    "TARGETS",
+    "AWQConfig",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+METHODS = ("awq", "rtn")
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128, -1)
+TARGETS = ("llm", "projector")
+FORMATS = ("autoawq", "compressed-tensors", "tinychat")  # = nvila_quant.formats.checkpoint.FORMATS
+DEFAULT_FORMAT = "autoawq"
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class AWQConfig:
+    """Settings of one quantization run.
+
+    Args:
+        method: "awq" (scale + clip search) or "rtn" (round to nearest, no calibration).
+        bits / group_size / zero_point: the weight quantizer (group_size -1 = one group per output channel).
+        targets: sub-models to quantize: "llm" (every Linear in the decoder blocks) and/or "projector".
+        format: packed checkpoint format written to the output.
+        n_samples: calibration conversations (image + caption, or text only).
+        seqlen: tokens kept per conversation (longer ones are truncated, with a warning).
+        text_ratio: fraction of the samples that are text-only.
+        seed: sample selection and prompt choice.
+        duo_scaling: s = x_mean^r / w_mean^(1-r) (AutoAWQ's option) instead of s = x_mean^r.
+        grid_include_one: also try ratio 1.0 (the reference stops at 0.95).
+        gqa_vo: GQA-aware v_proj -> o_proj group (the reference skips it when the shapes differ).
+        quant_input: feed each block (and the LLM, after the projector) the quantized output of the previous
+            one instead of the full-precision output.
+        clip: run the clip search (reference: on).
+        n_grid: grid points of the scale search (ratios i / n_grid) and denominator of the clip grid.
+        max_shrink: the clip search tries max_val = absmax * (1 - i / n_grid) for i < max_shrink * n_grid.
+        clip_tokens: tokens sub-sampled (stride n_tokens // clip_tokens) for the clip search.
+        clip_batch: output channels per clip-search batch (memory bound; does not change results).
+        chunk_tokens: tokens per chunk in loss evaluation of token-wise modules (memory bound only).
+        device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+        dtype: compute dtype of the search; "auto" = float16 on CUDA (as the reference), float32 on CPU.
+    """
+
+    method: str = "awq"
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    targets: tuple[str, ...] = TARGETS
+    format: str = DEFAULT_FORMAT
+    n_samples: int = 32
+    seqlen: int = 4096
+    text_ratio: float = 0.25
+    seed: int = 42
+    duo_scaling: bool = False
+    grid_include_one: bool = False
+    gqa_vo: bool = False
+    quant_input: bool = False
+    clip: bool = True
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    clip_batch: int = 256
+    chunk_tokens: int = 4096
+    device: str = "auto"
+    dtype: str = "auto"
+    version: int = field(default=1)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.bits not in BITS:
+            raise ConfigError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"group_size must be one of {GROUP_SIZES} (-1 = per output channel), got {self.group_size}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if not self.targets or bad or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"targets must be a non-empty subset of {TARGETS} without repeats, got {self.targets}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"format must be one of {FORMATS}, got {self.format!r}")
+        for name in ("n_samples", "seqlen", "n_grid", "clip_tokens", "clip_batch", "chunk_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.text_ratio <= 1.0:
+            raise ConfigError(f"text_ratio must be in [0, 1], got {self.text_ratio}")
+        if not 0.0 < self.max_shrink < 1.0:
+            raise ConfigError(f"max_shrink must be in (0, 1), got {self.max_shrink}")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        dev = str(self.device)
+        if dev not in ("auto", "cpu", "cuda") and not dev.startswith("cuda:"):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def ratios(self) -> list[float]:
+        """Scale-search grid: i / n_grid for i = 0 .. n_grid - 1 (.. n_grid with ``grid_include_one``)."""
+        last = self.n_grid + 1 if self.grid_include_one else self.n_grid
+        return [i / self.n_grid for i in range(last)]
+
+    @property
+    def symmetric(self) -> bool:
+        return not self.zero_point
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["targets"] = list(self.targets)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AWQConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown AWQConfig fields {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    def search_fingerprint(self) -> dict:
+        """The fields that change results (used to refuse resuming a run made with other settings)."""
+        skip = {"clip_batch", "chunk_tokens", "device"}
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return dtype_from_str(dtype)

@@ -1,0 +1,121 @@
+"""Writing the quantized NVILA folder from a finished work folder (streamed, one block at a time).
+
+    config.json                 root config (+ quantization_config summary; embedded sub-configs updated)
+    llm/                        packed linears + float embeddings/norms/lm_head, tokenizer, config.json with
+                                the format's quantization_config (a standard AWQ / compressed-tensors checkpoint)
+    mm_projector/               packed linears + LayerNorms + activation scales (``scaled_activations``)
+    vision_tower/               copied unchanged
+    awq_results.safetensors     searched scales and clips (see :mod:`nvila_quant.quant.results`)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from nvila_quant.formats.checkpoint import QuantizedCheckpointWriter
+from nvila_quant.io import read_json
+from nvila_quant.model.config import NVILAConfig
+from nvila_quant.quant.config import AWQConfig
+from nvila_quant.quant.lazy import LLMBlocks, read_tensors
+from nvila_quant.quant.plan import LayerPlan
+from nvila_quant.quant.results import AWQResultsWriter, load_block_result
+from nvila_quant.quant.workdir import WorkDir
+
+__all__ = ["write_output"]
+
+
+def _copy_files(src: Path, dst: Path, skip: Callable[[Path], bool]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not skip(f):
+            shutil.copy2(f, dst / f.name)
+
+
+def _is_weights(f: Path) -> bool:
+    return f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") or f.name == "config.json"
+
+
+def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, config: AWQConfig, plan: LayerPlan,
+                  work: WorkDir, log: dict, progress: bool = True) -> dict:
+    results = AWQResultsWriter()
+    fmt_args = (config.format, config.bits, config.group_size, config.symmetric)
+    summary: dict[str, Any] = {}
+    root_cfg = json.loads((root / "config.json").read_text())
+
+    # llm/
+    llm_src = nv_config.subfolder("llm")
+    if "llm" in config.targets:
+        writer = QuantizedCheckpointWriter(tmp / "llm", *fmt_args)
+        blocks = LLMBlocks.from_folder(llm_src)
+        for key in blocks.other_keys():
+            writer.add_tensor(key, read_tensors(blocks.key_map, [key])[key])
+        block_logs = []
+        for i in tqdm(range(blocks.num_layers), desc="writing llm", leave=False, disable=not progress):
+            result = load_block_result(work.block_path(i))
+            prefix = blocks.prefix(i)
+            for name, qt in result.qlinears.items():
+                writer.add_linear(prefix + name, qt)
+            for key, t in result.floats.items():
+                writer.add_tensor(prefix + key, t)
+            results.add(f"llm.{prefix}", result)
+            block_logs.append(result.log)
+        floats = [f"model.layers.{i}.{n}" for i in range(blocks.num_layers) for n, q in plan.llm.items() if q is None]
+        writer.finish(read_json(llm_src / "config.json"), modules_to_not_convert=["lm_head", *floats])
+        _copy_files(llm_src, tmp / "llm", _is_weights)
+        log["blocks"] = block_logs
+        summary.update(_block_summary(block_logs))
+        root_cfg["llm_cfg"] = {**read_json(tmp / "llm" / "config.json"), "_name_or_path": "./llm"}
+    else:
+        shutil.copytree(llm_src, tmp / "llm")
+
+    # mm_projector/
+    mp_src = nv_config.subfolder("mm_projector")
+    if "projector" in config.targets:
+        result = load_block_result(work.projector_path)
+        writer = QuantizedCheckpointWriter(tmp / "mm_projector", *fmt_args)
+        for name, qt in result.qlinears.items():
+            writer.add_linear(name, qt)
+        for key, t in result.floats.items():
+            writer.add_tensor(key, t)
+        mp_cfg = read_json(mp_src / "config.json")
+        acts = sorted(k.removesuffix(".scales") for k in result.floats if k.endswith(".scales"))
+        if acts:
+            mp_cfg["scaled_activations"] = acts  # act(x) / <act>.scales (AutoAWQ's ScaledActivation)
+        floats = [n for n, q in plan.projector.items() if q is None]
+        writer.finish(mp_cfg, modules_to_not_convert=floats)
+        _copy_files(mp_src, tmp / "mm_projector", _is_weights)
+        results.add("mm_projector.", result)
+        summary["projector"] = {k: result.log.get(k) for k in ("mse_rtn", "mse_awq")}
+        root_cfg["mm_projector_cfg"] = {**read_json(tmp / "mm_projector" / "config.json"), "_name_or_path": "./mm_projector"}
+    else:
+        shutil.copytree(mp_src, tmp / "mm_projector")
+
+    # vision_tower/ unchanged, root config, AWQ results
+    shutil.copytree(nv_config.subfolder("vision_tower"), tmp / "vision_tower")
+    root_cfg["_name_or_path"] = str(output)
+    root_cfg["quantization_config"] = {
+        "quant_method": config.method, "format": config.format, "bits": config.bits,
+        "group_size": config.group_size, "zero_point": config.zero_point, "targets": list(config.targets),
+        "tool": "nvila-quant",
+    }
+    (tmp / "config.json").write_text(json.dumps(root_cfg, indent=2) + "\n")
+    results.save(tmp / "awq_results.safetensors", {"method": config.method, "settings": config.to_dict()})
+    return summary
+
+
+def _block_summary(block_logs: list[dict]) -> dict:
+    pairs = [(b["mse_rtn"], b["mse_awq"]) for b in block_logs if "mse_rtn" in b]
+    if not pairs:
+        return {}
+    return {
+        "blocks_mse_rtn": [r for r, _ in pairs],
+        "blocks_mse_awq": [a for _, a in pairs],
+        "blocks_awq_better": sum(a < r for r, a in pairs),
+        "blocks": len(pairs),
+    }

@@ -1,0 +1,106 @@
+"""Which linears get quantized, and how: packability per layer with group-size fallback, checked up front.
+
+Built from meta modules (shapes only; no weights are read), so bad settings fail before any long work:
+bits the format cannot pack, or a group size that divides no target layer's input width. A layer the
+configured group size does not fit falls back to 64, 32, then per channel (-1), with a warning; a layer
+no setting can pack stays in float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nvila_quant.errors import ConfigError
+from nvila_quant.formats.checkpoint import check_packable, format_module
+from nvila_quant.io import read_json
+from nvila_quant.model.config import NVILAConfig
+from nvila_quant.model.projector import MultimodalProjector
+from nvila_quant.quant.awq import QuantArgs
+from nvila_quant.quant.config import AWQConfig
+from nvila_quant.quant.lazy import LLMBlocks
+from nvila_quant.quant.mappings import block_linears
+
+__all__ = ["FALLBACK_GROUPS", "LayerPlan", "meta_projector", "plan_layers"]
+
+FALLBACK_GROUPS = (64, 32)
+
+
+@dataclass
+class LayerPlan:
+    """Quantizer per target linear (None: kept in float), names relative to a block / the projector."""
+
+    llm: dict[str, QuantArgs | None] = field(default_factory=dict)
+    projector: dict[str, QuantArgs | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            part: {n: (None if q is None else q.group_size) for n, q in plan.items()}
+            for part, plan in (("llm", self.llm), ("projector", self.projector))
+        }
+
+
+def _choose_group(config: AWQConfig, shape: tuple[int, int], name: str, notes: list[str]) -> QuantArgs | None:
+    """The configured group size, else a smaller divisor, else per channel; None when nothing packs."""
+    g0 = config.group_size
+    candidates = [g0] if g0 == -1 else [g0, *(g for g in FALLBACK_GROUPS if g < g0), -1]
+    errors = []
+    for g in candidates:
+        try:
+            check_packable(config.format, config.bits, g, shape)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        if g != g0:
+            notes.append(f"{name} {tuple(shape)}: group size {g0} does not fit ({errors[0]}); using "
+                         f"{'per-channel (-1)' if g == -1 else g}")
+        return QuantArgs(config.bits, g, config.zero_point)
+    notes.append(f"{name} {tuple(shape)}: cannot be packed in {config.format} ({errors[-1]}); kept in float")
+    return None
+
+
+def plan_layers(nv_config: NVILAConfig, config: AWQConfig) -> LayerPlan:
+    """Check bits/format and every target linear's shape (from meta modules; no weights are read)."""
+    fmt = format_module(config.format)
+    if config.bits not in fmt.BITS:
+        served = [f for f in ("compressed-tensors",) if config.bits in format_module(f).BITS]
+        raise ConfigError(
+            f"format {config.format} packs only {list(fmt.BITS)}-bit weights, got --w-bit {config.bits}"
+            + (f"; use --format {served[0]}" if served else "")
+        )
+    plan = LayerPlan()
+    shapes: dict[str, tuple[int, int]] = {}
+    if "llm" in config.targets:
+        block = LLMBlocks.from_folder(nv_config.subfolder("llm")).meta_block(0)
+        for name in block_linears(block):
+            shapes[f"llm:{name}"] = tuple(block.get_submodule(name).weight.shape)
+    if "projector" in config.targets:
+        with torch.device("meta"):
+            projector = meta_projector(nv_config)
+        for name in block_linears(projector):
+            shapes[f"projector:{name}"] = tuple(projector.get_submodule(name).weight.shape)
+    if not shapes:
+        raise ConfigError(f"the targets {list(config.targets)} hold no Linear layers to quantize")
+    g = config.group_size
+    if g != -1 and not any(k % g == 0 for _, k in shapes.values()):
+        widths = sorted({k for _, k in shapes.values()})
+        raise ConfigError(
+            f"group size {g} divides the input width of none of the {len(shapes)} target linears "
+            f"(in_features: {widths}); choose a group size that divides them, or -1 (per channel)"
+        )
+    for key, shape in shapes.items():
+        part, name = key.split(":", 1)
+        getattr(plan, part)[name] = _choose_group(config, shape, f"{part} {name}", plan.notes)
+    return plan
+
+
+def meta_projector(nv_config: NVILAConfig) -> MultimodalProjector:
+    mp_cfg = read_json(nv_config.subfolder("mm_projector") / "config.json")
+    ptype = mp_cfg.get("mm_projector_type") or (nv_config.mm_projector_cfg or {}).get("mm_projector_type")
+    vt_cfg = read_json(nv_config.subfolder("vision_tower") / "config.json")
+    vt_hidden = vt_cfg.get("hidden_size") or vt_cfg.get("vision_config", {}).get("hidden_size")
+    mm_hidden = nv_config.mm_hidden_size or vt_hidden * (len(nv_config.s2_scales) if nv_config.is_dynamic_s2 else 1)
+    return MultimodalProjector(ptype, mm_hidden, nv_config.hidden_size or nv_config.llm_cfg["hidden_size"])

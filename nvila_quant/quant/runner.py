@@ -1,0 +1,302 @@
+"""The quantization pipeline: ``quantize(model, config, calib, output)``.
+
+1. Check everything that can fail cheaply: settings, output folder, packability of every target linear
+   (with per-layer group-size fallback), the calibration records and images.
+2. Calibration through the real NVILA pipeline (vision tower run once; its outputs cached in the work
+   folder), capturing the projector's inputs and block 0's inputs.
+3. The projector (its own groups, calibrated on the vision features of the same samples).
+4. The LLM block by block: each block's weights are read from the shards, searched, quantized and saved
+   to the work folder with the next block's inputs, so peak memory does not grow with depth and
+   ``resume=True`` continues after the last finished block.
+5. The output folder, written as a temporary sibling and renamed only when complete.
+
+The work folder is ``<output>.work`` (kept when a run fails; removed after success).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nvila_quant.calibration import (
+    CalibrationSet,
+    CalibRecord,
+    CalibSample,
+    build_samples,
+    check_images,
+    embed_samples,
+    load_records,
+    replay,
+)
+from nvila_quant.errors import ConfigError
+from nvila_quant.io import atomic_output_dir, check_output_dir, write_json
+from nvila_quant.model import NVILAQwen2
+from nvila_quant.model.config import NVILAConfig, load_config
+from nvila_quant.quant.awq import wrap_scaled_activations
+from nvila_quant.quant.block import BlockInputs, BlockResult, effective_state, quantize_block
+from nvila_quant.quant.config import AWQConfig, resolve_device, resolve_dtype
+from nvila_quant.quant.lazy import LLMBlocks, NVILAShell
+from nvila_quant.quant.mappings import projector_groups, qwen2_block_groups
+from nvila_quant.quant.output import write_output
+from nvila_quant.quant.plan import LayerPlan, meta_projector, plan_layers
+from nvila_quant.quant.results import load_block_result, save_block_result
+from nvila_quant.quant.workdir import WorkDir, work_dir_for
+
+__all__ = ["CRASH_ENV", "LayerPlan", "QuantizeResult", "SimulatedCrash", "plan_layers", "quantize", "work_dir_for"]
+
+logger = logging.getLogger(__name__)
+
+CRASH_ENV = "NVILA_QUANT_CRASH_AFTER_BLOCK"  # testing: raise SimulatedCrash after saving this block
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised after a block when NVILA_QUANT_CRASH_AFTER_BLOCK asks for it (tests of --resume)."""
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    log: dict
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def _model_root(model: str | os.PathLike | NVILAQwen2) -> Path:
+    if isinstance(model, NVILAQwen2):
+        if model.config.root is None:
+            raise ConfigError("the model has no checkpoint folder (config.root); pass the checkpoint path instead")
+        return Path(model.config.root)
+    return Path(model)
+
+
+def _weights_fingerprint(root: Path) -> str:
+    h = hashlib.sha256()
+    for sub in ("llm", "mm_projector", "vision_tower"):
+        for f in sorted((root / sub).glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{sub}/{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _calibration(calib: Any, config: AWQConfig) -> tuple[list[CalibSample], dict]:
+    if isinstance(calib, list | tuple) and calib and isinstance(calib[0], CalibSample):
+        samples, source = list(calib), "python"
+    else:
+        records = list(calib) if isinstance(calib, list | tuple) else load_records(calib, config.n_samples, config.seed)
+        if records and not isinstance(records[0], CalibRecord):
+            raise ConfigError(f"calib must be a source name/path, CalibRecords or CalibSamples, got {type(records[0]).__name__}")
+        samples = build_samples(records, config.n_samples, config.text_ratio, config.seed)
+        source = calib if isinstance(calib, str | os.PathLike) else "python"
+        chosen = {s.origin for s in samples}
+        check_images([r for r in records if r.origin in chosen])
+    n_image = sum(s.kind == "image" for s in samples)
+    if "projector" in config.targets and config.method == "awq" and n_image == 0:
+        raise ConfigError("AWQ of the projector needs image samples; lower --text-ratio or drop 'projector' from --targets")
+    return samples, {"source": str(source), "samples": [f"{s.kind}:{s.origin}" for s in samples]}
+
+
+def quantize(
+    model: str | os.PathLike | NVILAQwen2,
+    config: AWQConfig | None = None,
+    calib: str | os.PathLike | Sequence[CalibRecord] | Sequence[CalibSample] | None = "builtin",
+    output: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_block_done: Callable[[int], None] | None = None,
+) -> QuantizeResult:
+    """Quantize an NVILA checkpoint folder (AWQ or RTN) and write the quantized NVILA folder ``output``.
+
+    ``calib``: "builtin", "coco", a folder / ``.jsonl`` path, or records / samples (ignored by RTN when None).
+    ``on_block_done(i)`` is called after LLM block i is saved (a hook for tests and progress reporting).
+    """
+    t_start = time.perf_counter()
+    config = config or AWQConfig()
+    if output is None:
+        raise ConfigError("quantize needs an output folder")
+    output = check_output_dir(output, overwrite)
+    root = _model_root(model)
+    nv_config = load_config(root)
+    device = resolve_device(config.device)
+    run = _Run(root, nv_config, config, device, resolve_dtype(config.dtype, device), nv_config.dtype,
+               plan_layers(nv_config, config), WorkDir(work_dir_for(output)), progress)
+    for note in run.plan.notes:
+        logger.warning("%s", note)
+    samples, calib_info = None, {"source": None}
+    if config.method == "awq" or calib is not None:
+        samples, calib_info = _calibration(calib if calib is not None else "builtin", config)
+    fingerprint = {
+        "config": config.search_fingerprint(), "model": str(root.absolute()), "weights": _weights_fingerprint(root),
+        "calibration": calib_info, "compute_dtype": str(run.dtype), "save_dtype": str(run.save_dtype),
+    }
+    next_block = run.work.start(fingerprint, resume, overwrite)
+    logger.info("work folder: %s (kept if the run stops; --resume continues from it)", run.work.path)
+    run.log.update({
+        "tool": "nvila-quant", "method": config.method, "settings": config.to_dict(), "model": str(root.absolute()),
+        "device": str(device), "compute_dtype": str(run.dtype), "save_dtype": str(run.save_dtype),
+        "torch": torch.__version__, "platform": platform.platform(), "layer_plan": run.plan.overrides(),
+        "notes": run.plan.notes, "resumed_from_block": next_block if resume else None,
+        "calibration": calib_info,
+    })
+    if samples is not None:
+        run.calibrate(samples, next_block)
+    if "projector" in config.targets:
+        run.projector(next_block)
+    if "llm" in config.targets:
+        run.llm(next_block, on_block_done)
+    run.shell = run.calib = None  # free memory before writing
+    t0 = time.perf_counter()
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        summary = write_output(tmp, Path(output).absolute(), root, nv_config, config, run.plan, run.work, run.log,
+                                progress)
+        run.timings.update(write_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_start)
+        run.log.update(timings=run.timings, summary=summary)
+        write_json(tmp / "quant_log.json", run.log)
+    shutil.rmtree(run.work.path, ignore_errors=True)
+    return QuantizeResult(Path(output), run.log)
+
+
+@dataclass
+class _Run:
+    """State of one quantization run, stage by stage (calibrate -> projector -> llm)."""
+
+    root: Path
+    nv_config: NVILAConfig
+    config: AWQConfig
+    device: torch.device
+    dtype: torch.dtype  # compute
+    save_dtype: torch.dtype  # checkpoint
+    plan: LayerPlan
+    work: WorkDir
+    progress: bool = True
+    shell: NVILAShell | None = None
+    calib: CalibrationSet | None = None
+    log: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def calibrate(self, samples: list[CalibSample], next_block: int | None) -> None:
+        """Vision tower + projector + embedding splice once (or the work folder's cache on resume)."""
+        t0 = time.perf_counter()
+        self.shell = NVILAShell.load_pretrained(self.root, torch_dtype=self.dtype, device=self.device)
+        if self.work.calib_path.is_file():
+            self.calib = CalibrationSet.load(self.work.calib_path, self.device)
+            need_proj = "projector" in self.config.targets and not self.work.projector_path.is_file()
+            if need_proj:  # re-capture the projector's inputs from the cached vision features
+                self.calib = replay(self.shell, self.calib, capture_projector=True)
+        else:
+            self.calib = embed_samples(self.shell, samples, self.config.seqlen, progress=self.progress)
+            self.calib.save(self.work.calib_path)
+        self.shell.free_vision_tower()
+        self.log["calibration"] = {**self.log.get("calibration", {}), **self.calib.summary()}
+        self.timings["calibration_s"] = time.perf_counter() - t0
+
+    def projector(self, next_block: int | None) -> None:
+        t0 = time.perf_counter()
+        if self.work.projector_path.is_file():
+            result = load_block_result(self.work.projector_path)
+        else:
+            result = _quantize_projector(self.root, self.nv_config, self.shell, self.calib, self.plan, self.config,
+                                         self.dtype, self.save_dtype, self.device, self.progress)
+            _log_block("projector", result.log)
+            save_block_result(self.work.projector_path, result)
+        self.log["projector"] = result.log
+        if self.config.quant_input and self.shell is not None and next_block is None:
+            _install_projector(self.shell, result, self.dtype)  # the LLM then sees the quantized projector
+            self.calib = replay(self.shell, self.calib, capture_projector=False)
+        self.timings["projector_s"] = time.perf_counter() - t0
+
+    def llm(self, next_block: int | None, on_block_done: Callable[[int], None] | None) -> None:
+        """Every decoder block in turn: load from the shards, quantize, save result and next inputs."""
+        t0 = time.perf_counter()
+        blocks = LLMBlocks(self.nv_config.subfolder("llm"), *_block_spec(self.shell, self.nv_config))
+        groups = qwen2_block_groups(blocks.config, self.config.gqa_vo)
+        hidden, block_kwargs = None, None
+        if self.calib is not None:
+            if next_block is None:
+                hidden = [self.shell.block_inputs(h)[0] for h in self.calib.hidden()]
+                self.work.save_hidden(hidden, 0)
+                next_block = 0
+            else:
+                hidden = self.work.load_hidden(self.device)
+            block_kwargs = [self.shell.block_inputs(h)[1] for h in hidden]
+            self.calib = None
+        start = next_block or 0
+        crash_after = os.environ.get(CRASH_ENV)
+        for i in tqdm(range(start, blocks.num_layers), desc="LLM blocks", disable=not self.progress, initial=start,
+                      total=blocks.num_layers):
+            block = blocks.load(i, self.dtype, self.device)
+            inputs = None if hidden is None else BlockInputs([(h,) for h in hidden], block_kwargs)
+            result = quantize_block(block, inputs, groups, self.plan.llm, self.config, self.save_dtype, f"block {i}",
+                                    self.progress)
+            result.log["index"] = i
+            _log_block(f"block {i}", result.log)
+            save_block_result(self.work.block_path(i), result)
+            if result.outputs is not None:
+                hidden = result.outputs
+                self.work.save_hidden(hidden, i + 1)
+            del block, result
+            if on_block_done is not None:
+                on_block_done(i)
+            if crash_after is not None and int(crash_after) == i:
+                raise SimulatedCrash(f"{CRASH_ENV}={crash_after}: simulated crash after block {i}")
+        self.timings["llm_s"] = time.perf_counter() - t0
+
+
+def _log_block(name: str, log: dict) -> None:
+    """One line per block: output MSE of RTN vs the result, and each group's ratio and loss."""
+    if "mse_rtn" not in log:
+        return
+    groups = ", ".join(f"{g['name']} r={g['ratio']:.2f} {g['rtn_loss']:.3g}->{g['awq_loss']:.3g}" for g in log["groups"])
+    logger.info("%s: output MSE RTN %.4g -> %.4g (%s) in %.1f s", name, log["mse_rtn"], log["mse_awq"],
+                groups or "no scale groups", log["time_s"]["total"])
+
+
+def _block_spec(shell: NVILAShell | None, nv_config: NVILAConfig):
+    if shell is not None:
+        return shell.block_class, shell.block_config
+    probe = LLMBlocks.from_folder(nv_config.subfolder("llm"))
+    return probe.block_class, probe.config
+
+
+def _load_projector(root: Path, nv_config: NVILAConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    from nvila_quant.model.nvila import build_mm_projector
+
+    meta = meta_projector(nv_config)
+    return build_mm_projector(nv_config.subfolder("mm_projector", root), nv_config, meta.mm_hidden_size,
+                              meta.hidden_size, dtype, device)
+
+
+def _quantize_projector(root, nv_config, shell, calib_set, plan, config, dtype, save_dtype, device,
+                        progress: bool = True) -> BlockResult:
+    source = shell.get_mm_projector() if shell is not None else _load_projector(root, nv_config, dtype, device)
+    projector = copy.deepcopy(source)
+    groups = projector_groups(projector) if config.method == "awq" else []
+    wrap_scaled_activations(projector, [g.prev_op for g in groups if g.prev_kind == "act"])
+    inputs = None
+    if calib_set is not None:
+        xs = calib_set.projector_inputs or []
+        inputs = BlockInputs([(x,) for x in xs], [{} for _ in xs])
+    return quantize_block(projector, inputs, groups, plan.projector, config, save_dtype, "projector", progress)
+
+
+def _install_projector(shell: NVILAShell, result: BlockResult, dtype: torch.dtype) -> None:
+    """Put the quantized (dequantized) projector into the shell, for quantized-input propagation."""
+    projector = shell.get_mm_projector()
+    wrap_scaled_activations(projector, [n.removesuffix(".scales") for n in result.floats if n.endswith(".scales")])
+    state = {k: v.to(dtype) for k, v in projector.state_dict().items()}
+    state.update({k: v.to(dtype) for k, v in result.floats.items()})
+    save_dtype = next(iter(result.qlinears.values())).scale.dtype if result.qlinears else dtype
+    projector.load_state_dict(effective_state(state, result.qlinears, save_dtype), strict=True)
+
