@@ -118,7 +118,7 @@ def build_mm_projector(
     top = (config.mm_projector_cfg or {}).get("mm_projector_type")
     if top and top != projector_type:
         logger.warning("mm_projector_cfg says %r but %s/config.json says %r; using the latter", top, mp_dir, projector_type)
-    projector = MultimodalProjector(projector_type, mm_hidden_size, hidden_size)
+    projector = MultimodalProjector(projector_type, mm_hidden_size, hidden_size, cfg.get("scaled_activations", []))
     state = load_state_dict(mp_dir, dtype=dtype)
     expected = projector.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,11 @@ from nvila_quant.model.config import PROJECTOR_TYPES
 __all__ = [
     "DownSampleBlock",
     "MultimodalProjector",
+    "ScaledActivation",
     "downsample_tokens",
     "projector_downsample_factor",
     "projector_layers",
+    "wrap_scaled_activations",
 ]
 
 
@@ -106,16 +109,62 @@ def projector_layers(projector_type: str, mm_hidden_size: int, hidden_size: int)
     )
 
 
+class ScaledActivation(nn.Module):
+    """act(x) / scales: holds AWQ scales of an activation -> Linear group (AutoAWQ's module).
+
+    Checkpoint key ``<act>.scales`` (C,); listed in ``mm_projector/config.json`` as ``scaled_activations``.
+    """
+
+    def __init__(self, act: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.act = act
+        self.scales = nn.Parameter(torch.ones(channels), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) / self.scales.to(x.dtype)
+
+
+def wrap_scaled_activations(module: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Replace each activation named in ``names`` (e.g. ``layers.3``) with a ScaledActivation (in place).
+
+    The width is the in_features of the Linear that follows it in its nn.Sequential."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        act = parent.get_submodule(child)
+        if isinstance(act, ScaledActivation):
+            continue
+        if not isinstance(parent, nn.Sequential) or not child.isdigit() or int(child) + 1 >= len(parent):
+            raise ConfigError(f"scaled activation {name!r} must be followed by a Linear in an nn.Sequential")
+        nxt = parent[int(child) + 1]
+        ref = next(iter([*parent.parameters(), *parent.buffers()]))
+        scaled = ScaledActivation(act, nxt.in_features).to(device=ref.device, dtype=ref.dtype)
+        parent[int(child)] = scaled
+    return module
+
+
 class MultimodalProjector(nn.Module):
     """Vision features -> LLM embeddings. (B, N, mm_hidden) -> (B, N/k^2, hidden)."""
 
-    def __init__(self, projector_type: str, mm_hidden_size: int, hidden_size: int) -> None:
+    def __init__(
+        self, projector_type: str, mm_hidden_size: int, hidden_size: int, scaled_activations: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         self.projector_type = projector_type
         self.mm_hidden_size = mm_hidden_size
         self.hidden_size = hidden_size
         self.downsample = projector_downsample_factor(projector_type)
         self.layers = projector_layers(projector_type, mm_hidden_size, hidden_size)
+        self.scale_activations(scaled_activations)
+
+    @property
+    def scaled_activations(self) -> list[str]:
+        """Names of the activations that carry AWQ scales (``layers.3`` style)."""
+        return [n for n, m in self.named_modules() if isinstance(m, ScaledActivation)]
+
+    def scale_activations(self, names: Sequence[str]) -> None:
+        """Wrap the named activations (``layers.<i>``) in :class:`ScaledActivation` (AWQ's GELU -> Linear)."""
+        wrap_scaled_activations(self, list(names))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.mm_hidden_size:
@@ -126,11 +175,14 @@ class MultimodalProjector(nn.Module):
 
     def config_dict(self) -> dict:
         """The ``mm_projector/config.json`` VILA writes."""
-        return {
+        out = {
             "architectures": ["MultimodalProjector"],
             "mm_projector_type": self.projector_type,
             "model_type": "v2l_projector",
         }
+        if self.scaled_activations:
+            out["scaled_activations"] = self.scaled_activations
+        return out
 
     @staticmethod
     def num_tokens(projector_type: str, tokens_per_tile: int) -> int:

@@ -194,6 +194,7 @@ def load_quantized_projector(
     floats, qlinears, spec = read_quantized_submodel(mp_dir)
     projector = MultimodalProjector(projector_type, mm_hidden_size, hidden_size).to(device=device, dtype=dtype)
     _install(projector, qlinears, mp_dir, device)
+    projector.scale_activations(read_json(mp_dir / "config.json").get("scaled_activations", []))  # AWQ GELU -> Linear
     _load_floats(projector, floats, mp_dir, dtype)
     projector.nvila_quant_spec = spec
     return projector.eval()

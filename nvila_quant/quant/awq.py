@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
+from nvila_quant.model.projector import ScaledActivation, wrap_scaled_activations
 from nvila_quant.quant.mappings import ScaleGroup
 from nvila_quant.quant.primitives import pseudo_quantize
 
@@ -258,34 +258,3 @@ def apply_scales(state: dict[str, torch.Tensor], group: ScaleGroup, scales: torc
 def apply_clip(state: dict[str, torch.Tensor], name: str, max_val: torch.Tensor) -> None:
     key = f"{name}.weight"
     state[key] = clip_weight(state[key], max_val.to(state[key].device))
-
-
-# ---------------------------------------------------------------------------------------------- modules
-class ScaledActivation(nn.Module):
-    """act(x) / scales: where an activation's scales go (AutoAWQ's module; key ``<act>.scales``)."""
-
-    def __init__(self, act: nn.Module, channels: int) -> None:
-        super().__init__()
-        self.act = act
-        self.scales = nn.Parameter(torch.ones(channels), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x) / self.scales.to(x.dtype)
-
-
-def wrap_scaled_activations(module: nn.Module, names: Sequence[str]) -> nn.Module:
-    """Replace each activation named in ``names`` (e.g. ``layers.3``) with a ScaledActivation (in place).
-
-    The width is the in_features of the Linear that follows it in its nn.Sequential."""
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        act = parent.get_submodule(child)
-        if isinstance(act, ScaledActivation):
-            continue
-        mods = list(parent)
-        nxt = mods[int(child) + 1]
-        ref = next(parent.parameters())
-        scaled = ScaledActivation(act, nxt.in_features).to(device=ref.device, dtype=ref.dtype)
-        parent[int(child)] = scaled
-    return module
