@@ -36,7 +36,7 @@ from nvila_quant.model import NVILAQwen2  # noqa: E402
 from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
 from nvila_quant.paths import builtin_eval_dir  # noqa: E402
 from nvila_quant.quant.config import AWQConfig  # noqa: E402
-from nvila_quant.quant.evaluate import DequantizedNVILA, llm_logits, next_token_metrics  # noqa: E402
+from nvila_quant.quant.evaluate import llm_logits, load_dequantized, next_token_metrics  # noqa: E402
 from nvila_quant.quant.runner import quantize  # noqa: E402
 
 LARGE = dict(llm_hidden=1536, llm_intermediate=4096, llm_heads=12, llm_kv_heads=2)
@@ -99,7 +99,7 @@ def accuracy(name: str, path: Path, tmp: Path, n_samples: int, seqlen: int, abla
         t0 = time.perf_counter()
         log = quantize(path, cfg, calib, out, progress=False).log
         wall = time.perf_counter() - t0
-        model = DequantizedNVILA.load_pretrained(out, torch_dtype=torch.float32, device="cpu")
+        model = load_dequantized(out, torch.float32, "cpu")
         m = next_token_metrics(ref_logits, llm_logits(model, evalset), evalset)
         blocks = [b["time_s"]["total"] for b in log.get("blocks", [])]
         awq_blocks = [b for b in log.get("blocks", []) if "mse_awq" in b]

@@ -26,7 +26,8 @@ from _common import table, write_json  # noqa: E402
 
 from nvila_quant.model import NVILAQwen2  # noqa: E402
 from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
-from nvila_quant.model.quantized import quantized_modules, write_rtn_checkpoint  # noqa: E402
+from nvila_quant.model.quantized import quantized_modules  # noqa: E402
+from nvila_quant.quant.rtn import write_rtn_checkpoint  # noqa: E402
 
 SPECS = {
     "cpu": TinySpec(seed=0, llm_hidden=2048, llm_intermediate=5632, llm_layers=4, llm_heads=16, llm_kv_heads=4),

@@ -17,6 +17,7 @@ from torch import nn
 from nvila_quant.export import ExportOptions, export_onnx, load_vision_source
 from nvila_quant.export.graphs import DequantLinear, is_quantized_linear, replace_quantized_linears
 from nvila_quant.formats.qtensor import QTensor
+from nvila_quant.quant.rtn import write_rtn_checkpoint
 from nvila_quant.runtime.onnx_vision import OnnxVisionGraphs
 
 
@@ -111,8 +112,7 @@ def test_replace_quantized_linears_keeps_codes():
 
 def test_quantized_checkpoint_from_disk(tiny_nvila_lite, tmp_path):
     """A checkpoint whose mm_projector/ is packed int4: loaded as the runtime loads it, exported with its codes."""
-    quantized = pytest.importorskip("nvila_quant.model.quantized")
-    ckpt = quantized.write_rtn_checkpoint(tiny_nvila_lite, tmp_path / "ckpt", targets=("projector",), group_size=64)
+    ckpt = write_rtn_checkpoint(tiny_nvila_lite, tmp_path / "ckpt", targets=("projector",), group_size=64)
     manifest = export_onnx(ckpt, tmp_path / "q", ExportOptions(include_projector=True,
                                                                verify_images=[_photo("coffee")]), progress=False)
     assert manifest["projector"]["quantized_linears"] == 3 and manifest["verification"]["passed"]

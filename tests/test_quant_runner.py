@@ -17,7 +17,7 @@ from nvila_quant.io import read_json
 from nvila_quant.model import NVILAQwen2
 from nvila_quant.paths import builtin_eval_dir
 from nvila_quant.quant.config import AWQConfig
-from nvila_quant.quant.evaluate import DequantizedNVILA, llm_logits, next_token_metrics
+from nvila_quant.quant.evaluate import llm_logits, load_dequantized, next_token_metrics
 from nvila_quant.quant.results import apply_awq_results
 from nvila_quant.quant.runner import LayerPlan, plan_layers, quantize, work_dir_for
 
@@ -91,7 +91,7 @@ def test_next_token_kl_vs_float_lower_than_rtn(awq, rtn, tiny_nvila):
     ref_logits = llm_logits(ref, evalset)
     metrics = {}
     for name, res in (("awq", awq), ("rtn", rtn)):
-        model = DequantizedNVILA.load_pretrained(res.output, torch_dtype=torch.float32, device="cpu")
+        model = load_dequantized(res.output, torch.float32, "cpu")
         metrics[name] = next_token_metrics(ref_logits, llm_logits(model, evalset), evalset)
     assert metrics["awq"]["kl"] < metrics["rtn"]["kl"], metrics
     assert metrics["awq"]["top1"] > metrics["rtn"]["top1"], metrics

@@ -1,6 +1,7 @@
 """The quantized runtime: NVILAQwen2.load_pretrained on packed llm/ + mm_projector/ in all three formats.
 
-Checkpoints are built here (RTN through QTensor.from_float + QuantizedCheckpointWriter), independent of the AWQ runner.
+Checkpoints are built with the engine's round to nearest (``write_rtn_checkpoint``, no calibration) and converted
+between formats with ``convert_quantized_folder``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,8 @@ from nvila_quant.formats import FORMATS
 from nvila_quant.io import INDEX_NAME, SINGLE_NAME
 from nvila_quant.kernels.linear import QuantLinear
 from nvila_quant.model import NVILAQwen2
-from nvila_quant.model.quantized import (
-    convert_quantized_folder,
-    quantized_modules,
-    set_backend,
-    write_rtn_checkpoint,
-)
+from nvila_quant.model.quantized import convert_quantized_folder, quantized_modules, set_backend
+from nvila_quant.quant.rtn import write_rtn_checkpoint
 
 GREEDY = GenerationConfig(max_new_tokens=12, do_sample=False)
 
@@ -124,7 +121,7 @@ def test_lite_group_fallbacks_and_reference_backend(tiny_nvila_lite: Path, tmp_p
     prompt = ["Describe the image.", images["rocket"]]
     assert model.generate_content(prompt, generation_config=GREEDY) == f.generate_content(prompt, generation_config=GREEDY)
 
-    w8 = write_rtn_checkpoint(tiny_nvila_lite, tmp_path / "w8", "compressed-tensors", bits=8, group_size=48)
+    w8 = write_rtn_checkpoint(tiny_nvila_lite, tmp_path / "w8", "compressed-tensors", bits=8, group_size=32)
     model8 = NVILAQwen2.load_pretrained(w8, torch_dtype=torch.bfloat16, device="cpu")
     mods = quantized_modules(model8)
     assert {m.bits for m in mods.values()} == {8}

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
+from nvila_quant import metrics
 from nvila_quant.cli import main
 from nvila_quant.errors import CheckpointError, NVILAError
 from nvila_quant.model.factory import TinySpec, make_tiny
-from nvila_quant.report import metrics
 from nvila_quant.report.compare import CompareConfig, compare
 from nvila_quant.report.evalset import load_eval_set
 

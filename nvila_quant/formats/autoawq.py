@@ -23,6 +23,7 @@ from nvila_quant.formats.common import (
     check_shape,
     expect,
     take,
+    take_bias,
 )
 from nvila_quant.formats.qtensor import QTensor
 
@@ -80,9 +81,7 @@ def unpack(
         zero = torch.full((n, k // g), 2 ** (bits - 1), dtype=torch.int32, device=qweight.device)
     else:
         raise CheckpointError(f"{module} lacks 'qzeros', which asymmetric (zero_point=true) AWQ weights need")
-    bias = tensors.get("bias")
-    if bias is not None:
-        expect(bias, (n,), FLOAT_DTYPES, f"{module}.bias")
+    bias = take_bias(tensors, n, module)
     q = unpack_int32(qweight, bits, n, AWQ_ORDER).t().contiguous()  # (N, K)
     return QTensor(q, scales.t().contiguous(), zero.contiguous(), bits, group_size, symmetric, bias)
 

@@ -18,6 +18,7 @@ Third-party checkpoints without ``nvila_quant`` are read from ``quantization_con
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "QuantizedCheckpointWriter",
     "check_packable",
     "convert_linear",
+    "copy_side_files",
     "detect_format",
     "format_module",
     "pack_linear",
@@ -309,6 +311,16 @@ class QuantizedCheckpointWriter:
         out[METADATA_KEY] = spec.metadata()
         write_json(self.folder / "config.json", out)
         self._finished = True
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy the files of sub-model folder ``src`` that the writer does not write (tokenizer, generation config,
+    chat template, ...): everything but safetensors shards, their index and ``config.json``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src).iterdir()):
+        weights = f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") or f.name == "config.json"
+        if f.is_file() and not weights:
+            shutil.copy2(f, dst / f.name)
 
 
 # ---------------------------------------------------------------------------------------------- reading

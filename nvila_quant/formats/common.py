@@ -8,7 +8,16 @@ import torch
 
 from nvila_quant.errors import CheckpointError, ConfigError
 
-__all__ = ["FLOAT_DTYPES", "check_bits", "check_group_size", "check_shape", "expect", "symmetric_zero", "take"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "check_bits",
+    "check_group_size",
+    "check_shape",
+    "expect",
+    "symmetric_zero",
+    "take",
+    "take_bias",
+]
 
 
 def check_group_size(fmt: str, group_size: int, in_features: int) -> int:
@@ -46,6 +55,14 @@ def take(tensors: Mapping[str, torch.Tensor], key: str, module: str, fmt: str) -
     if key not in tensors:
         raise CheckpointError(f"{fmt} module {module!r} lacks tensor {key!r} (has {sorted(tensors)})")
     return tensors[key]
+
+
+def take_bias(tensors: Mapping[str, torch.Tensor], n: int, module: str) -> torch.Tensor | None:
+    """The module's optional ``bias`` (N,) float tensor, checked when present."""
+    bias = tensors.get("bias")
+    if bias is not None:
+        expect(bias, (n,), FLOAT_DTYPES, f"{module}.bias")
+    return bias
 
 
 def expect(t: torch.Tensor, shape: tuple[int, ...], dtypes: Collection[torch.dtype], what: str) -> None:

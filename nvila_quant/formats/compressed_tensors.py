@@ -27,6 +27,7 @@ from nvila_quant.formats.common import (
     expect,
     symmetric_zero,
     take,
+    take_bias,
 )
 from nvila_quant.formats.qtensor import QTensor
 
@@ -90,9 +91,7 @@ def unpack(
         zero = torch.full((n, k // g), 2 ** (bits - 1), dtype=torch.int32, device=packed.device)
     else:
         raise CheckpointError(f"{module} lacks 'weight_zero_point', which asymmetric weights need")
-    bias = tensors.get("bias")
-    if bias is not None:
-        expect(bias, (n,), FLOAT_DTYPES, f"{module}.bias")
+    bias = take_bias(tensors, n, module)
     q = unpack_int32(packed, bits, k)
     return QTensor(q, scale.contiguous(), zero.contiguous(), bits, group_size, symmetric, bias)
 

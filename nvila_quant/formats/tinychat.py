@@ -19,7 +19,15 @@ import torch
 
 from nvila_quant.errors import CheckpointError, ConfigError
 from nvila_quant.formats.bitpack import as_int16_bits
-from nvila_quant.formats.common import FLOAT_DTYPES, check_bits, check_group_size, check_shape, expect, take
+from nvila_quant.formats.common import (
+    FLOAT_DTYPES,
+    check_bits,
+    check_group_size,
+    check_shape,
+    expect,
+    take,
+    take_bias,
+)
 from nvila_quant.formats.qtensor import QTensor
 
 __all__ = ["BITS", "CHUNK_ORDER", "MARKER", "NAME", "SUFFIXES", "check", "pack", "padded_groups", "quantization_config", "unpack"]
@@ -117,9 +125,7 @@ def unpack(
         raise CheckpointError(
             f"{module}.scaled_zeros is not -(scale * zero) with integer zero points in [0, {2**bits - 1}]"
         )
-    bias = tensors.get("bias")
-    if bias is not None:
-        expect(bias, (n,), FLOAT_DTYPES, f"{module}.bias")
+    bias = take_bias(tensors, n, module)
     return QTensor(_unpack_q(qweight), scale, zero.to(torch.int32), bits, group_size, symmetric, bias)
 
 

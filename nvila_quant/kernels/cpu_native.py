@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from nvila_quant.kernels.build import BuildError, build_shared_library, cpu_fingerprint
+from nvila_quant.quant.primitives import dequantize
 
 __all__ = [
     "dequantize_nibbles",
@@ -102,9 +103,7 @@ def dequantize_nibbles(
         and scale.dtype == torch.float32 and zero.dtype == torch.float32
     )
     if not native:
-        q = unpack_nibbles(packed).reshape(n, k // group, group).float()
-        w = (q - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
-        return out.copy_(w.reshape(n, k))
+        return out.copy_(dequantize(unpack_nibbles(packed), scale.float(), zero, group))  # fp32, then out's dtype
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     rc = _library().nq_dequant(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), n, k, group,
                                int(dtype == torch.bfloat16), torch.get_num_threads())

@@ -28,6 +28,7 @@ from torch import nn
 from nvila_quant.formats.qtensor import QTensor
 from nvila_quant.kernels import cpu as cpu_backend
 from nvila_quant.kernels.cpu_native import dequantize_nibbles, pack_nibbles, unpack_nibbles
+from nvila_quant.quant.primitives import dequantize
 
 __all__ = ["BACKENDS", "QuantLinear", "log_once"]
 
@@ -130,10 +131,7 @@ class QuantLinear(nn.Module):
         if self.nibbles and self.q.device.type == "cpu":
             w = dequantize_nibbles(self.q, self.scale.float(), self.zero.float(), self.group, torch.float32)
         else:
-            q = unpack_nibbles(self.q) if self.nibbles else self.q
-            n, k = self.out_features, self.in_features
-            w = (q.reshape(n, -1, self.group).float() - self.zero.float()[..., None]) * self.scale.float()[..., None]
-            w = w.reshape(n, k)
+            w = dequantize(unpack_nibbles(self.q) if self.nibbles else self.q, self.scale.float(), self.zero, self.group)
         return w.to(dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module signature)

@@ -7,49 +7,44 @@ built on the meta device (no float copy of the quantized weights is ever allocat
 Backend: "auto" unless ``NVILA_QUANT_BACKEND`` (cpu | cuda | reference) says otherwise; :func:`set_backend`
 changes it on a loaded model.
 
-:func:`write_rtn_checkpoint` writes a round-to-nearest quantized copy of a float NVILA folder (tests, benchmarks).
+:func:`convert_quantized_folder` repacks a quantized sub-model folder into another format (bit exact). Round-to-nearest
+quantization of a float folder is the engine's (:func:`nvila_quant.quant.rtn.write_rtn_checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
-from transformers import logging as hf_logging
 
 from nvila_quant.errors import CheckpointError, ConfigError
 from nvila_quant.formats import (
     QTensor,
     QuantizedCheckpointWriter,
-    check_packable,
     detect_format,
     read_quantized_submodel,
 )
-from nvila_quant.formats.checkpoint import METADATA_KEY, QuantSpec
-from nvila_quant.io import load_state_dict, read_json, safetensors_key_map
+from nvila_quant.formats.checkpoint import METADATA_KEY, copy_side_files
+from nvila_quant.io import read_json
 from nvila_quant.kernels.linear import BACKENDS, QuantLinear
+from nvila_quant.model.nvila import _quiet_transformers
 from nvila_quant.model.projector import MultimodalProjector
 
 __all__ = [
-    "LLM_LINEARS",
     "convert_quantized_folder",
     "is_quantized",
     "load_quantized_llm",
     "load_quantized_projector",
     "quantized_modules",
     "set_backend",
-    "write_rtn_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
-LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _backend() -> str:
@@ -147,19 +142,16 @@ def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: t
     """The LLM of a quantized ``llm/`` as a transformers causal LM whose packed linears are QuantLinear."""
     llm_dir, device = Path(llm_dir), torch.device(device)
     floats, qlinears, spec = read_quantized_submodel(llm_dir)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(str(llm_dir))
-        for attr in ("quantization_config", "compression_config", METADATA_KEY):
-            if hasattr(config, attr):
-                delattr(config, attr)
-        with torch.device("meta"):
-            llm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(str(llm_dir))
+            for attr in ("quantization_config", "compression_config", METADATA_KEY):
+                if hasattr(config, attr):
+                    delattr(config, attr)
+            with torch.device("meta"):
+                llm = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot build the LLM of {llm_dir}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
     # packed linears stay off the float allocation: swap in shape-carrying placeholders first
     for name in qlinears:
         try:
@@ -200,51 +192,7 @@ def load_quantized_projector(
     return projector.eval()
 
 
-# ---------------------------------------------------------------------------------------------- RTN writer
-def _pick_group(fmt: str, bits: int, group_size: int, shape: tuple[int, int]) -> int | None:
-    """The checkpoint group size, else the largest fallback (64, 32, per channel) this format packs, else None."""
-    for g in dict.fromkeys((group_size, 64, 32, -1)):
-        if g != -1 and (g > group_size > 0):
-            continue
-        try:
-            check_packable(fmt, bits, g, shape)
-            return g
-        except ConfigError:
-            continue
-    return None
-
-
-def _quantize_folder(src: Path, dst: Path, fmt: str, bits: int, group_size: int, symmetric: bool,
-                     is_target, scale_dtype: torch.dtype | None) -> QuantSpec:  # noqa: ANN001
-    state = load_state_dict(src)
-    writer = QuantizedCheckpointWriter(dst, fmt, bits, group_size, symmetric)
-    skipped: list[str] = []
-    for key in tqdm(list(state), desc=f"rtn {src.name}", leave=False, disable=None):
-        tensor = state[key]
-        module, _, leaf = key.rpartition(".")
-        if leaf == "bias" and f"{module}.weight" in state and is_target(module, state[f"{module}.weight"]):
-            continue  # written with its linear
-        if leaf == "weight" and is_target(module, tensor):
-            g = _pick_group(fmt, bits, group_size, tuple(tensor.shape))
-            if g is None:
-                logger.warning("%s: %s %s cannot be packed in %s; kept in float", src.name, module, tuple(tensor.shape), fmt)
-                skipped.append(module)
-            else:
-                if g != group_size:
-                    logger.warning("%s: %s has in_features=%d; group size %d instead of %d", src.name, module,
-                                   tensor.shape[1], g, group_size)
-                qt = QTensor.from_float(tensor.float(), bits, g, not symmetric, bias=state.get(f"{module}.bias"),
-                                        scale_dtype=scale_dtype or tensor.dtype)
-                writer.add_linear(module, qt)
-                continue
-        writer.add_tensor(key, tensor)
-    for name in (p.name for p in src.iterdir() if p.is_file()):
-        if not name.endswith(".safetensors") and name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(src / name, dst / name)
-    writer.finish(read_json(src / "config.json"), modules_to_not_convert=skipped or None)
-    return writer.spec
-
-
+# ---------------------------------------------------------------------------------------------- conversion
 def convert_quantized_folder(src: str | os.PathLike, dst: str | os.PathLike, fmt: str) -> Path:
     """Repack a quantized sub-model folder (``llm/`` or ``mm_projector/``) into ``fmt``, bit exact."""
     src, dst = Path(src), Path(dst)
@@ -254,41 +202,7 @@ def convert_quantized_folder(src: str | os.PathLike, dst: str | os.PathLike, fmt
         writer.add_tensor(key, tensor)
     for name, qt in qlinears.items():
         writer.add_linear(name, qt)
-    for name in (p.name for p in src.iterdir() if p.is_file()):
-        if not name.endswith(".safetensors") and name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(src / name, dst / name)
+    copy_side_files(src, dst)
     writer.finish(read_json(src / "config.json"), modules_to_not_convert=spec.modules_to_not_convert)
     return dst
 
-
-def write_rtn_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "autoawq", bits: int = 4, group_size: int = 128,
-    symmetric: bool = False, targets: Iterable[str] = ("llm", "projector"), scale_dtype: torch.dtype | None = None,
-) -> Path:
-    """Round-to-nearest quantize a float NVILA folder's LLM decoder linears and/or projector linears.
-
-    Writes ``dst`` with ``llm/`` and ``mm_projector/`` in ``fmt`` (per-layer group fallback where in_features is
-    not a multiple of ``group_size``), ``vision_tower/`` and the root files copied unchanged."""
-    src, dst = Path(src), Path(dst)
-    targets = set(targets)
-    if not targets <= {"llm", "projector"}:
-        raise ConfigError(f"targets must be a subset of ('llm', 'projector'), got {sorted(targets)}")
-    safetensors_key_map(src / "llm")
-    dst.mkdir(parents=True, exist_ok=False)
-    for p in src.iterdir():
-        if p.is_file():
-            shutil.copy2(p, dst / p.name)
-    shutil.copytree(src / "vision_tower", dst / "vision_tower")
-
-    def llm_target(module: str, w: torch.Tensor) -> bool:
-        return w.dim() == 2 and ".layers." in f".{module}" and module.rsplit(".", 1)[-1] in LLM_LINEARS
-
-    def projector_target(module: str, w: torch.Tensor) -> bool:
-        return w.dim() == 2 and module.startswith("layers")
-
-    for sub, target, name in (("llm", llm_target, "llm"), ("mm_projector", projector_target, "projector")):
-        if name in targets:
-            _quantize_folder(src / sub, dst / sub, fmt, bits, group_size, symmetric, target, scale_dtype)
-        else:
-            shutil.copytree(src / sub, dst / sub)
-    return dst

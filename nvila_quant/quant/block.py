@@ -209,13 +209,14 @@ def quantize_block(
     With ``config.method == "rtn"`` and inputs: round to nearest, with the block output error logged.
     """
     t0 = time.perf_counter()
-    state = {k: v.detach().clone() for k, v in block.state_dict().items()}
     log: dict[str, Any] = {"groups": [], "clip": {}}
-    if inputs is None:
+    if inputs is None:  # the weights are only read: no copy
+        state = block.state_dict()
         qlinears = _quantize_linears(state, qargs, save_dtype)
         floats = _floats(state, qlinears, save_dtype)
         log["time_s"] = {"total": time.perf_counter() - t0}
         return BlockResult(qlinears, floats, log=log)
+    state = {k: v.detach().clone() for k, v in block.state_dict().items()}  # searched scales and clips change it
 
     linears = list(qargs)
     searching = config.method == "awq"

@@ -1,78 +1,34 @@
 """Accuracy of a quantized NVILA folder against its float model, through dequantized ("fake quant") weights.
 
-:class:`DequantizedNVILA` loads a quantized folder (any of the packed formats) as a float NVILA whose
-linears hold the dequantized weights: what the packed checkpoint computes, up to kernel rounding.
+:func:`load_dequantized` loads a folder (any of the packed formats, or float) with the quantized runtime and puts
+every QuantLinear on the "reference" backend: F.linear with the exactly dequantized weight (fp32 (q - z) * s,
+cast to the activation dtype), i.e. what the packed checkpoint computes, up to kernel rounding.
 :func:`next_token_metrics` compares next-token distributions on the same embedded conversations.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from nvila_quant import metrics
 from nvila_quant.calibration import CalibrationSet, replay
-from nvila_quant.errors import CheckpointError
-from nvila_quant.formats.checkpoint import read_quantized_submodel
-from nvila_quant.io import read_json
 from nvila_quant.model import NVILAQwen2
-from nvila_quant.model.nvila import load_llm
-from nvila_quant.model.projector import MultimodalProjector
+from nvila_quant.model.quantized import set_backend
 from nvila_quant.model.tokenizer import IGNORE_INDEX
-from nvila_quant.quant.awq import wrap_scaled_activations
 
-__all__ = ["DequantizedNVILA", "llm_logits", "next_token_metrics"]
-
-
-def _dequantized_state(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    floats, qlinears, _ = read_quantized_submodel(folder)
-    state = {k: v.to(dtype) for k, v in floats.items()}
-    for name, qt in qlinears.items():
-        state[f"{name}.weight"] = qt.dequantize(dtype)
-        if qt.bias is not None:
-            state[f"{name}.bias"] = qt.bias.to(dtype)
-    return state
+__all__ = ["llm_logits", "load_dequantized", "next_token_metrics"]
 
 
-class DequantizedNVILA(NVILAQwen2):
-    """A quantized NVILA folder as a float model with dequantized linears (float folders load unchanged)."""
-
-    def build_llm(self, llm_dir: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-        if not read_json(llm_dir / "config.json").get("quantization_config"):
-            return load_llm(llm_dir, dtype, device)
-        cfg = AutoConfig.from_pretrained(str(llm_dir))
-        for attr in ("quantization_config", "nvila_quant"):
-            if hasattr(cfg, attr):
-                delattr(cfg, attr)
-        with torch.device("meta"):
-            llm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        state = _dequantized_state(llm_dir, dtype)
-        missing = set(llm.state_dict()) - set(state)
-        if cfg.tie_word_embeddings:
-            missing.discard("lm_head.weight")
-        if missing:
-            raise CheckpointError(f"{llm_dir} lacks tensors {sorted(missing)[:4]}")
-        llm.load_state_dict(state, strict=False, assign=True)
-        if cfg.tie_word_embeddings:
-            llm.lm_head.weight = llm.model.embed_tokens.weight
-        llm.model.rotary_emb = type(llm.model.rotary_emb)(config=cfg)
-        return llm.to(device).eval()
-
-    def build_projector(
-        self, mp_dir: Path, mm_hidden_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device
-    ) -> nn.Module:
-        cfg = read_json(mp_dir / "config.json")
-        if not cfg.get("quantization_config"):
-            return super().build_projector(mp_dir, mm_hidden_size, hidden_size, dtype, device)
-        projector = MultimodalProjector(cfg["mm_projector_type"], mm_hidden_size, hidden_size)
-        wrap_scaled_activations(projector, cfg.get("scaled_activations", []))
-        projector.load_state_dict(_dequantized_state(mp_dir, dtype), strict=True)
-        return projector.to(device=device, dtype=dtype).eval()
+def load_dequantized(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> NVILAQwen2:
+    """An NVILA folder loaded by the quantized runtime, every QuantLinear on the "reference" backend."""
+    model = NVILAQwen2.load_pretrained(path, torch_dtype=dtype, device=device)
+    set_backend(model, "reference")
+    return model
 
 
 @torch.no_grad()
@@ -90,13 +46,11 @@ def next_token_metrics(
     for ref, test, s in zip(ref_logits, test_logits, calib.samples, strict=True):
         targets = s.labels[1:].to(ref.device)
         keep = targets != IGNORE_INDEX
-        r, t, y = ref[:-1][keep], test[:-1][keep], targets[keep]
-        lr, lt = F.log_softmax(r, -1), F.log_softmax(t, -1)
-        kl_sum += float((lr.exp() * (lr - lt)).sum())
-        agree += float((r.argmax(-1) == t.argmax(-1)).sum())
-        nll_ref += float(F.nll_loss(lr, y, reduction="sum"))
-        nll_test += float(F.nll_loss(lt, y, reduction="sum"))
+        r, t, y = ref[:-1][keep], test[:-1][keep], targets[keep]  # (K, V), (K, V), (K,)
+        kl_sum += float(metrics.kl_divergence(r, t).sum())
+        agree += float(metrics.top1_agreement(r, t).sum())
+        nll_ref += float(metrics.nll(r, y).sum())
+        nll_test += float(metrics.nll(t, y).sum())
         n += int(keep.sum())
-    n = max(n, 1)
-    return {"kl": kl_sum / n, "top1": agree / n, "ppl_ref": math.exp(nll_ref / n), "ppl": math.exp(nll_test / n),
-            "tokens": n}
+    return {"kl": kl_sum / max(n, 1), "top1": agree / max(n, 1), "ppl_ref": metrics.perplexity(nll_ref, n),
+            "ppl": metrics.perplexity(nll_test, n), "tokens": max(n, 1)}

@@ -75,10 +75,7 @@ class NVILAShell(NVILAQwen2):
 
     def build_llm(self, llm_dir: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
         cfg = _llm_config(llm_dir)
-        shell_cfg = copy.deepcopy(cfg)
-        shell_cfg.num_hidden_layers = 1
-        if getattr(cfg, "layer_types", None):
-            shell_cfg.layer_types = list(cfg.layer_types[:1])
+        shell_cfg = _one_layer(cfg)
         shell_cfg.tie_word_embeddings = True
         with torch.device("meta"):
             llm = AutoModelForCausalLM.from_config(shell_cfg, dtype=dtype)

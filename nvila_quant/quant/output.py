@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from nvila_quant.formats.checkpoint import QuantizedCheckpointWriter
+from nvila_quant.formats.checkpoint import QuantizedCheckpointWriter, copy_side_files
 from nvila_quant.io import read_json
 from nvila_quant.model.config import NVILAConfig
 from nvila_quant.quant.config import AWQConfig
@@ -28,17 +27,6 @@ from nvila_quant.quant.results import AWQResultsWriter, load_block_result
 from nvila_quant.quant.workdir import WorkDir
 
 __all__ = ["write_output"]
-
-
-def _copy_files(src: Path, dst: Path, skip: Callable[[Path], bool]) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.iterdir()):
-        if f.is_file() and not skip(f):
-            shutil.copy2(f, dst / f.name)
-
-
-def _is_weights(f: Path) -> bool:
-    return f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") or f.name == "config.json"
 
 
 def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, config: AWQConfig, plan: LayerPlan,
@@ -67,7 +55,7 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
             block_logs.append(result.log)
         floats = [f"model.layers.{i}.{n}" for i in range(blocks.num_layers) for n, q in plan.llm.items() if q is None]
         writer.finish(read_json(llm_src / "config.json"), modules_to_not_convert=["lm_head", *floats])
-        _copy_files(llm_src, tmp / "llm", _is_weights)
+        copy_side_files(llm_src, tmp / "llm")
         log["blocks"] = block_logs
         summary.update(_block_summary(block_logs))
         root_cfg["llm_cfg"] = {**read_json(tmp / "llm" / "config.json"), "_name_or_path": "./llm"}
@@ -89,7 +77,7 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
             mp_cfg["scaled_activations"] = acts  # act(x) / <act>.scales (AutoAWQ's ScaledActivation)
         floats = [n for n, q in plan.projector.items() if q is None]
         writer.finish(mp_cfg, modules_to_not_convert=floats)
-        _copy_files(mp_src, tmp / "mm_projector", _is_weights)
+        copy_side_files(mp_src, tmp / "mm_projector")
         results.add("mm_projector.", result)
         summary["projector"] = {k: result.log.get(k) for k in ("mse_rtn", "mse_awq")}
         root_cfg["mm_projector_cfg"] = {**read_json(tmp / "mm_projector" / "config.json"), "_name_or_path": "./mm_projector"}

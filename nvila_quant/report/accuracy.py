@@ -13,10 +13,10 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from nvila_quant import metrics
 from nvila_quant.model.generation import llm_forward, make_cache
 from nvila_quant.model.media import Image
 from nvila_quant.model.tokenizer import tokenize_conversation
-from nvila_quant.report import metrics
 from nvila_quant.report.evalset import EvalSet
 
 __all__ = ["ModelOutputs", "compare_outputs", "run_model"]

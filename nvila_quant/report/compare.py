@@ -163,8 +163,8 @@ def _onnx_check(onnx_dir: Path, reference: Path, ref_out: ModelOutputs, evalset,
     if not source.is_dir():
         source = reference
     model = _load(source, cfg, vision_backend="onnx", onnx_dir=str(onnx_dir))
+    from nvila_quant.metrics import cosine, max_abs
     from nvila_quant.report.accuracy import _visual_tokens
-    from nvila_quant.report.metrics import cosine, max_abs
 
     cos, mabs = [], []
     for sample, ref_tokens in zip(evalset.conversations, ref_out.visual_tokens, strict=True):

@@ -1,4 +1,8 @@
-"""Comparison metrics as pure functions (tensors in, floats out)."""
+"""Next-token and tensor comparison metrics as pure functions (tensors in, tensors or floats out).
+
+Shared by the AWQ engine's accuracy check (:mod:`nvila_quant.quant.evaluate`) and ``nvila-quant compare``
+(:mod:`nvila_quant.report.accuracy`).
+"""
 
 from __future__ import annotations
 
