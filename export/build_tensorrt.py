@@ -2,8 +2,10 @@
 
     python export/build_tensorrt.py EXPORT_DIR [--fp16] [--run] [--trtexec /usr/src/tensorrt/bin/trtexec]
 
-Shape profiles come from export.json (documented, not run in this project's CI: it needs an NVIDIA GPU and
-TensorRT):
+TensorRT builds from the portable graphs listed under export.json "graphs" (standard ONNX ops:
+vision_tower.onnx, s2.onnx, projector.onnx), never from vision_tower.ort.onnx, whose com.microsoft ops
+(MultiHeadAttention, FastGelu) only onnxruntime implements. Shape profiles come from export.json (documented,
+not run in this project's CI: it needs an NVIDIA GPU and TensorRT):
 - vision_tower: pixel_values  min 1 tile, opt = max = max_tiles (17 on NVILA: 1 + 4 + up to 12 tiles).
 - s2:           features_1344 ["rows", "cols", T, C] from 1x1 to max_tiles_per_image on each side (the grid
                 always has rows*cols <= max_tiles_per_image; opt 3x4); the other scales are static.

@@ -9,7 +9,9 @@ Steps for one image (dynamic S2, NVILA):
   1. tiles: the image resized to each S2 scale but the last as a square (1 tile at 448, 4 at 896), then to
      the (cols x rows) grid of the last scale whose aspect ratio is closest to the image's; 448 px tiles,
      row-major; normalized (x / 255 - mean) / std, CHW.
-  2. vision_tower.onnx: pixel_values [num_tiles, 3, 448, 448] -> features [num_tiles, 1024, C].
+  2. vision_tower.ort.onnx (or vision_tower.onnx when the export has no onnxruntime graph, see
+     export.json "runtimes"): pixel_values [num_tiles, 3, 448, 448] -> features [num_tiles, 1024, C]; on CPU
+     one tile per call (faster: each GEMM's activations stay in cache), on GPU up to max_tiles per call.
   3. s2.onnx: features_448 [1, 1024, C], features_896 [4, 1024, C], features_1344 [rows, cols, 1024, C]
      -> s2_features [rows*cols, 1024, 3C] (the block size is the shape of the last input).
   4. projector.onnx (if exported): [rows*cols, 1024, 3C] -> [rows*cols, 256, H]; the blocks are merged back
@@ -89,10 +91,14 @@ class VisionGraphs:
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / "export.json").read_text())
         self.dtype = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
-        self.sessions = {
-            name: ort.InferenceSession(str(self.folder / spec["file"]), providers=providers)
-            for name, spec in self.manifest["graphs"].items() if spec
+        # onnxruntime's files (the fused tower when there is one); older exports have no "runtimes"
+        files = (self.manifest.get("runtimes") or {}).get("onnxruntime") or {
+            name: spec["file"] for name, spec in self.manifest["graphs"].items() if spec
         }
+        self.sessions = {name: ort.InferenceSession(str(self.folder / f), providers=providers)
+                         for name, f in files.items()}
+        on_cpu = providers[0] == "CPUExecutionProvider"
+        self.tile_batch = 1 if on_cpu else self.manifest["max_tiles"]
 
     def run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
         names = [i["name"] for i in self.manifest["graphs"][name]["inputs"]]
@@ -101,9 +107,9 @@ class VisionGraphs:
 
     def encode(self, pixels: np.ndarray, block: tuple[int, int] | None) -> np.ndarray:
         """One image's tiles -> its vision features (see the module docstring)."""
-        max_tiles = self.manifest["max_tiles"]
-        features = np.concatenate([self.run("vision_tower", pixels[i : i + max_tiles])
-                                   for i in range(0, len(pixels), max_tiles)])  # (N, T, C)
+        step = self.tile_batch
+        features = np.concatenate([self.run("vision_tower", pixels[i : i + step])
+                                   for i in range(0, len(pixels), step)])  # (N, T, C)
         scales = self.manifest["vision"]["s2_scales"]
         if scales:
             counts = [(s // scales[0]) ** 2 for s in scales[:-1]] + [block[0] * block[1]]

@@ -1,7 +1,7 @@
 """``nvila-export``: export NVILA's vision side for deployment.
 
     nvila-export onnx --model PATH --output DIR [--opset N] [--dtype fp32|fp16] [--include-projector]
-                      [--max-tiles T] [--verify/--no-verify] [--overwrite]
+                      [--max-tiles T] [--optimize/--no-optimize] [--verify/--no-verify] [--overwrite]
 
 Errors this package raises on purpose print as one line and exit with status 2 (as ``nvila-quant``).
 """
@@ -32,10 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "onnx",
         help="vision tower + S2 stage (+ projector) as ONNX graphs, verified against PyTorch",
-        description="Write vision_tower.onnx (pixel tiles -> selected features), s2.onnx (per-scale tile features "
-        "-> merged multi-scale features split into the output block; dynamic-S2 models) and, with "
-        "--include-projector, projector.onnx, plus export.json. Weights go to external .data files. The folder "
-        "is written to a temporary sibling and renamed when export and verification succeed.",
+        description="Write vision_tower.onnx (pixel tiles -> selected features; standard ONNX ops, what TensorRT "
+        "builds from), vision_tower.ort.onnx (the same with attention and GELU fused into onnxruntime ops; what "
+        "the runtime loads), s2.onnx (per-scale tile features -> merged multi-scale features split into the "
+        "output block; dynamic-S2 models) and, with --include-projector, projector.onnx, plus export.json. "
+        "Weights go to external .data files. The folder is written to a temporary sibling and renamed when "
+        "export and verification succeed.",
     )
     p.add_argument("--model", required=True, help="NVILA checkpoint folder (config.json, vision_tower/, mm_projector/)")
     p.add_argument("--output", required=True, help="folder to create (must not exist unless --overwrite)")
@@ -51,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tiles", type=int, default=None,
                    help="largest tile batch the vision tower graph is declared for (TensorRT profile max; the "
                    "runtime splits larger batches). Default: the most tiles one image can have (17 on NVILA)")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write vision_tower.ort.onnx: attention and GELU fused into onnxruntime's "
+                   "com.microsoft ops (MultiHeadAttention, FastGelu), exact, sharing vision_tower.onnx.data; "
+                   "onnxruntime only (TensorRT uses vision_tower.onnx). Default: on")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="run onnxruntime against PyTorch on real images of several aspect ratios and fail past "
                    "tolerance (default: on)")
@@ -93,13 +99,16 @@ def _summary(manifest: dict, output: str) -> str:
         if spec:
             ins = ", ".join(f"{i['name']}{i['shape']}" for i in spec["inputs"])
             outs = ", ".join(f"{o['name']}{o['shape']}" for o in spec["outputs"])
-            lines.append(f"  {spec['file']:<18} {ins} -> {outs}")
+            lines.append(f"  {spec['file']:<21} {ins} -> {outs}")
+    for spec in (manifest.get("optimized") or {}).values():
+        fused = ", ".join(f"{n} {op}" for op, n in spec["fused_ops"].items())
+        lines.append(f"  {spec['file']:<21} onnxruntime only ({fused}); TensorRT: {spec['source_graph']}")
     ver = manifest.get("verification")
     if ver:
         lines.append(f"  verified on {len(ver['cases'])} cases with {', '.join(ver['providers'])}: PASSED "
                      f"(tolerance rel <= {ver['tolerance']['rel']:g}, cosine >= {ver['tolerance']['cosine']:g})")
         for name, w in ver["worst"].items():
-            lines.append(f"    {name:<13} worst max-abs {w['max_abs']:.3g}  rel {w['rel']:.3g}  cosine {w['cosine']:.8f}")
+            lines.append(f"    {name:<21} worst max-abs {w['max_abs']:.3g}  rel {w['rel']:.3g}  cosine {w['cosine']:.8f}")
     else:
         lines.append("  not verified (--no-verify)")
     return "\n".join(lines)
@@ -110,7 +119,7 @@ def run_onnx(args: argparse.Namespace) -> int:
 
     options = ExportOptions(  # validates opset, dtype, max_tiles
         opset=args.opset, dtype=args.dtype, include_projector=args.include_projector, max_tiles=args.max_tiles,
-        verify=args.verify, verify_images=args.verify_images, overwrite=args.overwrite,
+        optimize=args.optimize, verify=args.verify, verify_images=args.verify_images, overwrite=args.overwrite,
     )
     _check_model(args.model)
     check_writable(args.output, args.overwrite)

@@ -14,15 +14,22 @@ def test_cli_help_documents_every_flag():
     onnx_parser = sub.choices["onnx"]
     flags = [a for a in onnx_parser._actions if a.option_strings and a.dest != "help"]
     assert {f.dest for f in flags} >= {"model", "output", "opset", "dtype", "include_projector", "max_tiles",
-                                       "verify", "overwrite"}
+                                       "optimize", "verify", "overwrite"}
     assert all(f.help for f in flags)
 
 
-def test_cli_export_no_verify(tiny_nvila_lite, tmp_path, capsys):
+def test_cli_export_no_verify_no_optimize(tiny_nvila_lite, tmp_path, capsys):
+    from nvila_quant.runtime.onnx_vision import OnnxVisionGraphs
+
     out = tmp_path / "lite"
-    assert main(["onnx", "--model", str(tiny_nvila_lite), "--output", str(out), "--no-verify", "--max-tiles", "4"]) == 0
+    assert main(["onnx", "--model", str(tiny_nvila_lite), "--output", str(out), "--no-verify", "--max-tiles", "4",
+                 "--no-optimize"]) == 0
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["verification"] is None and manifest["max_tiles"] == 4 and manifest["graphs"]["projector"] is None
+    assert manifest["optimized"] is None and not (out / "vision_tower.ort.onnx").exists()
+    assert manifest["runtimes"]["onnxruntime"] == {"vision_tower": "vision_tower.onnx"}
+    graphs = OnnxVisionGraphs(out)  # the runtime falls back to the portable graph
+    assert not graphs.optimized and graphs.graph_file("vision_tower").name == "vision_tower.onnx"
     assert "vision_tower.onnx" in capsys.readouterr().out
 
 

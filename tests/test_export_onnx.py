@@ -76,17 +76,64 @@ def test_export_nvila_graphs_and_manifest(nvila_export, tiny_nvila):
     assert proj["outputs"][0]["shape"] == ["num_blocks", 256, 256]
     assert manifest["projector"]["quantized_linears"] == 0
     # only the selected layers are in the graph: no post-layernorm, no layer 2
-    names = {i.name for i in onnx.load(str(out / "vision_tower.onnx"), load_external_data=False).graph.initializer}
+    portable = onnx.load(str(out / "vision_tower.onnx"), load_external_data=False)
+    names = {i.name for i in portable.graph.initializer}
     assert not any("post_layernorm" in n or "layers.2." in n for n in names)
+    assert {n.domain for n in portable.graph.node} == {""}  # standard ops only: what TensorRT parses
+
+
+def test_export_onnxruntime_graph(nvila_export):
+    """vision_tower.ort.onnx: fused attention + GELU, same IO, reads the portable graph's weights file."""
+    out, manifest = nvila_export
+    spec = manifest["optimized"]["vision_tower"]
+    assert spec["file"] == "vision_tower.ort.onnx" and spec["external_data"] == "vision_tower.onnx.data"
+    assert spec["fused_ops"] == {"MultiHeadAttention": 2, "FastGelu": 2}  # one each per exported layer
+    assert spec["inputs"] == manifest["graphs"]["vision_tower"]["inputs"]
+    assert spec["outputs"] == manifest["graphs"]["vision_tower"]["outputs"]
+    assert not (out / "vision_tower.ort.onnx.data").exists()  # weights shared, not copied
+    graph = onnx.load(str(out / "vision_tower.ort.onnx"), load_external_data=False).graph
+    assert not any(n.op_type in ("Softmax", "Tanh") for n in graph.node)
+    shared = [i for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert shared and {e.value for i in shared for e in i.external_data if e.key == "location"} == {
+        "vision_tower.onnx.data"}
+    runtimes = manifest["runtimes"]
+    assert runtimes["onnxruntime"] == {"vision_tower": "vision_tower.ort.onnx", "s2": "s2.onnx",
+                                       "projector": "projector.onnx"}
+    assert runtimes["tensorrt"]["vision_tower"] == "vision_tower.onnx"
+    graphs = OnnxVisionGraphs(out)
+    assert graphs.graph_file("vision_tower").name == "vision_tower.ort.onnx" and graphs.tile_batch == 1
+    assert OnnxVisionGraphs(out, optimized=False).graph_file("vision_tower").name == "vision_tower.onnx"
+    assert OnnxVisionGraphs(out, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]).tile_batch is None
+    with pytest.raises(ConfigError, match="tile_batch"):
+        OnnxVisionGraphs(out, tile_batch=0)
+
+
+def test_optimize_writes_nothing_without_attention_or_on_failure(nvila_export, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from nvila_quant.export import ort_graph
+
+    out = nvila_export[0]
+    for name in ("s2.onnx", "s2.onnx.data", "vision_tower.onnx", "vision_tower.onnx.data"):
+        if (out / name).exists():
+            shutil.copy(out / name, tmp_path / name)
+    assert ort_graph.optimize_for_onnxruntime(tmp_path / "s2.onnx", 0) is None  # no attention: nothing to gain
+    monkeypatch.setattr(ort_graph, "_fusions", lambda: 1 / 0)
+    assert ort_graph.optimize_for_onnxruntime(tmp_path / "vision_tower.onnx", 2) is None
+    assert "optimization skipped (ZeroDivisionError" in caplog.text
+    assert not list(tmp_path.glob("*.ort.onnx"))
 
 
 def test_export_verification_covers_aspect_ratios(nvila_export):
     ver = nvila_export[1]["verification"]
     assert ver["passed"] and ver["providers"] == ["CPUExecutionProvider"]
+    # what the runtime uses (optimized graph, one tile per call on CPU), and the portable graph TensorRT builds from
+    assert ver["graphs"] == {"vision_tower": "vision_tower.ort.onnx", "tile_batch": 1,
+                             "vision_tower_portable": "vision_tower.onnx"}
     blocks = {tuple(c["block_sizes"][0]) for c in ver["cases"] if c["block_sizes"][0] is not None}
     assert {(3, 3), (3, 4), (4, 3), (2, 6)} <= blocks  # square, landscape, portrait, panorama
     assert {c["tiles"] for c in ver["cases"]} >= {14, 17, 4}  # several images: one tile each
-    for name in ("vision_tower", "s2", "projector", "pipeline"):
+    for name in ("vision_tower", "vision_tower_portable", "s2", "projector", "pipeline"):
         w = ver["worst"][name]
         assert w["rel"] <= FP32_REL and w["cosine"] > 0.99999, (name, w)
         assert {"max_abs", "rel", "cosine"} <= set(ver["cases"][0]["outputs"][name])
@@ -109,6 +156,7 @@ def test_export_fp16(tiny_nvila_lite, tmp_path):
     assert tower["inputs"][0]["dtype"] == "float16" and tower["outputs"][0]["dtype"] == "float16"
     ver = manifest["verification"]
     assert ver["passed"] and ver["tolerance"]["rel"] == 2e-2
+    assert ver["graphs"]["vision_tower"] == "vision_tower.ort.onnx"  # fp16 MultiHeadAttention runs on CPU too
     assert all(w["cosine"] > 0.999 for w in ver["worst"].values())
 
 
@@ -139,8 +187,10 @@ def test_ort_equals_pytorch_several_images(tiny_model, nvila_export, images):
     assert blocks is None and tiles.shape[0] == 3  # several images: one 448 tile each
     out = np.stack([graphs.encode(t[None], None) for t in tiles.numpy()])
     assert rel_err(ref, out) <= FP32_REL
-    features = graphs.run_tower(tiles.numpy())  # the three tiles in one batch through the same graph
-    assert rel_err(tiny_model.get_vision_tower()(tiles), features) <= FP32_REL
+    ref = tiny_model.get_vision_tower()(tiles)
+    for tile_batch in (1, 3):  # one tile per call (CPU default), and the three tiles in one call (GPU default)
+        features = OnnxVisionGraphs(nvila_export[0], tile_batch=tile_batch).run_tower(tiles.numpy())
+        assert rel_err(ref, features) <= FP32_REL
 
 
 @torch.inference_mode()
@@ -282,3 +332,4 @@ def test_build_tensorrt_recipe_commands(nvila_export):
     assert "features_1344:1x1x1024x64" in s2 and "features_1344:12x12x1024x64" in s2
     assert "features_448:1x1024x64" in s2
     assert "--maxShapes=x:17x1024x192" in projector
+    assert "ort.onnx" not in tower  # TensorRT builds from the portable graph, never the onnxruntime one

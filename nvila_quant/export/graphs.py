@@ -4,7 +4,9 @@
 ``b c h w -> b (h w) c`` rearrange of ``encode_images``, written with reshapes, permutes and matmuls so that
 the last scale's block size can be a dynamic axis of its input (``[rows, cols, T, C]``). Area interpolation
 (``F.interpolate(mode="area")`` = adaptive average pooling) is separable, so it is two matmuls with
-averaging matrices built in the graph from the (symbolic) sizes.
+averaging matrices built in the graph from the (symbolic) sizes. Maps stay channels-last (``(H, W, C)``, as
+the tower emits them): every permute then moves whole C-vectors, where a channels-first map (PyTorch's
+layout) needs a full element-wise transpose back at the end, the slowest op of the graph on onnxruntime CPU.
 """
 
 from __future__ import annotations
@@ -44,26 +46,26 @@ def area_matrix(out_size: int, in_size: int) -> torch.Tensor:
 
 
 def area_resize(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """``F.interpolate(x.float(), (out_h, out_w), mode="area").to(x.dtype)`` for x: (C, H, W) -> (C, out_h, out_w)."""
-    _, h, w = x.shape
+    """``F.interpolate`` (mode="area", in float32, cast back) of a channels-last map: (H, W, C) -> (out_h, out_w, C)."""
+    h, w, c = x.shape
     rows = area_matrix(out_h, h)  # (out_h, H)
     cols = area_matrix(out_w, w)  # (out_w, W)
-    y = torch.matmul(rows, x.to(torch.float32))  # (C, out_h, W)
-    return torch.matmul(y, cols.transpose(0, 1)).to(x.dtype)  # (C, out_h, out_w)
+    y = torch.matmul(rows, x.to(torch.float32).reshape(h, w * c)).reshape(out_h, w, c)  # (out_h, W, C)
+    return torch.matmul(cols, y).to(x.dtype)  # (out_w, W) @ (out_h, W, C) -> (out_h, out_w, C)
 
 
 def tiles_to_map(x: torch.Tensor, side: int) -> torch.Tensor:
-    """``merge_chessboard`` of one image: x (rows, cols, side*side, C) -> (C, rows*side, cols*side)."""
+    """``merge_chessboard`` of one image, channels-last: x (rows, cols, side*side, C) -> (rows*side, cols*side, C)."""
     rows, cols, _, c = x.shape
     x = x.reshape(rows, cols, side, side, c)  # (rows, cols, h, w, C)
-    return x.permute(4, 0, 2, 1, 3).reshape(c, rows * side, cols * side)
+    return x.permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, c)
 
 
 def map_to_tiles(x: torch.Tensor, side: int) -> torch.Tensor:
-    """``split_chessboard`` into side x side tiles + ``b c h w -> b (h w) c``: (C, H, W) -> (H/side * W/side, side^2, C)."""
-    c, h, w = x.shape
+    """``split_chessboard`` into side x side tiles + ``b c h w -> b (h w) c``: (H, W, C) -> (H/side * W/side, side^2, C)."""
+    h, w, c = x.shape
     rows, cols = h // side, w // side
-    x = x.reshape(c, rows, side, cols, side).permute(1, 3, 2, 4, 0)  # (rows, cols, h, w, C)
+    x = x.reshape(rows, side, cols, side, c).permute(0, 2, 1, 3, 4)  # (rows, cols, h, w, C)
     return x.reshape(rows * cols, side * side, c)
 
 
@@ -93,10 +95,10 @@ class S2Merge(nn.Module):
         *fixed, last = features
         maps = [
             tiles_to_map(f.reshape(n, n, f.shape[-2], f.shape[-1]), self.side) for f, n in zip(fixed, self.grid, strict=True)
-        ] + [tiles_to_map(last, self.side)]  # each (C, H_i, W_i)
-        out_h, out_w = maps[self.idx].shape[-2:]
+        ] + [tiles_to_map(last, self.side)]  # each (H_i, W_i, C)
+        out_h, out_w = maps[self.idx].shape[:2]
         resized = [m if i == self.idx else area_resize(m, out_h, out_w) for i, m in enumerate(maps)]
-        return map_to_tiles(torch.cat(resized, dim=0), self.side)  # (nb, T, S*C)
+        return map_to_tiles(torch.cat(resized, dim=-1), self.side)  # (nb, T, S*C)
 
 
 # ---------------------------------------------------------------------------- quantized projector

@@ -7,12 +7,15 @@ Layout (``version`` 1)::
      "vision": {image_size, patch_size, tokens_per_tile, hidden_size, select_layer, layers_exported,
                 s2_scales, s2_resize_output_to_scale_idx, preprocessing},
      "graphs": {"vision_tower": {file, external_data, inputs, outputs, dynamic_axes}, "s2": {...} | null,
-                "projector": {...} | null},
+                "projector": {...} | null},                       # standard ONNX ops: TensorRT, any runtime
+     "optimized": {"vision_tower": {file, external_data (shared), ..., fused_ops}} | null,  # onnxruntime only
+     "runtimes": {"onnxruntime": {graph: file}, "tensorrt": {graph: file}, "note"},
      "s2": {how the block size is given, the single-tile rule} | null,
      "projector": {type, quantized linears, how they are stored} | null,
      "verification": {...} | null, "exporter": {...}}
 
 Each graph's ``inputs`` / ``outputs`` list ``{"name", "shape", "dtype"}`` with symbolic dims as strings.
+``optimized`` and ``runtimes`` are absent from folders written before they existed: readers then use ``graphs``.
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     graphs = manifest.get("graphs") or {}
     if not graphs.get("vision_tower"):
         raise CheckpointError(f"{folder / MANIFEST_NAME} lists no vision_tower graph")
-    for name in GRAPH_NAMES:
-        spec = graphs.get(name)
+    optimized = manifest.get("optimized") or {}
+    for name, spec in [(n, graphs.get(n)) for n in GRAPH_NAMES] + [(f"optimized {n}", s) for n, s in optimized.items()]:
         if not spec:
             continue
         for key in ("file", "external_data"):

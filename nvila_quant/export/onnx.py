@@ -5,7 +5,11 @@ temporary folder -> ``onnx.checker`` -> write ``export.json`` -> verify with onn
 rename the folder into place. Graphs (``[dims]``, symbolic dims in quotes):
 
 - ``vision_tower.onnx``: ``pixel_values ["num_tiles", 3, S, S]`` -> ``features ["num_tiles", T, C]`` (the
-  selected layer's hidden states, no post-layernorm; only the layers up to it are exported).
+  selected layer's hidden states, no post-layernorm; only the layers up to it are exported). Standard ONNX
+  ops only: what TensorRT (and any runtime) builds from.
+- ``vision_tower.ort.onnx`` (``optimize``, default): the same graph with attention and GELU fused into
+  onnxruntime's ``com.microsoft`` ops, sharing ``vision_tower.onnx.data``; what the runtime loads (see
+  :mod:`nvila_quant.export.ort_graph`).
 - ``s2.onnx`` (dynamic-S2 models): ``features_448 [1, T, C]``, ``features_896 [4, T, C]``,
   ``features_1344 ["rows", "cols", T, C]`` -> ``s2_features ["rows*cols", T, S*C]``. The block size is the
   shape of the last input (a dynamic axis), so one graph serves every grid.
@@ -41,6 +45,7 @@ from nvila_quant.export.graphs import (
     replace_quantized_linears,
 )
 from nvila_quant.export.manifest import FORMAT, MANIFEST_NAME, VERSION, describe_graph
+from nvila_quant.export.ort_graph import optimize_for_onnxruntime
 from nvila_quant.io import atomic_output_dir, check_output_dir, list_weight_files, read_json, write_json
 from nvila_quant.model.config import NVILAConfig, load_config
 from nvila_quant.model.vision import VisionTower
@@ -61,6 +66,8 @@ class ExportOptions:
     include_projector: also export ``projector.onnx``.
     max_tiles: largest tile batch the tower graph is declared for (TensorRT profile max; the runtime runs
         larger batches in chunks). None: the most tiles one image can have (17 on NVILA, 13 on NVILA-Lite).
+    optimize: also write ``vision_tower.ort.onnx`` (attention and GELU fused into onnxruntime's
+        ``com.microsoft`` ops; exact, onnxruntime only), which the runtime then loads.
     verify: compare onnxruntime with PyTorch on real images and fail past tolerance.
     verify_images: image paths for verification (default: built-in photos of 4 aspect ratios).
     """
@@ -69,6 +76,7 @@ class ExportOptions:
     dtype: str = "fp32"
     include_projector: bool = False
     max_tiles: int | None = None
+    optimize: bool = True
     verify: bool = True
     verify_images: list[str] | None = None
     overwrite: bool = False
@@ -223,6 +231,19 @@ def _export_projector(src: VisionSource, dtype: torch.dtype, out: Path, opset: i
     return spec, n_quant
 
 
+def _optimize_tower(src: VisionSource, out: Path, portable: dict[str, Any]) -> dict[str, Any] | None:
+    """``vision_tower.ort.onnx`` from the portable tower graph: its manifest entry, or None when not written."""
+    with _quiet_exporter():
+        info = optimize_for_onnxruntime(out / portable["file"], src.tower.num_layers_used)
+    if info is None:
+        return None
+    spec = describe_graph(info["path"])
+    spec["external_data"] = portable["external_data"]  # the weights file is shared, not copied
+    spec.update(source_graph=portable["file"], domains=["ai.onnx", "com.microsoft"],
+                fused_ops=info["fused_ops"], rewrite_rules=info["rules_applied"])
+    return spec
+
+
 def _cast_float_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast float parameters/buffers to ``dtype`` except in DequantLinear (fp32 zeros/scales, bias already cast)."""
     for m in module.modules():
@@ -236,7 +257,10 @@ def _cast_float_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def _manifest(src: VisionSource, opts: ExportOptions, max_tiles: int, graphs: dict[str, Any], n_quant: int) -> dict:
+def _manifest(
+    src: VisionSource, opts: ExportOptions, max_tiles: int, graphs: dict[str, Any], n_quant: int,
+    optimized: dict[str, Any] | None,
+) -> dict:
     cfg, tower = src.config, src.tower
     processor = tower.image_processor
     s2 = None
@@ -300,6 +324,8 @@ def _manifest(src: VisionSource, opts: ExportOptions, max_tiles: int, graphs: di
             },
         },
         "graphs": {name: graphs.get(name) for name in ("vision_tower", "s2", "projector")},
+        "optimized": {"vision_tower": optimized} if optimized else None,
+        "runtimes": _runtimes(graphs, optimized),
         "s2": s2,
         "projector": projector,
         "verification": None,
@@ -310,6 +336,19 @@ def _manifest(src: VisionSource, opts: ExportOptions, max_tiles: int, graphs: di
             "python": platform.python_version(),
             "options": asdict(opts),
         },
+    }
+
+
+def _runtimes(graphs: dict[str, Any], optimized: dict[str, Any] | None) -> dict[str, Any]:
+    """Which file each runtime should load, per graph."""
+    portable = {name: spec["file"] for name, spec in graphs.items() if spec}
+    ort_files = dict(portable, **({"vision_tower": optimized["file"]} if optimized else {}))
+    return {
+        "onnxruntime": ort_files,
+        "tensorrt": portable,
+        "note": "graphs/* hold standard ONNX ops only (TensorRT, any runtime); optimized/* add onnxruntime's "
+        "com.microsoft ops (MultiHeadAttention, FastGelu) and are for onnxruntime only. On CPU, run the tower "
+        "one tile per call: faster than one batch of all tiles (each GEMM's activations stay in cache).",
     }
 
 
@@ -344,6 +383,7 @@ def export_onnx(
                        "in several tower calls", max_tiles, default_max_tiles(src.config))
     steps = ["vision_tower"] + (["s2"] if src.config.is_dynamic_s2 else []) + (["projector"] if src.projector is not None else [])
     graphs: dict[str, Any] = {}
+    optimized: dict[str, Any] | None = None
     n_quant = 0
     with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
         bar = tqdm(steps, desc="export onnx", unit="graph", disable=not progress)
@@ -351,11 +391,12 @@ def export_onnx(
             bar.set_postfix_str(step)
             if step == "vision_tower":
                 graphs[step] = _export_tower(src, dtype, tmp, opts.opset, max_tiles)
+                optimized = _optimize_tower(src, tmp, graphs[step]) if opts.optimize else None
             elif step == "s2":
                 graphs[step] = _export_s2(src, dtype, tmp, opts.opset)
             else:
                 graphs[step], n_quant = _export_projector(src, dtype, tmp, opts.opset)
-        manifest = _manifest(src, opts, max_tiles, graphs, n_quant)
+        manifest = _manifest(src, opts, max_tiles, graphs, n_quant, optimized)
         write_json(tmp / MANIFEST_NAME, manifest)
         if opts.verify:
             reference = src if n_quant == 0 else VisionSource(

@@ -1,8 +1,11 @@
 """Verification of an export folder: onnxruntime against PyTorch on real preprocessed images.
 
 Each case (one image, or several images as single tiles) goes through PyTorch (fp32, the model's own code) and
-through onnxruntime. Every graph is compared on the SAME inputs as PyTorch (isolating its error), and the whole
-ONNX chain is compared end to end (``pipeline``). Metrics per output: ``max_abs``, ``rel`` = max|ort - torch| /
+through onnxruntime, loaded exactly as the runtime loads the folder (``OnnxVisionGraphs`` defaults: the
+onnxruntime-optimized tower when there is one, one tile per call on CPU). Every graph is compared on the SAME
+inputs as PyTorch (isolating its error), and the whole ONNX chain is compared end to end (``pipeline``). When
+the tower also has an optimized graph, the portable one (TensorRT's input) is checked too, on all of a case's
+tiles in one call (``vision_tower_portable``). Metrics per output: ``max_abs``, ``rel`` = max|ort - torch| /
 max|torch|, ``cosine`` (flattened, float64). Tolerances: fp32 rel <= 1e-4; fp16 (compared with the fp32 model,
 so weight rounding counts) rel <= 2e-2 and cosine >= 0.999.
 """
@@ -146,9 +149,11 @@ def torch_reference(src: Any, case: Case) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------- onnxruntime side
-def _ort_outputs(graphs: Any, case: Case, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _ort_outputs(graphs: Any, case: Case, ref: dict[str, np.ndarray], portable: Any = None) -> dict[str, np.ndarray]:
     """Each graph on PyTorch's inputs, and the ONNX chain on the pixels alone."""
     out = {"vision_tower": graphs.run_tower(case.pixels.numpy())}
+    if portable is not None:
+        out["vision_tower_portable"] = portable.run_tower(case.pixels.numpy())
     if "s2" in ref:
         counts = [1 if b is None else sum(graphs.s2_tile_counts(b)) for b in case.block_sizes]
         feats = np.split(ref["vision_tower"], np.cumsum(counts)[:-1], axis=0)
@@ -183,14 +188,17 @@ def verify_export(
     from nvila_quant.runtime.onnx_vision import OnnxVisionGraphs
 
     tol = TOLERANCES[dtype]
-    graphs = OnnxVisionGraphs(folder, providers=providers)
+    graphs = OnnxVisionGraphs(folder, providers=providers)  # what the runtime uses
+    portable = None
+    if graphs.optimized:  # the portable tower too (TensorRT's input), all tiles per call
+        portable = OnnxVisionGraphs(folder, providers=providers, optimized=False, tile_batch=graphs.max_tiles)
     results, failures = [], []
     worst: dict[str, dict[str, float]] = {}
     for case in tqdm(verification_cases(src, images), desc="verify onnxruntime vs PyTorch", unit="case",
                      disable=not progress):
         ref = torch_reference(src, case)
-        ort_out = _ort_outputs(graphs, case, ref)
-        outputs = {name: compare(ref[name], ort_out[name]) for name in ref}
+        ort_out = _ort_outputs(graphs, case, ref, portable)
+        outputs = {name: compare(ref[name.removesuffix("_portable")], out) for name, out in ort_out.items()}
         for name, r in outputs.items():
             w = worst.setdefault(name, {"rel": 0.0, "max_abs": 0.0, "cosine": 1.0})
             w["rel"], w["max_abs"] = max(w["rel"], r["rel"]), max(w["max_abs"], r["max_abs"])
@@ -205,9 +213,13 @@ def verify_export(
             "block_sizes": [list(b) if b is not None else None for b in case.block_sizes],
             "outputs": outputs,
         })
+    used = {"vision_tower": graphs.graph_file("vision_tower").name, "tile_batch": graphs.tile_batch or graphs.max_tiles}
+    if portable is not None:
+        used["vision_tower_portable"] = portable.graph_file("vision_tower").name
     report = {
         "passed": not failures,
         "providers": graphs.active_providers,
+        "graphs": used,
         "reference": "PyTorch eager, fp32, the model's own code (VisionTower, merge_features_for_dynamic_s2, "
         "split_chessboard, projector with quantized linears dequantized)",
         "tolerance": {**asdict(tol), "rel_definition": "max|onnxruntime - torch| / max|torch| per output"},

@@ -6,7 +6,11 @@
   ``forward(tiles) -> features``) so ``encode_images``, ``generate_content`` and ``stream_gen`` run unchanged;
   ``NVILAQwen2.load_pretrained(path, vision_backend="onnx", onnx_dir=DIR)`` builds it.
 
-Providers: CUDA when a GPU is present (``torch.cuda.is_available()``), CPU otherwise.
+Providers: CUDA when a GPU is present (``torch.cuda.is_available()``), CPU otherwise. The tower runs from
+``vision_tower.ort.onnx`` (onnxruntime-fused attention and GELU) when the export has it, else from the
+portable ``vision_tower.onnx``. On CPU the tower runs one tile per call (``tile_batch=1``): each GEMM's
+activations (1024 x 1152 floats) then stay in cache, where a batch of 17 tiles streams 80 MB from memory per
+weight panel; about 15% less time for the same FLOPs. Other providers get batches of up to ``max_tiles``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class OnnxVisionGraphs:
     """The graphs of an export folder as onnxruntime sessions (created on first use).
 
     All methods take and return numpy arrays; inputs are cast to the graphs' dtype (``manifest["dtype"]``).
+    ``optimized``: load the onnxruntime-optimized tower graph when the export has one (False: the portable
+    graph TensorRT builds from). ``tile_batch``: tiles per tower call (default: 1 on CPU, ``max_tiles`` else).
     """
 
     def __init__(
@@ -68,12 +74,19 @@ class OnnxVisionGraphs:
         providers: list[str] | None = None,
         threads: int | None = None,
         allow_spinning: bool = True,
+        optimized: bool = True,
+        tile_batch: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.providers = providers or default_providers()
         self.threads = threads
         self.allow_spinning = allow_spinning
+        self.optimized = optimized and bool((self.manifest.get("optimized") or {}).get("vision_tower"))
+        cpu_only = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in self.providers)
+        if tile_batch is not None and tile_batch < 1:
+            raise ConfigError(f"tile_batch must be >= 1, got {tile_batch}")
+        self.tile_batch: int | None = tile_batch or (1 if cpu_only else None)  # None: max_tiles
         self._sessions: dict[str, ort.InferenceSession] = {}
         vision = self.manifest["vision"]
         self.image_size: int = vision["image_size"]
@@ -87,13 +100,19 @@ class OnnxVisionGraphs:
     def has(self, name: str) -> bool:
         return bool(self.manifest["graphs"].get(name))
 
+    def graph_file(self, name: str) -> Path:
+        """The file a session for graph ``name`` loads (the optimized tower when ``self.optimized``)."""
+        spec = self.manifest["optimized"]["vision_tower"] if name == "vision_tower" and self.optimized else (
+            self.manifest["graphs"][name]
+        )
+        return self.folder / spec["file"]
+
     def session(self, name: str) -> ort.InferenceSession:
         if not self.has(name):
             hint = " (export with --include-projector)" if name == "projector" else ""
             raise ConfigError(f"{self.folder} has no {name} graph{hint}")
         if name not in self._sessions:
-            path = self.folder / self.manifest["graphs"][name]["file"]
-            self._sessions[name] = _session(path, self.providers, self.threads, self.allow_spinning)
+            self._sessions[name] = _session(self.graph_file(name), self.providers, self.threads, self.allow_spinning)
         return self._sessions[name]
 
     @property
@@ -115,9 +134,10 @@ class OnnxVisionGraphs:
             )
 
     def run_tower(self, pixels: np.ndarray) -> np.ndarray:
-        """pixels: (N, 3, S, S) -> selected features (N, T, C); N > max_tiles runs in chunks of max_tiles."""
+        """pixels: (N, 3, S, S) -> selected features (N, T, C), in calls of ``tile_batch`` (<= max_tiles) tiles."""
         self.check_tiles(tuple(pixels.shape))
-        chunks = [pixels[i : i + self.max_tiles] for i in range(0, pixels.shape[0], self.max_tiles)]
+        step = min(self.tile_batch or self.max_tiles, self.max_tiles)
+        chunks = [pixels[i : i + step] for i in range(0, pixels.shape[0], step)]
         return np.concatenate([self._run("vision_tower", c) for c in chunks], axis=0)
 
     def s2_tile_counts(self, block_size: tuple[int, int]) -> list[int]:
@@ -259,7 +279,9 @@ class OnnxVisionTower(nn.Module):
         return features.to(device=images.device, dtype=out_dtype)
 
     def extra_repr(self) -> str:
-        return f"folder={self.graphs.folder}, providers={self.graphs.providers}, dtype={self.graphs.manifest['dtype']}"
+        g = self.graphs
+        return (f"graph={g.graph_file('vision_tower')}, providers={g.providers}, dtype={g.manifest['dtype']}, "
+                f"tile_batch={g.tile_batch or g.max_tiles}")
 
 
 def _check_against_checkpoint(manifest: dict, vt_dir: Path, config: Any, vision_cfg: SiglipVisionConfig) -> None:
@@ -320,7 +342,8 @@ def build_onnx_vision_tower(
         device=device,
     )
     tower.image_processor = load_image_processor(vt_dir, vision_cfg.image_size)
-    logger.info("vision tower: onnxruntime (%s) from %s", ", ".join(graphs.providers), graphs.folder)
+    logger.info("vision tower: onnxruntime (%s) from %s", ", ".join(map(str, graphs.providers)),
+                graphs.graph_file("vision_tower"))
     return tower
 
 
