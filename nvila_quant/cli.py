@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from nvila_quant.errors import NVILAError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main", "run"]
 
 COMMANDS = [
     "nvila_quant.commands.make_tiny",
@@ -41,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` with ``parser`` (sub-commands set ``func``), set up logging and run the command.
+
+    Errors this package raises on purpose print as one line (``<prog> <command>: error: ...``) and return 2;
+    Ctrl-C returns 130. Shared by ``nvila-quant`` and ``nvila-export``."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -51,12 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NVILAError as e:
-        print(f"nvila-quant {args.command}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,14 +9,14 @@ Errors this package raises on purpose print as one line and exit with status 2 (
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from nvila_quant.errors import CheckpointError, NVILAError, OutputExistsError
+from nvila_quant.cli import run
+from nvila_quant.errors import CheckpointError, OutputExistsError
 
 __all__ = ["build_parser", "main"]
 
@@ -129,21 +129,7 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return int(args.func(args) or 0)
-    except NVILAError as e:
-        print(f"nvila-export {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
+    return run(build_parser(), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

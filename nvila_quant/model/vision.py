@@ -20,6 +20,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from nvila_quant.errors import CheckpointError, MediaError
 
 __all__ = [
+    "TowerGeometry",
     "VisionTower",
     "load_image_processor",
     "merge_chessboard",
@@ -137,7 +138,27 @@ def load_image_processor(folder: str | os.PathLike, image_size: int):
 
 
 # ---------------------------------------------------------------------------- the tower
-class VisionTower(nn.Module):
+class TowerGeometry:
+    """Sizes every vision tower derives from its ``config`` (SiglipVisionConfig) and ``scales`` (dynamic S2)."""
+
+    config: SiglipVisionConfig
+    scales: list[int] | None
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.config.image_size // self.config.patch_size) ** 2
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the features the projector sees (x number of scales under dynamic S2)."""
+        return self.config.hidden_size * (len(self.scales) if self.scales else 1)
+
+
+class VisionTower(TowerGeometry, nn.Module):
     """SigLIP vision tower returning NVILA's selected features (``hidden_states[select_layer]``).
 
     Only the layers up to the selected one run; ``post_layernorm`` and the pooling head never do.
@@ -174,19 +195,6 @@ class VisionTower(nn.Module):
     def vit(self) -> nn.Module:
         """The module holding ``embeddings`` and ``encoder`` (``vision_model`` on older transformers)."""
         return getattr(self.vision_tower, "vision_model", self.vision_tower)
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def num_patches(self) -> int:
-        return (self.config.image_size // self.config.patch_size) ** 2
-
-    @property
-    def hidden_size(self) -> int:
-        """Width of the features the projector sees (x number of scales under dynamic S2)."""
-        return self.config.hidden_size * (len(self.scales) if self.scales else 1)
 
     @property
     def dtype(self) -> torch.dtype:

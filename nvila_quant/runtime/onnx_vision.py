@@ -31,6 +31,7 @@ from transformers import SiglipVisionConfig
 from nvila_quant.errors import CheckpointError, ConfigError, MediaError
 from nvila_quant.export.manifest import read_manifest
 from nvila_quant.io import list_weight_files, read_json
+from nvila_quant.model.vision import TowerGeometry, load_image_processor
 
 __all__ = ["OnnxVisionGraphs", "OnnxVisionTower", "build_onnx_vision_tower", "default_providers"]
 
@@ -202,7 +203,7 @@ class OnnxVisionGraphs:
         return (n, n)
 
 
-class OnnxVisionTower(nn.Module):
+class OnnxVisionTower(TowerGeometry, nn.Module):
     """Drop-in for ``VisionTower`` whose features come from ``vision_tower.onnx`` through onnxruntime.
 
     forward(images (N, 3, S, S)) -> (N, T, C) on the images' device and dtype. It has no parameters; the S2
@@ -234,19 +235,6 @@ class OnnxVisionTower(nn.Module):
     @property
     def config(self) -> SiglipVisionConfig:
         return self._config
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def num_patches(self) -> int:
-        return (self.config.image_size // self.config.patch_size) ** 2
-
-    @property
-    def hidden_size(self) -> int:
-        """Width of the features the projector sees (x number of scales under dynamic S2)."""
-        return self.config.hidden_size * (len(self.scales) if self.scales else 1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -319,7 +307,6 @@ def build_onnx_vision_tower(
     providers: list[str] | None = None,
 ) -> OnnxVisionTower:
     """The runtime hook of ``NVILAQwen2.init_vlm(..., vision_backend="onnx", onnx_dir=DIR)``."""
-    from nvila_quant.model.vision import load_image_processor
 
     if vision_backend not in VISION_BACKENDS:
         raise ConfigError(f"vision_backend must be one of {', '.join(VISION_BACKENDS)}, got {vision_backend!r}")
