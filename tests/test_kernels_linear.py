@@ -80,6 +80,9 @@ def test_dense_path_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NVILA_QUANT_CPU_CHUNK_MB", "0")  # one block
     x = torch.randn(40, 256, dtype=torch.bfloat16)
     assert torch.equal(fast(x), ref(x))
+    monkeypatch.delenv("NVILA_QUANT_CPU_CHUNK_MB")  # from CHUNK_MAX_TOKENS tokens: one block by default
+    x = torch.randn(cpu_backend.CHUNK_MAX_TOKENS + 3, 256, dtype=torch.bfloat16)
+    assert torch.equal(fast(x), ref(x))
 
 
 def test_fallback_to_reference_logs_once(caplog: pytest.LogCaptureFixture) -> None:

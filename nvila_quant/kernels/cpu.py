@@ -43,11 +43,12 @@ __all__ = [
 
 TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # Smallest token count that runs the (chunked) dequantize + dense matmul instead of the few-token kernel.
-# Measured with benchmarks/kernels.py on a 2-core AVX-512 (bf16) CPU, shapes 4096x4096 / 11008x4096 /
-# 4096x11008: the native bf16 kernel is faster than chunked dense bf16 up to M = 24..31; the native fp32
-# kernel up to M = 8..15. torch's int4 kernel only runs where the native kernels cannot, and there the
-# dequantization is torch-only (~20x slower), which moves its crossover to ~600 tokens.
-DENSE_MIN_TOKENS = {"native-bf16": 32, "native-fp32": 12, "torch-int4": 640}
+# Measured with benchmarks/kernels.py on a 2-core AVX-512 (bf16) CPU (Zen 4), shapes 4096x4096 / 11008x4096 /
+# 4096x11008, cold caches: the native bf16 kernel is as fast as dense bf16 at M = 32 and faster than the
+# dequantize + dense path up to M = 48..63; the native fp32 kernel up to M = 8..15. torch's int4 kernel only
+# runs where the native kernels cannot, and there the dequantization is torch-only (~20x slower), which moves
+# its crossover to ~600 tokens.
+DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640}
 
 
 def _compute_dtype(x_dtype: torch.dtype | None) -> torch.dtype:
@@ -143,10 +144,13 @@ def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | No
 
 
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
-# Dequantized weight rows per dense matmul: a 4 MB block stays in cache between the two steps (measured: dense
-# bf16 time + 2..5% instead of + 20..30% for a whole-weight dequantize). Each block costs two OpenMP regions,
-# which is slow on an oversubscribed machine: NVILA_QUANT_CPU_CHUNK_MB=0 dequantizes in one block.
+# Dequantized weight rows per dense matmul while the activations are small: a 4 MB block stays in cache between
+# the two steps. From CHUNK_MAX_TOKENS tokens the whole weight is dequantized at once: each block's matmul
+# repacks the activations (oneDNN), which then costs more than the cache misses (measured at M = 128 and 512:
+# one block 0.85..0.96x of dense bf16, 4 MB blocks 0.79..0.91x). NVILA_QUANT_CPU_CHUNK_MB overrides (0: one
+# block always).
 CHUNK_BYTES = 4 * 1024**2
+CHUNK_MAX_TOKENS = 128
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -161,8 +165,11 @@ def dense_chunked(x2: torch.Tensor, qnib: torch.Tensor, state: CpuState, dtype: 
     """x2 (M, K) -> (M, N): dequantize a block of output rows into a cache-sized buffer, matmul it, repeat."""
     n, k = qnib.shape[0], qnib.shape[1] * 2
     env = os.environ.get("NVILA_QUANT_CPU_CHUNK_MB")
-    chunk_bytes = CHUNK_BYTES if env is None else int(float(env) * 1024**2)
-    # 0 = one block: 2 parallel regions per call instead of 2 per block (better on oversubscribed machines)
+    if env is not None:
+        chunk_bytes = int(float(env) * 1024**2)
+    else:
+        chunk_bytes = CHUNK_BYTES if x2.shape[0] < CHUNK_MAX_TOKENS else 0
+    # 0 = one block: 2 parallel regions per call instead of 2 per block
     rows = n if chunk_bytes <= 0 else max(16, min(n, chunk_bytes // (k * torch.finfo(dtype).bits // 8)) // 16 * 16)
     buf = _scratch(rows * k, dtype)
     x2 = x2.to(dtype)

@@ -175,23 +175,25 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
         __m512i t[4];
         for (int r = 0; r < R; ++r) t[r] = table2_bf16(s[r * ng + g], z[r * ng + g]);
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
+            __m512bh we[4], wo[4];  // the chunk's R rows dequantized once (even k, odd k)
             for (int r = 0; r < R; ++r) {
                 // prefetch the same columns of the next row block (never faults, even past the end)
                 _mm_prefetch((const char*)(q + (r + R) * qstride + kk / 2), _MM_HINT_T0);
                 const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + r * qstride + kk / 2)));
-                const __m512i we = _mm512_permutexvar_epi16(bytes, t[r]);
-                const __m512i wo = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), t[r]);
-                __m512bh web, wob;
-                memcpy(&web, &we, sizeof web);
-                memcpy(&wob, &wo, sizeof wob);
-                for (int m = 0; m < MB; ++m) {  // x straight from L1 (memory operands): no registers held
-                    const __m512i a = _mm512_loadu_si512(xp + m * k + kk);
-                    const __m512i b = _mm512_loadu_si512(xp + m * k + kk + 32);
-                    __m512bh xe, xo;
-                    memcpy(&xe, &a, sizeof xe);
-                    memcpy(&xo, &b, sizeof xo);
-                    acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], web, xe);
-                    acc[r][m][E - 1] = _mm512_dpbf16_ps(acc[r][m][E - 1], wob, xo);
+                const __m512i e = _mm512_permutexvar_epi16(bytes, t[r]);
+                const __m512i o = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), t[r]);
+                memcpy(&we[r], &e, sizeof e);
+                memcpy(&wo[r], &o, sizeof o);
+            }
+            for (int m = 0; m < MB; ++m) {  // each token's x loaded once per chunk, used by all R rows
+                const __m512i a = _mm512_loadu_si512(xp + m * k + kk);
+                const __m512i b = _mm512_loadu_si512(xp + m * k + kk + 32);
+                __m512bh xe, xo;
+                memcpy(&xe, &a, sizeof xe);
+                memcpy(&xo, &b, sizeof xo);
+                for (int r = 0; r < R; ++r) {
+                    acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], we[r], xe);
+                    acc[r][m][E - 1] = _mm512_dpbf16_ps(acc[r][m][E - 1], wo[r], xo);
                 }
             }
         }
