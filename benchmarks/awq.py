@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
 
 from nvila_quant.calibration import build_samples, embed_samples, load_records  # noqa: E402
+from nvila_quant.machine import peak_rss_mb  # noqa: E402
 from nvila_quant.model import NVILAQwen2  # noqa: E402
 from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
 from nvila_quant.paths import builtin_eval_dir  # noqa: E402
@@ -42,18 +42,6 @@ from nvila_quant.quant.runner import quantize  # noqa: E402
 LARGE = dict(llm_hidden=1536, llm_intermediate=4096, llm_heads=12, llm_kv_heads=2)
 SPECS = {"tiny": TinySpec(seed=0), "large": TinySpec(seed=0, llm_layers=4, **LARGE)}
 OPTIONS = dict(duo_scaling=True, grid_include_one=True, gqa_vo=True, quant_input=True)
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM (reset at exec), not ru_maxrss, which on Linux keeps the
-    parent's resident size from before the fork."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB -> MB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(args: argparse.Namespace) -> None:
@@ -67,7 +55,7 @@ def child(args: argparse.Namespace) -> None:
         cfg = AWQConfig(n_samples=args.n_samples, seqlen=args.seqlen, text_ratio=0.25)
         log = quantize(args.model, cfg, "builtin", args.output, progress=False).log
         out = {"blocks_s": [b["time_s"]["total"] for b in log["blocks"]]}
-    print(json.dumps({"peak_rss_mb": _peak_rss_mb(), "wall_s": time.perf_counter() - t0, **out}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - t0, **out}))
 
 
 def _run_child(kind: str, model: Path, output: Path | None, n_samples: int, seqlen: int) -> dict:

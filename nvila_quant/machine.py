@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_name", "machine_info"]
+__all__ = ["cpu_name", "machine_info", "peak_rss_mb"]
 
 
 def cpu_name() -> str:
@@ -34,3 +35,15 @@ def machine_info(device: str | None = None) -> dict:
     if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device) if device else 0)
     return info
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM (reset at exec), not ru_maxrss, which on Linux keeps
+    the parent's resident size from before the fork (a child process would report its parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from nvila_quant import metrics
 from nvila_quant.cli import main
 from nvila_quant.errors import CheckpointError, NVILAError
+from nvila_quant.machine import peak_rss_mb
 from nvila_quant.model.factory import TinySpec, make_tiny
 from nvila_quant.report.compare import CompareConfig, compare
 from nvila_quant.report.evalset import load_eval_set
@@ -118,3 +121,13 @@ def test_compare_cli(tiny_nvila, tmp_path, capsys):
     assert "argmax agreement 1" in capsys.readouterr().out
     assert main(args) == 2  # exists
     assert "already exists" in capsys.readouterr().err
+
+
+def test_peak_rss_is_the_child_process_own():
+    """Speed runs measure each model in a child process: its peak must not inherit the parent's (ru_maxrss does)."""
+    ballast = torch.ones(400 * 2**20 // 4)  # the parent holds 400 MB more than any child needs
+    parent = peak_rss_mb()
+    out = subprocess.run([sys.executable, "-c", "from nvila_quant.machine import peak_rss_mb; print(peak_rss_mb())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert float(out) < parent - 300, (float(out), parent)
+    del ballast

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ def measure_speed(
 ) -> dict:
     import torch
 
+    from nvila_quant.machine import peak_rss_mb
     from nvila_quant.model import Image, NVILAQwen2
     from nvila_quant.model.generation import timed_run
 
@@ -45,7 +45,7 @@ def measure_speed(
     runs = [timed_run(model, input_ids, media, media_config, max_new_tokens=decode_tokens) for _ in range(repeats)]
     result = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     result["load_s"] = load_s
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     result["repeats"] = repeats
     result["dtype"] = str(model.dtype).removeprefix("torch.")
