@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -123,6 +124,21 @@ def test_from_linear_and_grad_through_input() -> None:
     assert torch.allclose(x.grad, w.sum(0).expand_as(x), atol=1e-5)
     with torch.no_grad():
         assert _rel(y, F.linear(x, lin.weight, lin.bias)) < 0.1  # 4-bit RTN error only
+
+
+def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
+    """A compile error must not hide behind the torch fallback: on an AVX-512 BF16 CPU the native library loads."""
+    from pathlib import Path
+
+    from nvila_quant.kernels.cpu_native import CAP_BF16, CAP_F32, native_caps
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    if not {"avx512f", "avx512bw", "avx512_bf16"} <= flags:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) on PATH")
+    assert native_caps() == CAP_F32 | CAP_BF16
 
 
 def test_native_dequantize_bit_exact() -> None:

@@ -123,13 +123,11 @@ def native_linear(
     n = packed.shape[0]
     out = torch.empty(m, n, dtype=x.dtype)
     bias_ptr = None if bias is None else bias.data_ptr()
+    x = x.contiguous()
     if x.dtype == torch.bfloat16 and k % 64 == 0 and group % 64 == 0:
-        # even k of each 64-wide chunk first, then the odd k: the order the kernel unpacks nibbles in
-        xp = x.reshape(m, k // 64, 32, 2).transpose(2, 3).contiguous()
-        rc = _library().nq_linear_bf16_64(xp.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+        rc = _library().nq_linear_bf16_64(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
                                           bias_ptr, out.data_ptr(), m, n, k, group, torch.get_num_threads())
     else:
-        x = x.contiguous()
         rc = _library().nq_linear(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias_ptr,
                                   out.data_ptr(), m, n, k, group, int(x.dtype == torch.bfloat16),
                                   torch.get_num_threads())

@@ -12,8 +12,9 @@
 //   nq_dequant  (N, K) bf16 or fp32 weights (dense-matmul path for many tokens)
 //   nq_linear   y (M, N) = x (M, K) @ w^T + bias, fused: bf16 x with vdpbf16ps (fp32 accumulation) or
 //               fp32 x with FMA. Tokens go in blocks of up to 8 per pass over a weight row.
-// Return codes: 0 ok, -1 bad arguments, -2 not compiled for this CPU (no AVX-512 F/BW/BF16).
+// Return codes: 0 ok, -1 bad arguments, -2 not compiled for this CPU (no AVX-512 F/BW/BF16), -3 out of memory.
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -205,11 +206,24 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
 
 #define NQ_ROWS_CASE(RR, MM) rows_bf16_64(xb, qr, k / 2, s, z, ng, k, group, RR, MM, acc)
 
-// bf16 x pre-permuted per 64-wide chunk (see rows_bf16_64); needs k % 64 == 0 and group % 64 == 0.
-int nq_linear_bf16_64(const uint16_t* xp, const uint8_t* q, const float* scale, const float* zero,
+// x (M, K) bf16 in natural order; needs k % 64 == 0 and group % 64 == 0. Each 64-wide chunk of x is first
+// de-interleaved (even k, then odd k: the order rows_bf16_64 unpacks nibbles in) into a scratch copy.
+int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const float* scale, const float* zero,
                       const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
                       int nthreads) {
     if (bad_shape(n, k, group) || m_tokens < 0 || k % 64 || group % 64) return -1;
+    if (m_tokens == 0) return 0;
+    uint16_t* xp = (uint16_t*)aligned_alloc(64, (size_t)(m_tokens * k) * sizeof(uint16_t));  // m*k*2 % 64 == 0
+    if (!xp) return -3;
+    uint16_t idx[32];
+    for (int j = 0; j < 32; ++j) idx[j] = (uint16_t)(2 * j);
+    const __m512i even = _mm512_loadu_si512(idx);  // 0, 2, ..., 62 over the pair (a, b)
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t i = 0; i < m_tokens * k; i += 64) {
+        const __m512i a = _mm512_loadu_si512(x + i), b = _mm512_loadu_si512(x + i + 32);
+        _mm512_store_si512(xp + i, _mm512_permutex2var_epi16(a, even, b));
+        _mm512_store_si512(xp + i + 32, _mm512_permutex2var_epi16(a, odd, b));
+    }
     const int64_t ng = k / group;
     const int64_t blocks = (n + 3) / 4;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
@@ -251,14 +265,15 @@ int nq_linear_bf16_64(const uint16_t* xp, const uint8_t* q, const float* scale, 
             }
         }
     }
+    free(xp);
     return 0;
 }
 #undef NQ_ROWS_CASE
 #else
-int nq_linear_bf16_64(const uint16_t* xp, const uint8_t* q, const float* scale, const float* zero,
+int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const float* scale, const float* zero,
                       const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
                       int nthreads) {
-    (void)xp; (void)q; (void)scale; (void)zero; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
+    (void)x; (void)q; (void)scale; (void)zero; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
     (void)group; (void)nthreads;
     return -2;
 }
