@@ -35,9 +35,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("n,k,group", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_cpu_backend_matches_reference(n: int, k: int, group: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_backend_matches_reference(n: int, k: int, group: int, dtype: torch.dtype, scale_dtype: torch.dtype) -> None:
     for bias in (True, False):
-        qt = _layer(n, k, group, bias, seed=n + k)
+        qt = _layer(n, k, group, bias, seed=n + k, scale_dtype=scale_dtype)
         fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
         assert fast.resolve_backend(torch.device("cpu"), dtype) == "cpu"
         for m in (1, 3, 7, 13, 33):  # odd counts on both sides of the dense threshold
@@ -146,10 +147,12 @@ def test_native_dequantize_bit_exact() -> None:
         pytest.skip("no C compiler: the torch fallback is used")
     n, k, g = 48, 512, 128
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    s, z = torch.rand(n, k // g) * 0.05, torch.randint(0, 16, (n, k // g), dtype=torch.int32)
-    exact = dequantize(q, s, z, g)
-    for dtype in (torch.float32, torch.bfloat16):
-        assert torch.equal(dequantize_nibbles(pack_nibbles(q), s, z.float(), g, dtype), exact.to(dtype))
+    z = torch.randint(0, 16, (n, k // g), dtype=torch.uint8)
+    for scale_dtype in (torch.float32, torch.bfloat16, torch.float16):  # scales are read as the checkpoint stores them
+        s = (torch.rand(n, k // g) * 0.05).to(scale_dtype)
+        exact = dequantize(q, s.float(), z, g)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(dequantize_nibbles(pack_nibbles(q), s, z, g, dtype), exact.to(dtype)), (scale_dtype, dtype)
 
 
 def test_cpu_prepare_repeats_groups_exactly() -> None:

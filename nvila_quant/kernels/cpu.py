@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nvila_quant.kernels.cpu_native import (
+    SCALE_KINDS,
     dequantize_nibbles,
     native_linear,
     native_linear_support,
@@ -128,18 +129,21 @@ def prepare_torch_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 @dataclass
 class CpuState:
-    """What the CPU backend keeps per layer: fp32 copies of scale/zero/bias (small) and, only when torch's
-    kernel is the few-token kernel, its repack (built on first use)."""
+    """What the CPU backend keeps per layer: the module's own scale (its dtype when fp32/bf16/fp16) and uint8 zero
+    points (read as stored: no copies), an fp32 bias and, only when torch's kernel is the few-token kernel, its
+    repack (built on first use)."""
 
-    scale: torch.Tensor  # (N, K/G) fp32
-    zero: torch.Tensor  # (N, K/G) fp32
+    scale: torch.Tensor  # (N, K/G) fp32, bf16 or fp16
+    zero: torch.Tensor  # (N, K/G) uint8
     bias: torch.Tensor | None  # (N,) fp32
     group: int
     torch_int4: TorchInt4Weights | None = None
 
 
 def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, group: int) -> CpuState:
-    return CpuState(scale.float().contiguous(), zero.float().contiguous(),
+    if scale.dtype not in SCALE_KINDS:
+        scale = scale.float()
+    return CpuState(scale.contiguous(), zero.to(torch.uint8).contiguous(),
                     None if bias is None else bias.float().contiguous(), group)
 
 

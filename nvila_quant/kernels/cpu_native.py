@@ -49,11 +49,11 @@ def _library() -> ctypes.CDLL | None:
         return None
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.nq_caps.restype = cint
-    lib.nq_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint]
+    lib.nq_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint, cint]
     lib.nq_dequant.restype = cint
-    lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
+    lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint, cint]
     lib.nq_linear.restype = cint
-    lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint]
+    lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
     lib.nq_linear_bf16_64.restype = cint
     return lib
 
@@ -66,6 +66,14 @@ def native_caps() -> int:
 
 def native_available() -> bool:
     return native_caps() != 0
+
+
+# how the kernels read scales: as QuantLinear stores them (the checkpoint's dtype); zero points are uint8
+SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _meta_ok(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    return scale.dtype in SCALE_KINDS and zero.dtype == torch.uint8
 
 
 def _dtype_cap(dtype: torch.dtype) -> int:
@@ -93,20 +101,21 @@ def dequantize_nibbles(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(q - z) * s in fp32, rounded once to ``dtype``. packed (N, K/2) uint8, scale/zero (N, K/group) float32
-    -> (N, K) ``dtype``; written into ``out`` when given (a reusable scratch buffer)."""
+    """(q - z) * s in fp32, rounded once to ``dtype``. packed (N, K/2) uint8, scale (N, K/group) fp32/bf16/fp16,
+    zero (N, K/group) uint8 (other dtypes: the torch path) -> (N, K) ``dtype``; written into ``out`` when given
+    (a reusable scratch buffer)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=packed.device)
     native = (
         packed.device.type == "cpu" and native_linear_support(dtype, k, group)
-        and scale.dtype == torch.float32 and zero.dtype == torch.float32
+        and _meta_ok(scale, zero)
     )
     if not native:
         return out.copy_(dequantize(unpack_nibbles(packed), scale.float(), zero, group))  # fp32, then out's dtype
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     rc = _library().nq_dequant(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), n, k, group,
-                               int(dtype == torch.bfloat16), torch.get_num_threads())
+                               int(dtype == torch.bfloat16), torch.get_num_threads(), SCALE_KINDS[scale.dtype])
     if rc != 0:
         raise RuntimeError(f"native dequantize failed with code {rc} for ({n}, {k}), group {group}")
     return out
@@ -116,21 +125,25 @@ def native_linear(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
     group: int,
 ) -> torch.Tensor:
-    """Fused dequantize-GEMM: x (M, K) bf16 or fp32 -> (M, N) in x's dtype. scale/zero/bias fp32.
+    """Fused dequantize-GEMM: x (M, K) bf16 or fp32 -> (M, N) in x's dtype. scale (N, K/G) fp32/bf16/fp16 and
+    zero (N, K/G) uint8, contiguous; bias (N,) fp32.
 
     Callers check :func:`native_linear_support` first."""
     m, k = x.shape
     n = packed.shape[0]
+    if not _meta_ok(scale, zero):
+        raise ValueError(f"native kernels read fp32/bf16/fp16 scales and uint8 zeros, got {scale.dtype}, {zero.dtype}")
+    kind = SCALE_KINDS[scale.dtype]
     out = torch.empty(m, n, dtype=x.dtype)
     bias_ptr = None if bias is None else bias.data_ptr()
     x = x.contiguous()
     if x.dtype == torch.bfloat16 and k % 64 == 0 and group % 64 == 0:
         rc = _library().nq_linear_bf16_64(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                                          bias_ptr, out.data_ptr(), m, n, k, group, torch.get_num_threads())
+                                          bias_ptr, out.data_ptr(), m, n, k, group, torch.get_num_threads(), kind)
     else:
         rc = _library().nq_linear(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias_ptr,
                                   out.data_ptr(), m, n, k, group, int(x.dtype == torch.bfloat16),
-                                  torch.get_num_threads())
+                                  torch.get_num_threads(), kind)
     if rc != 0:
         raise RuntimeError(f"native int4 linear failed with code {rc} for x {tuple(x.shape)}, N={n}, group {group}")
     return out

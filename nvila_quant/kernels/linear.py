@@ -129,7 +129,7 @@ class QuantLinear(nn.Module):
         """(N, K) weight: (q - z) * s computed in fp32, rounded once to ``dtype`` (default: scale dtype)."""
         dtype = dtype or self.scale.dtype
         if self.nibbles and self.q.device.type == "cpu":
-            w = dequantize_nibbles(self.q, self.scale.float(), self.zero.float(), self.group, torch.float32)
+            w = dequantize_nibbles(self.q, self.scale, self.zero, self.group, torch.float32)
         else:
             w = dequantize(unpack_nibbles(self.q) if self.nibbles else self.q, self.scale.float(), self.zero, self.group)
         return w.to(dtype)

@@ -40,6 +40,24 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+// Per-group metadata as QuantLinear stores it: scales in the checkpoint's dtype (kind 0 fp32, 1 bf16, 2 fp16),
+// zero points uint8; both (N, K/G) row-major. Read as stored: no fp32 copies in memory.
+typedef struct {
+    const void* s;
+    const uint8_t* z;
+    int kind;
+} nq_meta;
+
+#ifdef __AVX512F__
+static inline float scale_at(const nq_meta m, int64_t i) {
+    if (m.kind == 0) return ((const float*)m.s)[i];
+    const uint16_t h = ((const uint16_t*)m.s)[i];
+    return m.kind == 1 ? bf16_to_f32(h) : _cvtsh_ss(h);
+}
+
+static inline float zero_at(const nq_meta m, int64_t i) { return (float)m.z[i]; }
+#endif
+
 int nq_caps(void) {
     int caps = 0;
 #ifdef __AVX512F__
@@ -51,7 +69,7 @@ int nq_caps(void) {
     return caps;
 }
 
-static int bad_shape(int64_t n, int64_t k, int64_t group) {
+static inline int bad_shape(int64_t n, int64_t k, int64_t group) {
     return n < 0 || k <= 0 || group <= 0 || k % group || group % 32 || k % 32;
 }
 
@@ -88,22 +106,23 @@ static inline __m512i table_bf16(float s, float z) {
 }
 #endif
 
-int nq_dequant(const uint8_t* q, const float* scale, const float* zero, void* out, int64_t n, int64_t k,
-               int64_t group, int bf16, int nthreads) {
+int nq_dequant(const uint8_t* q, const void* scale, const uint8_t* zero, void* out, int64_t n, int64_t k,
+               int64_t group, int bf16, int nthreads, int scale_kind) {
 #ifndef __AVX512F__
-    (void)q; (void)scale; (void)zero; (void)out; (void)n; (void)k; (void)group; (void)bf16; (void)nthreads;
+    (void)q; (void)scale; (void)zero; (void)out; (void)n; (void)k; (void)group; (void)bf16; (void)nthreads; (void)scale_kind;
     return -2;
 #else
-    if (bad_shape(n, k, group)) return -1;
+    if (bad_shape(n, k, group) || scale_kind < 0 || scale_kind > 2) return -1;
 #if !NQ_HAVE_BF16
     if (bf16) return -2;
 #endif
+    const nq_meta meta = {scale, zero, scale_kind};
     const int64_t ng = k / group;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
     for (int64_t r = 0; r < n; ++r) {
         const uint8_t* qr = q + r * (k / 2);
         for (int64_t g = 0; g < ng; ++g) {
-            const float s = scale[r * ng + g], z = zero[r * ng + g];
+            const float s = scale_at(meta, r * ng + g), z = zero_at(meta, r * ng + g);
             if (bf16) {
 #if NQ_HAVE_BF16
                 const __m512i t = table_bf16(s, z);
@@ -126,13 +145,13 @@ int nq_dequant(const uint8_t* q, const float* scale, const float* zero, void* ou
 #if NQ_HAVE_BF16
 // one weight row against MB tokens (MB a compile-time constant after inlining)
 static inline __attribute__((always_inline)) void row_bf16(
-    const uint16_t* x, const uint8_t* qr, const float* s, const float* z, int64_t k, int64_t group,
+    const uint16_t* x, const uint8_t* qr, const nq_meta m, const int64_t base, int64_t k, int64_t group,
     const int mb, float* acc_out) {
     __m512 acc[8];
     for (int m = 0; m < mb; ++m) acc[m] = _mm512_setzero_ps();
     const int64_t ng = k / group;
     for (int64_t g = 0; g < ng; ++g) {
-        const __m512i t = table_bf16(s[g], z[g]);
+        const __m512i t = table_bf16(scale_at(m, base + g), zero_at(m, base + g));
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 32) {
             const __m512i w = _mm512_permutexvar_epi16(nibble_idx32(qr + kk / 2), t);
             __m512bh wb;
@@ -165,7 +184,7 @@ static inline __m512i table2_bf16(float s, float z) {
 // k of the chunk, 32..63 the odd k (matching the low / high nibbles of its 32 bytes). E = 2 keeps separate
 // even/odd accumulators (more independent chains when R * MB is small).
 static inline __attribute__((always_inline)) void rows_bf16_64(
-    const uint16_t* xp, const uint8_t* q, int64_t qstride, const float* s, const float* z, int64_t ng,
+    const uint16_t* xp, const uint8_t* q, int64_t qstride, const nq_meta m, const int64_t base, int64_t ng,
     int64_t k, int64_t group, const int R, const int MB, float* acc_out) {
     const int E = R * MB <= 8 ? 2 : 1;
     __m512 acc[4][NQ_MB][2];
@@ -174,7 +193,7 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
             for (int e = 0; e < E; ++e) acc[r][m][e] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         __m512i t[4];
-        for (int r = 0; r < R; ++r) t[r] = table2_bf16(s[r * ng + g], z[r * ng + g]);
+        for (int r = 0; r < R; ++r) t[r] = table2_bf16(scale_at(m, base + r * ng + g), zero_at(m, base + r * ng + g));
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
             __m512bh we[4], wo[4];  // the chunk's R rows dequantized once (even k, odd k)
             for (int r = 0; r < R; ++r) {
@@ -204,15 +223,16 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
             acc_out[r * NQ_MB + m] = _mm512_reduce_add_ps(E == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0]);
 }
 
-#define NQ_ROWS_CASE(RR, MM) rows_bf16_64(xb, qr, k / 2, s, z, ng, k, group, RR, MM, acc)
+#define NQ_ROWS_CASE(RR, MM) rows_bf16_64(xb, qr, k / 2, meta, (r0 + r1) * ng, ng, k, group, RR, MM, acc)
 
 // x (M, K) bf16 in natural order; needs k % 64 == 0 and group % 64 == 0. Each 64-wide chunk of x is first
 // de-interleaved (even k, then odd k: the order rows_bf16_64 unpacks nibbles in) into a scratch copy.
-int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const float* scale, const float* zero,
+int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, const uint8_t* zero,
                       const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
-                      int nthreads) {
-    if (bad_shape(n, k, group) || m_tokens < 0 || k % 64 || group % 64) return -1;
+                      int nthreads, int scale_kind) {
+    if (bad_shape(n, k, group) || m_tokens < 0 || k % 64 || group % 64 || scale_kind < 0 || scale_kind > 2) return -1;
     if (m_tokens == 0) return 0;
+    const nq_meta meta = {scale, zero, scale_kind};
     uint16_t* xp = (uint16_t*)aligned_alloc(64, (size_t)(m_tokens * k) * sizeof(uint16_t));  // m*k*2 % 64 == 0
     if (!xp) return -3;
     uint16_t idx[32];
@@ -237,8 +257,6 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const float* scale, c
             const int rr = rows == 4 ? 4 : 1;
             for (int r1 = 0; r1 < rows; r1 += rr) {
                 const uint8_t* qr = q + (r0 + r1) * (k / 2);
-                const float* s = scale + (r0 + r1) * ng;
-                const float* z = zero + (r0 + r1) * ng;
                 if (rr == 4) {
                     switch (mb) {
                         case 1: NQ_ROWS_CASE(4, 1); break;
@@ -270,24 +288,24 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const float* scale, c
 }
 #undef NQ_ROWS_CASE
 #else
-int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const float* scale, const float* zero,
+int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, const uint8_t* zero,
                       const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
-                      int nthreads) {
+                      int nthreads, int scale_kind) {
     (void)x; (void)q; (void)scale; (void)zero; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
-    (void)group; (void)nthreads;
+    (void)group; (void)nthreads; (void)scale_kind;
     return -2;
 }
 #endif
 
 #ifdef __AVX512F__
 static inline __attribute__((always_inline)) void row_f32(
-    const float* x, const uint8_t* qr, const float* s, const float* z, int64_t k, int64_t group,
+    const float* x, const uint8_t* qr, const nq_meta m, const int64_t base, int64_t k, int64_t group,
     const int mb, float* acc_out) {
     __m512 acc[8];
     for (int m = 0; m < mb; ++m) acc[m] = _mm512_setzero_ps();
     const int64_t ng = k / group;
     for (int64_t g = 0; g < ng; ++g) {
-        const __m512 t = table_f32(s[g], z[g]);
+        const __m512 t = table_f32(scale_at(m, base + g), zero_at(m, base + g));
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 16) {
             const __m512 w = _mm512_permutexvar_ps(nibble_idx16(qr + kk / 2), t);
             for (int m = 0; m < mb; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * k + kk), acc[m]);
@@ -298,23 +316,24 @@ static inline __attribute__((always_inline)) void row_f32(
 #endif
 
 // x (M, K) bf16 (bf16 != 0) or fp32; bias (N,) fp32 or NULL; out (M, N) in x's dtype.
-int nq_linear(const void* x, const uint8_t* q, const float* scale, const float* zero, const float* bias,
-              void* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int bf16, int nthreads) {
+int nq_linear(const void* x, const uint8_t* q, const void* scale, const uint8_t* zero, const float* bias,
+              void* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int bf16, int nthreads,
+              int scale_kind) {
 #ifndef __AVX512F__
     (void)x; (void)q; (void)scale; (void)zero; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
-    (void)group; (void)bf16; (void)nthreads;
+    (void)group; (void)bf16; (void)nthreads; (void)scale_kind;
     return -2;
 #else
-    if (bad_shape(n, k, group) || m_tokens < 0) return -1;
+    if (bad_shape(n, k, group) || m_tokens < 0 || scale_kind < 0 || scale_kind > 2) return -1;
 #if !NQ_HAVE_BF16
     if (bf16) return -2;
 #endif
+    const nq_meta meta = {scale, zero, scale_kind};
     const int64_t ng = k / group;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
     for (int64_t r = 0; r < n; ++r) {
         const uint8_t* qr = q + r * (k / 2);
-        const float* s = scale + r * ng;
-        const float* z = zero + r * ng;
+        const int64_t base = r * ng;
         const float b = bias ? bias[r] : 0.f;
         for (int64_t m0 = 0; m0 < m_tokens; m0 += 8) {
             const int mb = (int)(m_tokens - m0 < 8 ? m_tokens - m0 : 8);
@@ -323,28 +342,28 @@ int nq_linear(const void* x, const uint8_t* q, const float* scale, const float* 
 #if NQ_HAVE_BF16
                 const uint16_t* xb = (const uint16_t*)x + m0 * k;
                 switch (mb) {
-                    case 1: row_bf16(xb, qr, s, z, k, group, 1, acc); break;
-                    case 2: row_bf16(xb, qr, s, z, k, group, 2, acc); break;
-                    case 3: row_bf16(xb, qr, s, z, k, group, 3, acc); break;
-                    case 4: row_bf16(xb, qr, s, z, k, group, 4, acc); break;
-                    case 5: row_bf16(xb, qr, s, z, k, group, 5, acc); break;
-                    case 6: row_bf16(xb, qr, s, z, k, group, 6, acc); break;
-                    case 7: row_bf16(xb, qr, s, z, k, group, 7, acc); break;
-                    default: row_bf16(xb, qr, s, z, k, group, 8, acc); break;
+                    case 1: row_bf16(xb, qr, meta, base, k, group, 1, acc); break;
+                    case 2: row_bf16(xb, qr, meta, base, k, group, 2, acc); break;
+                    case 3: row_bf16(xb, qr, meta, base, k, group, 3, acc); break;
+                    case 4: row_bf16(xb, qr, meta, base, k, group, 4, acc); break;
+                    case 5: row_bf16(xb, qr, meta, base, k, group, 5, acc); break;
+                    case 6: row_bf16(xb, qr, meta, base, k, group, 6, acc); break;
+                    case 7: row_bf16(xb, qr, meta, base, k, group, 7, acc); break;
+                    default: row_bf16(xb, qr, meta, base, k, group, 8, acc); break;
                 }
                 for (int m = 0; m < mb; ++m) ((uint16_t*)out)[(m0 + m) * n + r] = f32_to_bf16(acc[m] + b);
 #endif
             } else {
                 const float* xf = (const float*)x + m0 * k;
                 switch (mb) {
-                    case 1: row_f32(xf, qr, s, z, k, group, 1, acc); break;
-                    case 2: row_f32(xf, qr, s, z, k, group, 2, acc); break;
-                    case 3: row_f32(xf, qr, s, z, k, group, 3, acc); break;
-                    case 4: row_f32(xf, qr, s, z, k, group, 4, acc); break;
-                    case 5: row_f32(xf, qr, s, z, k, group, 5, acc); break;
-                    case 6: row_f32(xf, qr, s, z, k, group, 6, acc); break;
-                    case 7: row_f32(xf, qr, s, z, k, group, 7, acc); break;
-                    default: row_f32(xf, qr, s, z, k, group, 8, acc); break;
+                    case 1: row_f32(xf, qr, meta, base, k, group, 1, acc); break;
+                    case 2: row_f32(xf, qr, meta, base, k, group, 2, acc); break;
+                    case 3: row_f32(xf, qr, meta, base, k, group, 3, acc); break;
+                    case 4: row_f32(xf, qr, meta, base, k, group, 4, acc); break;
+                    case 5: row_f32(xf, qr, meta, base, k, group, 5, acc); break;
+                    case 6: row_f32(xf, qr, meta, base, k, group, 6, acc); break;
+                    case 7: row_f32(xf, qr, meta, base, k, group, 7, acc); break;
+                    default: row_f32(xf, qr, meta, base, k, group, 8, acc); break;
                 }
                 for (int m = 0; m < mb; ++m) ((float*)out)[(m0 + m) * n + r] = acc[m] + b;
             }
