@@ -72,7 +72,7 @@ def test_cpu_few_token_kernels_and_dense_path(kernel: str, monkeypatch: pytest.M
 
 def test_dense_path_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Many tokens: dequantize + matmul in cache-sized blocks of output rows (here 9 blocks, last one short)."""
-    monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 32 * 256 * 2)  # 32 rows of K=256 bf16 per block
+    monkeypatch.setattr(cpu_backend, "CHUNK_ROWS", 32)  # 32 rows per block
     monkeypatch.setenv("NVILA_QUANT_CPU_DENSE_MIN_TOKENS", "1")
     qt = _layer(272, 256, 64, True)
     fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")

@@ -148,13 +148,14 @@ def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | No
 
 
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
-# Dequantized weight rows per dense matmul while the activations are small: a 4 MB block stays in cache between
-# the two steps. From CHUNK_MAX_TOKENS tokens the whole weight is dequantized at once: each block's matmul
-# repacks the activations (oneDNN), which then costs more than the cache misses (measured at M = 128 and 512:
-# one block 0.85..0.96x of dense bf16, 4 MB blocks 0.79..0.91x). NVILA_QUANT_CPU_CHUNK_MB overrides (0: one
-# block always).
-CHUNK_BYTES = 4 * 1024**2
-CHUNK_MAX_TOKENS = 128
+# Dequantized weight rows per dense matmul while the activations are small: a block of CHUNK_ROWS rows is reused
+# from cache by its matmul (fewer rows make the matmuls inefficient: 80-row blocks of K=11008 ran at 0.6x dense
+# bf16). From CHUNK_MAX_TOKENS tokens the whole weight is dequantized at once: each block's matmul repacks the
+# activations (oneDNN), which then costs more than the cache misses. Measured with 4096x4096 / 11008x4096 /
+# 4096x11008 on a 2-core Zen 4: 512-row blocks 0.90-0.92x dense bf16 at M = 128 (one block 0.85-0.87x); one
+# block 0.96-0.98x at M = 512 (blocks 0.91-0.95x). NVILA_QUANT_CPU_CHUNK_MB overrides (0: one block always).
+CHUNK_ROWS = 512
+CHUNK_MAX_TOKENS = 256
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -169,12 +170,11 @@ def dense_chunked(x2: torch.Tensor, qnib: torch.Tensor, state: CpuState, dtype: 
     """x2 (M, K) -> (M, N): dequantize a block of output rows into a cache-sized buffer, matmul it, repeat."""
     n, k = qnib.shape[0], qnib.shape[1] * 2
     env = os.environ.get("NVILA_QUANT_CPU_CHUNK_MB")
-    if env is not None:
+    if env is not None:  # 0 = one block
         chunk_bytes = int(float(env) * 1024**2)
+        rows = n if chunk_bytes <= 0 else max(16, min(n, chunk_bytes // (k * torch.finfo(dtype).bits // 8)) // 16 * 16)
     else:
-        chunk_bytes = CHUNK_BYTES if x2.shape[0] < CHUNK_MAX_TOKENS else 0
-    # 0 = one block: 2 parallel regions per call instead of 2 per block
-    rows = n if chunk_bytes <= 0 else max(16, min(n, chunk_bytes // (k * torch.finfo(dtype).bits // 8)) // 16 * 16)
+        rows = min(n, CHUNK_ROWS) if x2.shape[0] < CHUNK_MAX_TOKENS else n
     buf = _scratch(rows * k, dtype)
     x2 = x2.to(dtype)
     outs = []
