@@ -62,15 +62,18 @@ def _tinychat_reference_pack(q: np.ndarray) -> np.ndarray:
 
 
 def _ct_reference_pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """compressed-tensors pack_to_int32 along dim 1 (values already unsigned)."""
-    pf = 32 // bits
+    """compressed-tensors pack_to_int32 along dim 1 (values already unsigned): each row is one little-endian bit
+    stream, value c at bits c*b .. c*b + b - 1, cut into ceil(C*b/32) words (no padding bits)."""
     rows, cols = values.shape
-    padded = np.zeros((rows, -(-cols // pf) * pf), dtype=np.uint32)
-    padded[:, :cols] = values
-    words = np.zeros((rows, padded.shape[1] // pf), dtype=np.uint32)
-    for i in range(pf):
-        words |= padded[:, i::pf] << (bits * i)
-    return words.view(np.int32)
+    n_words = -(-cols * bits // 32)
+    words = np.zeros((rows, n_words), dtype=np.uint64)
+    for c in range(cols):
+        start = c * bits
+        shifted = values[:, c].astype(np.uint64) << np.uint64(start % 32)  # may spill past bit 31
+        words[:, start // 32] += shifted & np.uint64(0xFFFFFFFF)
+        if start % 32 + bits > 32:
+            words[:, start // 32 + 1] += shifted >> np.uint64(32)
+    return words.astype(np.uint32).view(np.int32)
 
 
 def test_autoawq_matches_reference_loop() -> None:

@@ -4,6 +4,11 @@ Layout of :func:`pack_int32` for ``bits`` b and pack factor ``pf = 32 // b``:
     word j of a row, slot i (bits i*b .. i*b + b - 1) holds column ``j * pf + order[i]``
 with ``order = 0..pf-1`` (sequential) unless given. Columns past the end are zero padded.
 Words are returned as int32 holding the same 32 bits (two's complement reinterpretation).
+
+:func:`pack_dense_int32` (compressed-tensors' layout) packs without padding bits: value ``c`` of a row occupies
+bits ``c*b .. c*b + b - 1`` of the row's bit stream (little-endian words), crossing word boundaries where
+``b`` does not divide 32, so 32 values take exactly ``b`` words. For b in {1, 2, 4, 8} it equals the
+sequential :func:`pack_int32`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["as_int16_bits", "as_int32_bits", "pack_int32", "unpack_int32", "word_count"]
+__all__ = [
+    "as_int16_bits",
+    "as_int32_bits",
+    "dense_word_count",
+    "pack_dense_int32",
+    "pack_int32",
+    "unpack_dense_int32",
+    "unpack_int32",
+    "word_count",
+]
 
 
 def word_count(n_values: int, bits: int) -> int:
@@ -76,3 +90,50 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int, order: Sequence[int
         inverse = sorted(range(pf), key=order.__getitem__)  # column t sits in slot inverse[t]
         v = v[..., inverse]
     return v.reshape(r, w * pf)[:, :cols].to(torch.uint8)
+
+
+def dense_word_count(n_values: int, bits: int) -> int:
+    """Number of int32 words that hold ``n_values`` values of ``bits`` bits without padding bits."""
+    return -(-n_values * bits // 32)
+
+
+def _dense_slots(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the 32 values of a ``bits``-word block: the word each starts in and its bit offset there."""
+    start = torch.arange(32, dtype=torch.int64, device=device) * bits
+    return start // 32, start % 32
+
+
+def pack_dense_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """values: (R, C) integers in [0, 2^bits) -> (R, ceil(C * bits / 32)) int32, no padding bits (see above)."""
+    if values.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor to pack, got shape {tuple(values.shape)}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    r, c = values.shape
+    v = values.to(torch.int64)
+    if c % 32:
+        v = F.pad(v, (0, 32 - c % 32))
+    v = v.reshape(r, -1, 32)  # (R, blocks, 32)
+    word, offset = _dense_slots(bits, v.device)
+    out = torch.zeros(r, v.shape[1], bits + 1, dtype=torch.int64, device=v.device)  # one spare word for spills
+    out.scatter_add_(2, word.expand_as(v), (v << offset) & 0xFFFFFFFF)
+    out.scatter_add_(2, (word + 1).expand_as(v), v >> (32 - offset))  # bits past the word end (0 if none)
+    words = out[..., :bits].reshape(r, -1)[:, : dense_word_count(c, bits)]
+    return as_int32_bits(words)
+
+
+def unpack_dense_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_dense_int32`: (R, W) int32 -> (R, cols) uint8."""
+    if packed.dim() != 2 or packed.dtype != torch.int32:
+        raise ValueError(f"expected a 2-D int32 tensor to unpack, got {packed.dtype} {tuple(packed.shape)}")
+    r, w = packed.shape
+    if w != dense_word_count(cols, bits):
+        raise ValueError(f"{w} packed words of {bits}-bit values cannot hold exactly {cols} columns")
+    blocks = -(-cols // 32)
+    # (R, blocks, bits + 1): each block's words plus the next block's first (where a last value may spill)
+    words = F.pad(packed.to(torch.int64) & 0xFFFFFFFF, (0, blocks * bits - w + 1)).unfold(1, bits + 1, bits)
+    word, offset = _dense_slots(bits, packed.device)
+    lo = torch.gather(words, 2, word.expand(r, blocks, 32)) >> offset
+    hi = torch.gather(words, 2, (word + 1).expand(r, blocks, 32)) << (32 - offset)
+    v = (lo | hi) & ((1 << bits) - 1)
+    return v.reshape(r, blocks * 32)[:, :cols].to(torch.uint8)

@@ -1,13 +1,14 @@
 """compressed-tensors "pack-quantized" layout (llm-compressor output; vLLM and SGLang load it).
 
-Tensors of a module ``<name>`` (N = out_features, K = in_features, G = group size, K when -1,
-pf = 32 // bits values per int32):
-    weight_packed:     (N, ceil(K/pf)) int32   packed along the INPUT dim, sequential slots, value = q_signed + 2^(b-1)
-    weight_scale:      (N, K/G) float          the QTensor's scale dtype
-    weight_zero_point: (ceil(N/pf), K/G) int32 asymmetric only; zp_signed + 2^(b-1) packed along dim 0
+Tensors of a module ``<name>`` (N = out_features, K = in_features, G = group size, K when -1, b = bits):
+    weight_packed:     (N, ceil(K*b/32)) int32   packed along the INPUT dim, value = q_signed + 2^(b-1)
+    weight_scale:      (N, K/G) float            the QTensor's scale dtype
+    weight_zero_point: (ceil(N*b/32), K/G) int32 asymmetric only; zp_signed + 2^(b-1) packed along dim 0
     weight_shape:      (2,) int64              [N, K] (what ``torch.tensor(weight.shape)`` gives upstream)
     bias:              (N,) float              optional
-Stored values are the canonical unsigned q and z (signed value + offset), so (q - z) * s is unchanged.
+Packing is compressed-tensors' dense one (no padding bits; values cross word boundaries when b does not divide
+32; for b = 4 and 8 it is the plain sequential 8 / 4 values per word). Stored values are the canonical unsigned
+q and z (signed value + offset), so (q - z) * s is unchanged.
 Any bits in 1..8 and any N, K pack; vLLM/SGLang serve 4 and 8 bits (the upstream compressor's set).
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from nvila_quant.errors import CheckpointError, ConfigError
-from nvila_quant.formats.bitpack import pack_int32, unpack_int32, word_count
+from nvila_quant.formats.bitpack import dense_word_count, pack_dense_int32, unpack_dense_int32
 from nvila_quant.formats.common import (
     FLOAT_DTYPES,
     check_bits,
@@ -53,14 +54,14 @@ def pack(qt: QTensor) -> dict[str, torch.Tensor]:
     n, k = qt.q.shape
     check(qt.bits, qt.group_size, (n, k))
     out = {
-        "weight_packed": pack_int32(qt.q, qt.bits),  # (N, ceil(K/pf))
+        "weight_packed": pack_dense_int32(qt.q, qt.bits),  # (N, ceil(K*b/32))
         "weight_scale": qt.scale.contiguous(),  # (N, K/G)
         "weight_shape": torch.tensor([n, k], dtype=torch.int64),
     }
     if qt.symmetric:
         symmetric_zero(NAME, qt.zero, qt.bits)
     else:
-        out["weight_zero_point"] = pack_int32(qt.zero.t(), qt.bits).t().contiguous()  # (ceil(N/pf), K/G)
+        out["weight_zero_point"] = pack_dense_int32(qt.zero.t(), qt.bits).t().contiguous()  # (ceil(N*b/32), K/G)
     if qt.bias is not None:
         out["bias"] = qt.bias
     return out
@@ -80,19 +81,19 @@ def unpack(
     except ConfigError as e:
         raise CheckpointError(f"{module}: metadata group_size={group_size} does not fit weight_shape {[n, k]}: {e}") from e
     packed = take(tensors, "weight_packed", module, NAME)
-    expect(packed, (n, word_count(k, bits)), (torch.int32,), f"{module}.weight_packed (N, ceil(K/{32 // bits})) for weight_shape {[n, k]}")
+    expect(packed, (n, dense_word_count(k, bits)), (torch.int32,), f"{module}.weight_packed (N, ceil(K*{bits}/32)) for weight_shape {[n, k]}")
     scale = take(tensors, "weight_scale", module, NAME)
     expect(scale, (n, k // g), FLOAT_DTYPES, f"{module}.weight_scale (N, K/G) with G={g}")
     if "weight_zero_point" in tensors:
         zp = tensors["weight_zero_point"]
-        expect(zp, (word_count(n, bits), k // g), (torch.int32,), f"{module}.weight_zero_point (ceil(N/{32 // bits}), K/G)")
-        zero = unpack_int32(zp.t().contiguous(), bits, n).t().to(torch.int32)
+        expect(zp, (dense_word_count(n, bits), k // g), (torch.int32,), f"{module}.weight_zero_point (ceil(N*{bits}/32), K/G)")
+        zero = unpack_dense_int32(zp.t().contiguous(), bits, n).t().to(torch.int32)
     elif symmetric:
         zero = torch.full((n, k // g), 2 ** (bits - 1), dtype=torch.int32, device=packed.device)
     else:
         raise CheckpointError(f"{module} lacks 'weight_zero_point', which asymmetric weights need")
     bias = take_bias(tensors, n, module)
-    q = unpack_int32(packed, bits, k)
+    q = unpack_dense_int32(packed, bits, k)
     return QTensor(q, scale.contiguous(), zero.contiguous(), bits, group_size, symmetric, bias)
 
 
