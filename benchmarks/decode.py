@@ -47,7 +47,7 @@ def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Pat
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     src = make_tiny(workdir / "float", SPECS[spec_name])
-    dst = write_rtn_checkpoint(src, workdir / "int4", fmt, bits=4, group_size=128)
+    dst = write_rtn_checkpoint(src, workdir / "int4", fmt, bits=4, group_size=128, device=device)
     variants = {  # name -> (folder, dtype)
         "int4": (dst, torch.float16 if cuda else torch.bfloat16),
         "bf16": (src, torch.bfloat16),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nvila_quant.formats import QTensor
-from nvila_quant.kernels.cuda import CUDA_SOURCES, build_library, cuda_support
+from nvila_quant.kernels.cuda import CUDA_SOURCES, GEMV_MAX_TOKENS, build_library, cuda_support
 from nvila_quant.kernels.linear import QuantLinear
 
 NVCC = shutil.which("nvcc")
@@ -48,7 +48,7 @@ def test_library_refuses_unsupported_arguments_before_launch() -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.nq_w4a16_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr,
                                     ctypes.c_char_p, ctypes.c_int]
-    assert lib.nq_abi_version() == 1
+    assert lib.nq_abi_version() == 2
     assert _call(lib, 1, 64, 48, 48)[0] == 1
     assert "K % 32 == 0" in _call(lib, 1, 64, 48, 48)[1] and "got K=48 group=48" in _call(lib, 1, 64, 48, 48)[1]
     assert "got K=128 group=48" in _call(lib, 4, 64, 128, 48)[1]
@@ -58,6 +58,13 @@ def test_library_refuses_unsupported_arguments_before_launch() -> None:
     assert _call(lib, 0, 64, 128, 32) == (0, "")  # no tokens: nothing to do, nothing launched
     rc, msg = _call(lib, 3, 64, 128, 32)  # valid shapes, no device: the launch error is reported, no crash
     assert rc == 1 and msg
+    lib.nq_w4a16_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_char_p, ctypes.c_int]
+    err = ctypes.create_string_buffer(256)
+    p = ctypes.c_void_p(4096)
+    assert lib.nq_w4a16_dequant(p, p, p, p, 64, 128, 48, 0, None, err, len(err)) == 1
+    assert "group=48" in err.value.decode()
+    assert lib.nq_w4a16_dequant(p, p, p, ctypes.c_void_p(4100), 64, 128, 32, 0, None, err, len(err)) == 1
+    assert "16-byte aligned" in err.value.decode()
 
 
 def test_cuda_support_reasons() -> None:
@@ -95,7 +102,12 @@ def test_cuda_kernels_match_reference_with_poisoned_outputs() -> None:
         assert not out.isnan().any(), (m, n, k, group, dtype)
         rel = float((out.float() - ref).norm() / ref.norm())
         assert rel < 1e-2, (m, n, k, group, dtype, bias, rel)
-        assert torch.equal(mod(x), out)  # the module path = the op
+        w = mod.dequantize_weight(dtype)
+        assert torch.equal(torch.ops.nvila_quant.w4a16_dequant(cw.qweight, cw.scales, cw.zeros, cw.group, dtype), w)
+        if m <= GEMV_MAX_TOKENS:
+            assert torch.equal(mod(x), out)  # the module path = the fused op
+        else:  # the module path = dequantize (bit exact, above) + cuBLAS
+            assert torch.equal(mod(x), F.linear(x, w, b))
 
 
 @pytest.mark.cuda
@@ -117,7 +129,7 @@ def test_cuda_op_in_torch_compile_and_cuda_graph() -> None:
     qt = QTensor.from_float(torch.randn(256, 512), 4, 128, True, bias=torch.randn(256), scale_dtype=torch.bfloat16)
     mod = QuantLinear.from_qtensor(qt, backend="cuda").cuda()
     mod.prepare("cuda")
-    for m in (1, 32):
+    for m in (1, 32):  # the GEMV, dequantize + cuBLAS
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         eager = mod(x)
         compiled = torch.compile(mod, fullgraph=True)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import shutil
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +58,8 @@ def _library(device_index: int) -> ctypes.CDLL:
     lib.nq_w4a16_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr,
                                     ctypes.c_char_p, ctypes.c_int]
     lib.nq_w4a16_linear.restype = ctypes.c_int
+    lib.nq_w4a16_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_char_p, ctypes.c_int]
+    lib.nq_w4a16_dequant.restype = ctypes.c_int
     return lib
 
 
@@ -93,42 +97,76 @@ def cuda_support(bits: int, group: int, out_features: int, in_features: int,
 
 @dataclass
 class CudaWeights:
-    """qweight (N, K/8) int32 (a view of the module's nibble rows), scales (N, K/G) fp32, zeros (N, K/G) uint8."""
+    """qweight (N, K/8) int32 (a view of the module's nibble rows), scales (N, K/G) fp32, zeros (N, K/G) uint8,
+    all contiguous on one device (checked once, in :func:`prepare_cuda`); ``biases`` caches the bias per dtype."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     group: int
+    biases: dict = field(default_factory=dict)
+
+    def bias_for(self, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if bias is None:
+            return None
+        cached = self.biases.get(dtype)
+        if cached is None or cached.device != bias.device:
+            cached = self.biases[dtype] = bias.to(dtype).contiguous()
+        return cached
 
 
 def prepare_cuda(qnib: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, in_features: int) -> CudaWeights:
     """Repack for the kernels: no copy of the weights (nibble rows are already the kernel's word layout)."""
     if qnib.shape[1] * 2 != in_features or in_features % 32:
         raise ValueError(f"CUDA kernels need 4-bit nibble rows with in_features % 32 == 0, got {tuple(qnib.shape)}")
-    return CudaWeights(qnib.contiguous().view(torch.int32), scale.float().contiguous(), zero.contiguous(), group)
+    weights = CudaWeights(qnib.contiguous().view(torch.int32), scale.float().contiguous(), zero.contiguous(), group)
+    _check_weights(weights.qweight, weights.scales, weights.zeros, group, weights.qweight.device)
+    return weights
+
+
+def _check_weights(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                   device: torch.device) -> None:
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    expect = {"qweight": ((n, k // 8), torch.int32), "scales": ((n, k // group), torch.float32),
+              "zeros": ((n, k // group), torch.uint8)}
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        shape, dtype = expect[name]
+        if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or t.device != device:
+            raise ValueError(f"w4a16_linear: {name} must be a contiguous {dtype} {shape} on {device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+_ERRORS = threading.local()  # one reusable error-message buffer per thread
+
+
+def _error_buffer() -> ctypes.Array:
+    buf = getattr(_ERRORS, "buf", None)
+    if buf is None:
+        buf = _ERRORS.buf = ctypes.create_string_buffer(512)
+    return buf
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-            bias: torch.Tensor | None, group: int, out: torch.Tensor) -> None:
+            bias: torch.Tensor | None, group: int, out: torch.Tensor, weights_checked: bool = False) -> None:
     m, k = x.shape
     n = qweight.shape[0]
-    expect = {"qweight": ((n, k // 8), torch.int32), "scales": ((n, k // group), torch.float32),
-              "zeros": ((n, k // group), torch.uint8), "out": ((m, n), x.dtype)}
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("out", out)):
-        shape, dtype = expect[name]
-        if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or t.device != x.device:
-            raise ValueError(f"w4a16_linear: {name} must be a contiguous {dtype} {shape} on {x.device}, "
-                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if not weights_checked:
+        _check_weights(qweight, scales, zeros, group, x.device)
+    if qweight.shape[1] * 8 != k:
+        raise ValueError(f"w4a16_linear: x has K={k}, the weights K={qweight.shape[1] * 8}")
+    if tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"w4a16_linear: out must be a contiguous {x.dtype} ({m}, {n}) on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"w4a16_linear: x must be fp16 or bf16, got {x.dtype}")
     if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
         raise ValueError(f"w4a16_linear: bias must be a contiguous {x.dtype} ({n},), got {bias.dtype} {tuple(bias.shape)}")
-    err = ctypes.create_string_buffer(512)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = _library(x.device.index if x.device.index is not None else torch.cuda.current_device()).nq_w4a16_linear(
+    err = _error_buffer()
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    rc = _library(device).nq_w4a16_linear(
         x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, group,
-        0 if x.dtype == torch.float16 else 1, stream, err, len(err),
+        0 if x.dtype == torch.float16 else 1, torch.cuda.current_stream(x.device).cuda_stream, err, len(err),
     )
     if rc != 0:
         raise RuntimeError(f"w4a16_linear failed: {err.value.decode(errors='replace')}")
@@ -166,10 +204,56 @@ def _(x, qweight, scales, zeros, bias, group, out):  # noqa: ANN001, ANN202
     return None
 
 
+# Token counts above this run dequantize (nq_w4a16_dequant, at memory bandwidth) + cuBLAS instead of the fused
+# kernels. Measured on H100 (benchmarks/kernels.py, CUDA graphs, cold L2): the GEMV is 1.9-2.1x faster than fp16
+# cuBLAS at 1 token but its time grows ~linearly with tokens (8 tokens: 0.40-0.47x cuBLAS), and dequantize +
+# cuBLAS is 0.51-0.68x cuBLAS from 8 to 512 tokens, where the fused GEMM kernel is 0.19-0.24x (its 128x128
+# tiles leave most SMs idle below a few hundred tokens). NVILA_QUANT_CUDA_GEMM=fused forces the fused kernels.
+GEMV_MAX_TOKENS = 4
+
+
+def _dequantize(weights: CudaWeights, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight in fp16/bf16, exactly the reference's (q - z) * s rounded once."""
+    q = weights.qweight
+    n, k = q.shape[0], q.shape[1] * 8
+    w = torch.empty(n, k, dtype=dtype, device=q.device)
+    err = _error_buffer()
+    rc = _library(q.device.index if q.device.index is not None else torch.cuda.current_device()).nq_w4a16_dequant(
+        q.data_ptr(), weights.scales.data_ptr(), weights.zeros.data_ptr(), w.data_ptr(), n, k, weights.group,
+        0 if dtype == torch.float16 else 1, torch.cuda.current_stream(q.device).cuda_stream, err, len(err))
+    if rc != 0:
+        raise RuntimeError(f"w4a16_dequant failed: {err.value.decode(errors='replace')}")
+    return w
+
+
+@torch.library.custom_op("nvila_quant::w4a16_dequant", mutates_args=())
+def w4a16_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) fp16/bf16 weight from the packed form (the traceable twin of :func:`_dequantize`)."""
+    return _dequantize(CudaWeights(qweight, scales, zeros, group), dtype)
+
+
+@w4a16_dequant.register_fake
+def _(qweight, scales, zeros, group, dtype):  # noqa: ANN001, ANN202 (fake impl: shapes only)
+    return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 8, dtype=dtype)
+
+
 def cuda_linear(x: torch.Tensor, weights: CudaWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) fp16/bf16 on CUDA -> (..., N)."""
+    """x (..., K) fp16/bf16 on CUDA -> (..., N). Up to GEMV_MAX_TOKENS tokens: the fused GEMV; more: dequantize
+    + cuBLAS. Eager calls launch directly (the weights were checked once when prepared; the custom ops' dispatch
+    costs more than the GEMV at one token); under ``torch.compile`` they go through the registered ops."""
     shape = x.shape
-    b = None if bias is None else bias.to(x.dtype).contiguous()
-    y = torch.ops.nvila_quant.w4a16_linear(x.reshape(-1, shape[-1]), weights.qweight, weights.scales,
-                                           weights.zeros, b, weights.group)
+    b = weights.bias_for(bias, x.dtype)
+    x2 = x.reshape(-1, shape[-1])
+    compiling = torch.compiler.is_compiling()  # registered ops then, so the call traces
+    if x2.shape[0] > GEMV_MAX_TOKENS and os.environ.get("NVILA_QUANT_CUDA_GEMM") != "fused":
+        w = (torch.ops.nvila_quant.w4a16_dequant(weights.qweight, weights.scales, weights.zeros, weights.group, x.dtype)
+             if compiling else _dequantize(weights, x.dtype))
+        y = torch.nn.functional.linear(x2, w, b)
+    elif compiling:
+        y = torch.ops.nvila_quant.w4a16_linear(x2, weights.qweight, weights.scales, weights.zeros, b, weights.group)
+    else:
+        x2 = _aligned(x2)
+        y = torch.empty(x2.shape[0], weights.qweight.shape[0], dtype=x.dtype, device=x.device)
+        _launch(x2, weights.qweight, weights.scales, weights.zeros, b, weights.group, y, weights_checked=True)
     return y.reshape(*shape[:-1], y.shape[-1])
