@@ -280,8 +280,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{gpu['device']}: copy bandwidth {gpu['copy_bandwidth_gbs']:.0f} GB/s; {gpu['timing']}")
             print(table(gpu["rows"], ["N", "K", "M", "cuda_ms", "cublas_fp16_ms", "x_vs_fp16", "bandwidth_fraction",
                                       "cuda_fused_gemm_ms", "eager_cuda_ms", "eager_cublas_fp16_ms"]))
-            print(f"GEMV bandwidth fraction at M=1 (min) {gpu['gemv_bandwidth_fraction_m1_min']:.2f}, GEMM vs cuBLAS "
-                  f"at M>=512 (min) {gpu['gemm_vs_cublas_fp16_m512_min']:.2f}; goals {GPU_GOALS}; met {gpu['met']}")
+            def fmt(v: float | None) -> str:
+                return "not measured (no such M)" if v is None else f"{v:.2f}"
+
+            print(f"GEMV bandwidth fraction at M=1 (min) {fmt(gpu['gemv_bandwidth_fraction_m1_min'])}, GEMM vs cuBLAS "
+                  f"at M>=512 (min) {fmt(gpu['gemm_vs_cublas_fp16_m512_min'])}; goals {GPU_GOALS}; met {gpu['met']}")
         else:
             payload["gpu"] = {"status": "not measured: no GPU", "goals": {k: "not measured: no GPU" for k in GPU_GOALS}}
     payload["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
