@@ -16,7 +16,7 @@ fp16 activations compute in bf16 (the CPU kernels have no fp16 path); the result
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,17 @@ class CpuState:
     bias: torch.Tensor | None  # (N,) fp32
     group: int
     torch_int4: TorchInt4Weights | None = None
+    plans: dict = field(default_factory=dict)  # (x dtype, env overrides) -> (few-token kernel, dense from M)
+
+    def plan(self, out_features: int, in_features: int, x_dtype: torch.dtype) -> tuple[str | None, int]:
+        """The few-token kernel for ``x_dtype`` activations and the token count from which the dense path runs,
+        decided once per dtype (and per value of the environment overrides)."""
+        key = (x_dtype, os.environ.get("NVILA_QUANT_CPU_KERNEL"), os.environ.get("NVILA_QUANT_CPU_DENSE_MIN_TOKENS"))
+        plan = self.plans.get(key)
+        if plan is None:
+            kernel = few_token_kernel(self.group, out_features, in_features, x_dtype)
+            plan = self.plans[key] = (kernel, cpu_dense_min_tokens(kernel) if kernel else 0)
+        return plan
 
 
 def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, group: int) -> CpuState:
@@ -194,11 +205,12 @@ def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Te
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     compute = _compute_dtype(x.dtype)
-    kernel = few_token_kernel(state.group, n, k, x.dtype)
-    needs_grad = torch.is_grad_enabled() and x.requires_grad  # the fused kernels have no backward
-    if kernel is not None and m < cpu_dense_min_tokens(kernel) and not needs_grad:
-        if kernel.startswith("native"):
-            y = native_linear(x2.to(compute), qnib, state.scale, state.zero, state.bias, state.group)
+    kernel, dense_from = state.plan(n, k, x.dtype)
+    needs_grad = x.requires_grad and torch.is_grad_enabled()  # the fused kernels have no backward
+    if kernel is not None and m < dense_from and not needs_grad:
+        if kernel[0] == "n":  # native-*
+            y = native_linear(x2 if x2.dtype == compute else x2.to(compute), qnib, state.scale, state.zero,
+                              state.bias, state.group)
         else:
             if state.torch_int4 is None:
                 state.torch_int4 = prepare_torch_int4(unpack_nibbles(qnib), state.scale, state.zero, state.group)
@@ -207,7 +219,9 @@ def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Te
                                                            t.scales_and_zeros)
             if state.bias is not None:
                 y = y + state.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*shape[:-1], n)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*shape[:-1], n)
     if needs_grad:  # autograd keeps the weight: a fresh one, not the shared scratch buffer
         w = dequantize_nibbles(qnib, state.scale, state.zero, state.group, compute)
         y = F.linear(x2.to(compute), w, None if state.bias is None else state.bias.to(compute))

@@ -58,6 +58,7 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.lru_cache(maxsize=1)
 def native_caps() -> int:
     """Bit 1: fp32 kernels (AVX-512F); bit 2: bf16 kernels (AVX-512 BW + BF16); 0 without the library."""
     lib = _library()
