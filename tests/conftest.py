@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default suite is the CPU suite (what CI runs): on a GPU machine, tests not marked ``cuda`` still see no
+    GPU, so device defaults ("auto": the GPU when present) and exact comparisons do not change with the hardware.
+    GPU behaviour is what the ``cuda`` tests check."""
+    if request.node.get_closest_marker("cuda") is None and torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_nvila(tmp_path_factory: pytest.TempPathFactory):
     """Tiny NVILA (dynamic S2, 2x2 projector) with planted outliers, bf16 on disk."""

@@ -63,10 +63,15 @@ def _library(device_index: int) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
 def _device_reason(device_index: int) -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
+    return _built_reason(device_index)
+
+
+@functools.cache
+def _built_reason(device_index: int) -> str | None:
+    """Why the kernels cannot run on this device (checked, and built, once per device), or None."""
     cap = torch.cuda.get_device_capability(device_index)
     if cap < MIN_CAPABILITY:
         return f"compute capability {cap[0]}.{cap[1]} < 8.0 (bf16 tensor cores)"
