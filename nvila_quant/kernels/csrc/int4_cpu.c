@@ -179,13 +179,18 @@ static inline __m512i table2_bf16(float s, float z) {
 }
 
 #define NQ_MB 6  // tokens per pass over a block of 4 weight rows (4 x 6 accumulators)
+// Passes after a row block's first reuse its dequantized rows: the first pass stores them (bf16, 4 x K) into a
+// per-thread buffer that stays in L1/L2, later passes load them instead of unpacking the nibbles again.
+#define NQ_ON_THE_FLY 0
+#define NQ_TO_BUF 1
+#define NQ_FROM_BUF 2
 
 // R weight rows x MB tokens over 64-wide K chunks. x is pre-permuted per chunk: positions 0..31 hold the even
 // k of the chunk, 32..63 the odd k (matching the low / high nibbles of its 32 bytes). E = 2 keeps separate
 // even/odd accumulators (more independent chains when R * MB is small).
 static inline __attribute__((always_inline)) void rows_bf16_64(
     const uint16_t* xp, const uint8_t* q, int64_t qstride, const nq_meta m, const int64_t base, int64_t ng,
-    int64_t k, int64_t group, const int R, const int MB, float* acc_out) {
+    int64_t k, int64_t group, const int R, const int MB, float* acc_out, uint16_t* wbuf, const int mode) {
     const int E = R * MB <= 8 ? 2 : 1;
     __m512 acc[4][NQ_MB][2];
     for (int r = 0; r < R; ++r)
@@ -196,12 +201,23 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
         for (int r = 0; r < R; ++r) t[r] = table2_bf16(scale_at(m, base + r * ng + g), zero_at(m, base + r * ng + g));
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
             __m512bh we[4], wo[4];  // the chunk's R rows dequantized once (even k, odd k)
+            uint16_t* wb = wbuf ? wbuf + (kk / 64) * R * 64 : 0;  // this chunk's rows in the block's buffer
             for (int r = 0; r < R; ++r) {
-                // prefetch the same columns of the next row block (never faults, even past the end)
-                _mm_prefetch((const char*)(q + (r + R) * qstride + kk / 2), _MM_HINT_T0);
-                const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + r * qstride + kk / 2)));
-                const __m512i e = _mm512_permutexvar_epi16(bytes, t[r]);
-                const __m512i o = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), t[r]);
+                __m512i e, o;
+                if (mode == NQ_FROM_BUF) {  // dequantized by the block's first token pass
+                    e = _mm512_load_si512(wb + r * 64);
+                    o = _mm512_load_si512(wb + r * 64 + 32);
+                } else {
+                    // prefetch the same columns of the next row block (never faults, even past the end)
+                    _mm_prefetch((const char*)(q + (r + R) * qstride + kk / 2), _MM_HINT_T0);
+                    const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + r * qstride + kk / 2)));
+                    e = _mm512_permutexvar_epi16(bytes, t[r]);
+                    o = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), t[r]);
+                    if (mode == NQ_TO_BUF) {
+                        _mm512_store_si512(wb + r * 64, e);
+                        _mm512_store_si512(wb + r * 64 + 32, o);
+                    }
+                }
                 memcpy(&we[r], &e, sizeof e);
                 memcpy(&wo[r], &o, sizeof o);
             }
@@ -223,7 +239,7 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
             acc_out[r * NQ_MB + m] = _mm512_reduce_add_ps(E == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0]);
 }
 
-#define NQ_ROWS_CASE(RR, MM) rows_bf16_64(xb, qr, k / 2, meta, (r0 + r1) * ng, ng, k, group, RR, MM, acc)
+#define NQ_ROWS_CASE(RR, MM) rows_bf16_64(xb, qr, k / 2, meta, (r0 + r1) * ng, ng, k, group, RR, MM, acc, wb, mode)
 
 // x (M, K) bf16 in natural order; needs k % 64 == 0 and group % 64 == 0. Each 64-wide chunk of x is first
 // de-interleaved (even k, then odd k: the order rows_bf16_64 unpacks nibbles in) into a scratch copy.
@@ -246,7 +262,11 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
     }
     const int64_t ng = k / group;
     const int64_t blocks = (n + 3) / 4;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+    const int passes = (int)((m_tokens + NQ_MB - 1) / NQ_MB);
+#pragma omp parallel num_threads(nthreads)
+    {
+    uint16_t* buf = passes > 1 ? (uint16_t*)aligned_alloc(64, (size_t)(4 * k) * sizeof(uint16_t)) : 0;
+#pragma omp for schedule(dynamic, 16)
     for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t r0 = blk * 4;
         const int rows = (int)(n - r0 < 4 ? n - r0 : 4);
@@ -255,6 +275,8 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
             const uint16_t* xb = xp + m0 * k;
             float acc[4 * NQ_MB] = {0};
             const int rr = rows == 4 ? 4 : 1;
+            uint16_t* wb = rr == 4 ? buf : 0;  // a no-buffer thread (allocation failed) unpacks every pass
+            const int mode = !wb ? NQ_ON_THE_FLY : m0 == 0 ? NQ_TO_BUF : NQ_FROM_BUF;
             for (int r1 = 0; r1 < rows; r1 += rr) {
                 const uint8_t* qr = q + (r0 + r1) * (k / 2);
                 if (rr == 4) {
@@ -282,6 +304,8 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
                             f32_to_bf16(acc[r * NQ_MB + m] + (bias ? bias[r0 + r1 + r] : 0.f));
             }
         }
+    }
+    free(buf);
     }
     free(xp);
     return 0;
