@@ -11,7 +11,8 @@ w = (q - zero) * scale. Kernel-specific repacks are built once per device by :me
 Backends (``backend`` attribute, default "auto" = the fast one for the input's device):
     "cpu"       fused int4 kernels for few tokens (native AVX-512, else torch's int4 op), dequantize + dense
                 matmul for many (kernels/cpu.py)
-    "cuda"      the project's W4A16 GEMM/GEMV (kernels/cuda), fp16/bf16 activations
+    "cuda"      the project's W4A16 GEMV for few tokens, its dequantize kernel + cuBLAS for more (kernels/cuda),
+                fp16/bf16 activations
     "reference" dequantize (exact fp32 (q - z) * s, cast to the activation dtype) + F.linear: the oracle
 A fast backend that cannot run a layer (bits, shape, group size, dtype) falls back to "reference" and logs
 the reason once per reason.
