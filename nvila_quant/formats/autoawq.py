@@ -24,6 +24,7 @@ from nvila_quant.formats.common import (
     expect,
     take,
     take_bias,
+    take_packed,
 )
 from nvila_quant.formats.qtensor import QTensor
 
@@ -46,15 +47,13 @@ def check(bits: int, group_size: int, shape: tuple[int, int]) -> None:
 
 
 def pack(qt: QTensor) -> dict[str, torch.Tensor]:
-    """QTensor -> {suffix: tensor} (module-relative names, e.g. ``"qweight"``)."""
+    """QTensor -> {suffix: tensor} (module-relative names, e.g. ``"qweight"``); the bias is added by pack_linear."""
     check(qt.bits, qt.group_size, tuple(qt.q.shape))
     out = {
         "qweight": pack_int32(qt.q.t(), qt.bits, AWQ_ORDER),  # (K, N) -> (K, N/8)
         "qzeros": pack_int32(qt.zero.t(), qt.bits, AWQ_ORDER),  # (K/G, N) -> (K/G, N/8)
         "scales": qt.scale.t().contiguous(),  # (K/G, N)
     }
-    if qt.bias is not None:
-        out["bias"] = qt.bias
     return out
 
 
@@ -63,9 +62,7 @@ def unpack(
 ) -> QTensor:
     """{suffix: tensor} -> QTensor; shapes and dtypes are checked against (bits, group_size)."""
     check_bits(NAME, bits, BITS)
-    qweight = take(tensors, "qweight", module, NAME)
-    if qweight.dim() != 2 or qweight.dtype != torch.int32:
-        raise CheckpointError(f"{module}.qweight must be a 2-D int32 (K, N/8) tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    qweight = take_packed(tensors, "qweight", torch.int32, "(K, N/8)", module, NAME)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     try:
         g = check_group_size(NAME, group_size, k)

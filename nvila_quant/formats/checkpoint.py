@@ -67,8 +67,12 @@ def check_packable(fmt: str, bits: int, group_size: int, shape: tuple[int, int])
 
 
 def pack_linear(fmt: str, qt: QTensor) -> dict[str, torch.Tensor]:
-    """QTensor -> the format's tensors, keyed by suffix (``qweight``, ``weight_packed``, ..., ``bias``)."""
-    return format_module(fmt).pack(qt)
+    """QTensor -> the format's tensors, keyed by suffix (``qweight``, ``weight_packed``, ..., ``bias``): the
+    format's packed weight (its ``pack``) plus the float bias, stored the same way in every format."""
+    out = format_module(fmt).pack(qt)
+    if qt.bias is not None:
+        out["bias"] = qt.bias
+    return out
 
 
 def unpack_linear(
@@ -272,7 +276,7 @@ class QuantizedCheckpointWriter:
             raise ConfigError(f"{name}: {e}") from e
         if name in self._modules:
             raise ValueError(f"linear {name!r} was already written")
-        for suffix, tensor in self.module.pack(qt).items():
+        for suffix, tensor in pack_linear(self.fmt, qt).items():
             self._put(f"{name}.{suffix}", tensor)
         self._modules.append(name)
         if qt.group_size != self.group_size:

@@ -17,6 +17,7 @@ __all__ = [
     "symmetric_zero",
     "take",
     "take_bias",
+    "take_packed",
 ]
 
 
@@ -55,6 +56,17 @@ def take(tensors: Mapping[str, torch.Tensor], key: str, module: str, fmt: str) -
     if key not in tensors:
         raise CheckpointError(f"{fmt} module {module!r} lacks tensor {key!r} (has {sorted(tensors)})")
     return tensors[key]
+
+
+def take_packed(
+    tensors: Mapping[str, torch.Tensor], key: str, dtype: torch.dtype, layout: str, module: str, fmt: str
+) -> torch.Tensor:
+    """The module's 2-D integer tensor ``key`` of ``dtype`` (``layout`` names its dims in the error)."""
+    t = take(tensors, key, module, fmt)
+    if t.dim() != 2 or t.dtype != dtype:
+        raise CheckpointError(f"{module}.{key} must be a 2-D {str(dtype).removeprefix('torch.')} {layout} tensor, "
+                              f"got {t.dtype} {tuple(t.shape)}")
+    return t
 
 
 def take_bias(tensors: Mapping[str, torch.Tensor], n: int, module: str) -> torch.Tensor | None:

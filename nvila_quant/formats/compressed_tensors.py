@@ -50,7 +50,7 @@ def check(bits: int, group_size: int, shape: tuple[int, int]) -> None:
 
 
 def pack(qt: QTensor) -> dict[str, torch.Tensor]:
-    """QTensor -> {suffix: tensor}."""
+    """QTensor -> {suffix: tensor}; the bias is added by pack_linear."""
     n, k = qt.q.shape
     check(qt.bits, qt.group_size, (n, k))
     out = {
@@ -62,8 +62,6 @@ def pack(qt: QTensor) -> dict[str, torch.Tensor]:
         symmetric_zero(NAME, qt.zero, qt.bits)
     else:
         out["weight_zero_point"] = pack_dense_int32(qt.zero.t(), qt.bits).t().contiguous()  # (ceil(N*b/32), K/G)
-    if qt.bias is not None:
-        out["bias"] = qt.bias
     return out
 
 

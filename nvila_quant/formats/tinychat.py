@@ -27,6 +27,7 @@ from nvila_quant.formats.common import (
     expect,
     take,
     take_bias,
+    take_packed,
 )
 from nvila_quant.formats.qtensor import QTensor
 
@@ -80,7 +81,7 @@ def _unpack_q(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def pack(qt: QTensor) -> dict[str, torch.Tensor]:
-    """QTensor -> {suffix: tensor}."""
+    """QTensor -> {suffix: tensor}; the bias is added by pack_linear."""
     n, k = qt.q.shape
     check(qt.bits, qt.group_size, (n, k))
     if bool((qt.scale == 0).any()):
@@ -92,8 +93,6 @@ def pack(qt: QTensor) -> dict[str, torch.Tensor]:
     scales[:g] = qt.scale.t()
     scaled_zeros[:g] = (-(qt.scale.float() * qt.zero.float())).to(qt.scale.dtype).t()
     out = {"qweight": _pack_q(qt.q), "scales": scales, "scaled_zeros": scaled_zeros}
-    if qt.bias is not None:
-        out["bias"] = qt.bias
     return out
 
 
@@ -102,9 +101,7 @@ def unpack(
 ) -> QTensor:
     """{suffix: tensor} -> QTensor; shapes, dtypes and the zero points' integrality are checked."""
     check_bits(NAME, bits, BITS)
-    qweight = take(tensors, "qweight", module, NAME)
-    if qweight.dim() != 2 or qweight.dtype != torch.int16:
-        raise CheckpointError(f"{module}.qweight must be a 2-D int16 (N/4, K) tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    qweight = take_packed(tensors, "qweight", torch.int16, "(N/4, K)", module, NAME)
     n, k = qweight.shape[0] * INTERLEAVE, qweight.shape[1]
     try:
         check(bits, group_size, (n, k))

@@ -145,13 +145,13 @@ int nq_dequant(const uint8_t* q, const void* scale, const uint8_t* zero, void* o
 #if NQ_HAVE_BF16
 // one weight row against MB tokens (MB a compile-time constant after inlining)
 static inline __attribute__((always_inline)) void row_bf16(
-    const uint16_t* x, const uint8_t* qr, const nq_meta m, const int64_t base, int64_t k, int64_t group,
+    const uint16_t* x, const uint8_t* qr, const nq_meta md, const int64_t base, int64_t k, int64_t group,
     const int mb, float* acc_out) {
     __m512 acc[8];
     for (int m = 0; m < mb; ++m) acc[m] = _mm512_setzero_ps();
     const int64_t ng = k / group;
     for (int64_t g = 0; g < ng; ++g) {
-        const __m512i t = table_bf16(scale_at(m, base + g), zero_at(m, base + g));
+        const __m512i t = table_bf16(scale_at(md, base + g), zero_at(md, base + g));
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 32) {
             const __m512i w = _mm512_permutexvar_epi16(nibble_idx32(qr + kk / 2), t);
             __m512bh wb;
@@ -189,7 +189,7 @@ static inline __m512i table2_bf16(float s, float z) {
 // k of the chunk, 32..63 the odd k (matching the low / high nibbles of its 32 bytes). E = 2 keeps separate
 // even/odd accumulators (more independent chains when R * MB is small).
 static inline __attribute__((always_inline)) void rows_bf16_64(
-    const uint16_t* xp, const uint8_t* q, int64_t qstride, const nq_meta m, const int64_t base, int64_t ng,
+    const uint16_t* xp, const uint8_t* q, int64_t qstride, const nq_meta md, const int64_t base, int64_t ng,
     int64_t k, int64_t group, const int R, const int MB, float* acc_out, uint16_t* wbuf, const int mode) {
     const int E = R * MB <= 8 ? 2 : 1;
     __m512 acc[4][NQ_MB][2];
@@ -198,7 +198,7 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
             for (int e = 0; e < E; ++e) acc[r][m][e] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         __m512i t[4];
-        for (int r = 0; r < R; ++r) t[r] = table2_bf16(scale_at(m, base + r * ng + g), zero_at(m, base + r * ng + g));
+        for (int r = 0; r < R; ++r) t[r] = table2_bf16(scale_at(md, base + r * ng + g), zero_at(md, base + r * ng + g));
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
             __m512bh we[4], wo[4];  // the chunk's R rows dequantized once (even k, odd k)
             uint16_t* wb = wbuf ? wbuf + (kk / 64) * R * 64 : 0;  // this chunk's rows in the block's buffer
@@ -323,13 +323,13 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
 
 #ifdef __AVX512F__
 static inline __attribute__((always_inline)) void row_f32(
-    const float* x, const uint8_t* qr, const nq_meta m, const int64_t base, int64_t k, int64_t group,
+    const float* x, const uint8_t* qr, const nq_meta md, const int64_t base, int64_t k, int64_t group,
     const int mb, float* acc_out) {
     __m512 acc[8];
     for (int m = 0; m < mb; ++m) acc[m] = _mm512_setzero_ps();
     const int64_t ng = k / group;
     for (int64_t g = 0; g < ng; ++g) {
-        const __m512 t = table_f32(scale_at(m, base + g), zero_at(m, base + g));
+        const __m512 t = table_f32(scale_at(md, base + g), zero_at(md, base + g));
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 16) {
             const __m512 w = _mm512_permutexvar_ps(nibble_idx16(qr + kk / 2), t);
             for (int m = 0; m < mb; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * k + kk), acc[m]);
