@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from _common import table, write_json  # noqa: E402
 
 from nvila_quant.formats import QTensor  # noqa: E402
 from nvila_quant.kernels import cpu as cpu_backend  # noqa: E402
+from nvila_quant.kernels.cpu import cpu_overrides  # noqa: E402
 from nvila_quant.kernels.cpu_native import native_available  # noqa: E402
 from nvila_quant.kernels.cuda import GEMV_MAX_TOKENS  # noqa: E402
 from nvila_quant.kernels.linear import QuantLinear  # noqa: E402
@@ -78,22 +80,22 @@ def _layer(n: int, k: int, group: int, device: str = "cpu") -> QuantLinear:
     return QuantLinear.from_qtensor(qt).to(device)
 
 
-def _forced(**env: str) -> Callable[[Callable[[], object]], Callable[[], object]]:
-    """Run fn with environment overrides (e.g. NVILA_QUANT_CPU_DENSE_MIN_TOKENS) restored afterwards."""
+def _forced(**overrides: object) -> Callable[[Callable[[], object]], Callable[[], object]]:
+    """Run fn under CPU backend overrides (kernels.cpu.cpu_overrides), e.g. dense_min_tokens=1."""
     def wrap(fn: Callable[[], object]) -> Callable[[], object]:
         def run() -> object:
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+            with cpu_overrides(**overrides):
                 return fn()
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k)
-                    else:
-                        os.environ[k] = v
         return run
     return wrap
+
+
+def _fused_gemm(layer: QuantLinear, x: torch.Tensor) -> Callable[[], object]:
+    """The layer with the CUDA backend's fused GEMM kernel forced (NVILA_QUANT_CUDA_GEMM=fused)."""
+    def run() -> object:
+        with mock.patch.dict(os.environ, NVILA_QUANT_CUDA_GEMM="fused"):
+            return layer(x)
+    return run
 
 
 def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w16: torch.Tensor,
@@ -101,10 +103,9 @@ def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w1
     x32 = x16.float()
     fns = {
         "cpu": lambda: layer(x16),
-        "cpu_int4_kernel": _forced(NVILA_QUANT_CPU_DENSE_MIN_TOKENS="1000000")(lambda: layer(x16)),
-        "cpu_dequant_dense": _forced(NVILA_QUANT_CPU_DENSE_MIN_TOKENS="1")(lambda: layer(x16)),
-        "torch_int4_kernel": _forced(NVILA_QUANT_CPU_DENSE_MIN_TOKENS="1000000",
-                                     NVILA_QUANT_CPU_KERNEL="torch")(lambda: layer(x16)),
+        "cpu_int4_kernel": _forced(dense_min_tokens=1000000)(lambda: layer(x16)),
+        "cpu_dequant_dense": _forced(dense_min_tokens=1)(lambda: layer(x16)),
+        "torch_int4_kernel": _forced(dense_min_tokens=1000000, kernel="torch")(lambda: layer(x16)),
         "dense_bf16": lambda: F.linear(x16, w16),
         "dense_fp32": lambda: F.linear(x32, w32),
     }
@@ -217,7 +218,7 @@ def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
             fns = {"cuda": lambda: layer(x), "cublas_fp16": lambda: F.linear(x, w16)}  # noqa: B023
             kernel = {name: graph_ms(fn) for name, fn in fns.items()}
             if m > GEMV_MAX_TOKENS:  # the runtime dequantizes + cuBLAS there; the fused GEMM kernel for comparison
-                kernel["cuda_fused_gemm"] = graph_ms(_forced(NVILA_QUANT_CUDA_GEMM="fused")(lambda: layer(x)))  # noqa: B023
+                kernel["cuda_fused_gemm"] = graph_ms(_fused_gemm(layer, x))
             eager = interleaved(fns, repeats)
             bytes_moved = n * k // 2 + layer.scale.numel() * 4 + layer.zero.numel() + m * (k + n) * 2
             rows.append({"N": n, "K": k, "M": m, "cuda_ms": kernel["cuda"], "cublas_fp16_ms": kernel["cublas_fp16"],

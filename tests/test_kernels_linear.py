@@ -18,7 +18,7 @@ from nvila_quant.quant.primitives import dequantize
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
 SHAPES = [  # (N, K, group): LLM-like, tiny projector, lite projector (576/192 fall back from 128)
     (128, 256, 128), (256, 768, 128), (256, 256, 64), (192, 576, 64), (256, 192, 64), (256, 576, -1),
-    (64, 128, 32), (48, 384, 192), (32, 96, 32),
+    (64, 128, 32), (48, 384, 192), (32, 96, 32), (67, 1088, 64),  # N % 4 tail rows; 17 groups
 ]
 
 
@@ -41,11 +41,11 @@ def test_cpu_backend_matches_reference(n: int, k: int, group: int, dtype: torch.
         qt = _layer(n, k, group, bias, seed=n + k, scale_dtype=scale_dtype)
         fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
         assert fast.resolve_backend(torch.device("cpu"), dtype) == "cpu"
-        for m in (1, 3, 7, 13, 33):  # odd counts on both sides of the dense threshold
-            x = torch.randn(2, m, k).to(dtype)  # fresh input per check, batched leading dims
+        for lead in ((1,), (2,), (1, 3), (2, 7), (2, 13), (2, 33)):  # 1..66 tokens: every few-token kernel, dense
+            x = torch.randn(*lead, k).to(dtype)  # fresh input per check, batched leading dims
             y = fast(x)
-            assert y.shape == (2, m, n) and y.dtype == dtype
-            assert _rel(y, ref(x)) < TOL[dtype], (n, k, group, dtype, bias, m)
+            assert y.shape == (*lead, n) and y.dtype == dtype
+            assert _rel(y, ref(x)) < TOL[dtype], (n, k, group, dtype, bias, lead)
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch-int4"])
@@ -59,8 +59,8 @@ def test_cpu_few_token_kernels_and_dense_path(kernel: str, monkeypatch: pytest.M
     fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
     picked = cpu_backend.few_token_kernel(128, 128, 256, torch.bfloat16)
     assert picked == ("native-bf16" if kernel == "native" else "torch-int4")
-    for threshold in ("1000", "1"):  # all few-token kernel / all dense
-        monkeypatch.setenv("NVILA_QUANT_CPU_DENSE_MIN_TOKENS", threshold)
+    for threshold in (1000, 1):  # all few-token kernel / all dense
+        monkeypatch.setattr(cpu_backend.SETTINGS, "dense_min_tokens", threshold)
         for dtype in (torch.bfloat16, torch.float16):
             x = torch.randn(5, 256).to(dtype)
             assert _rel(fast(x), ref(x)) < 1e-2, (kernel, threshold, dtype)
@@ -73,16 +73,16 @@ def test_cpu_few_token_kernels_and_dense_path(kernel: str, monkeypatch: pytest.M
 def test_dense_path_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Many tokens: dequantize + matmul in cache-sized blocks of output rows (here 9 blocks, last one short)."""
     monkeypatch.setattr(cpu_backend, "CHUNK_ROWS", 32)  # 32 rows per block
-    monkeypatch.setenv("NVILA_QUANT_CPU_DENSE_MIN_TOKENS", "1")
+    monkeypatch.setattr(cpu_backend.SETTINGS, "dense_min_tokens", 1)
     qt = _layer(272, 256, 64, True)
     fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(40, 256).to(dtype)
         assert _rel(fast(x), ref(x)) < TOL[dtype]
-    monkeypatch.setenv("NVILA_QUANT_CPU_CHUNK_MB", "0")  # one block
+    monkeypatch.setattr(cpu_backend.SETTINGS, "chunk_mb", 0.0)  # one block
     x = torch.randn(40, 256, dtype=torch.bfloat16)
     assert torch.equal(fast(x), ref(x))
-    monkeypatch.delenv("NVILA_QUANT_CPU_CHUNK_MB")  # from CHUNK_MAX_TOKENS tokens: one block by default
+    monkeypatch.setattr(cpu_backend.SETTINGS, "chunk_mb", None)  # from CHUNK_MAX_TOKENS tokens: one block by default
     x = torch.randn(cpu_backend.CHUNK_MAX_TOKENS + 3, 256, dtype=torch.bfloat16)
     assert torch.equal(fast(x), ref(x))
 

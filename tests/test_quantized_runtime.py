@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 from nvila_quant.errors import CheckpointError
 from nvila_quant.formats import FORMATS
 from nvila_quant.io import INDEX_NAME, SINGLE_NAME
+from nvila_quant.kernels.cpu import cpu_overrides
 from nvila_quant.kernels.linear import QuantLinear
 from nvila_quant.model import NVILAQwen2
 from nvila_quant.model.quantized import convert_quantized_folder, quantized_modules, set_backend
@@ -84,8 +85,7 @@ def test_greedy_output_equals_dequantized_float_model(quantized: dict[str, Path]
     # bf16 with the few-token int4 kernel on every token: logits within bf16 tolerance of the dequantized model
     qb = NVILAQwen2.load_pretrained(path, torch_dtype=torch.bfloat16, device="cpu")
     fb = _dequantized_float(tiny_nvila, qb, torch.bfloat16)
-    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NVILA_QUANT_CPU_DENSE_MIN_TOKENS", "100000")
+    with torch.inference_mode(), cpu_overrides(dense_min_tokens=100000):
         a, b = qb.llm(input_ids=_ids(qb)).logits.float(), fb.llm(input_ids=_ids(fb)).logits.float()
     assert float((a - b).norm() / b.norm()) < 2e-2
 

@@ -7,7 +7,10 @@ Few tokens (M below a measured threshold):
     computes ``x @ ((q - 8) * scale + zero).T``: AWQ's (q - z) * s becomes ``zero = (8 - z) * s`` (float domain).
     Its packed layout depends on the CPU ISA, so it is built at load time (:func:`prepare_torch_int4`), never
     stored. It is fast in bf16 only: bf16/fp16 activations run it in bf16.
-``NVILA_QUANT_CPU_KERNEL=torch`` makes torch's kernel the few-token kernel wherever it applies.
+Tuning overrides live in :data:`SETTINGS` (read from the environment at import: ``NVILA_QUANT_CPU_KERNEL=torch``
+makes torch's kernel the few-token kernel wherever it applies, ``NVILA_QUANT_CPU_DENSE_MIN_TOKENS`` moves the
+threshold, ``NVILA_QUANT_CPU_CHUNK_MB`` sizes the dense path's blocks); :func:`cpu_overrides` changes them for a
+block of code.
 Many tokens: dequantize (native, bit exact) blocks of output rows into a reused cache-sized buffer and run a
 dense bf16 (fp32 for fp32 activations) matmul on each block, so the dequantized weights are read from cache. A layer no fast kernel can take falls back to the reference backend (kernels/linear.py).
 fp16 activations compute in bf16 (the CPU kernels have no fp16 path); the result is cast back.
@@ -16,13 +19,18 @@ fp16 activations compute in bf16 (the CPU kernels have no fp16 path); the result
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from nvila_quant.kernels.cpu_native import (
     SCALE_KINDS,
+    NativeLayer,
     dequantize_nibbles,
     native_linear,
     native_linear_support,
@@ -31,10 +39,13 @@ from nvila_quant.kernels.cpu_native import (
 
 __all__ = [
     "DENSE_MIN_TOKENS",
+    "SETTINGS",
+    "CpuSettings",
     "CpuState",
     "TorchInt4Weights",
     "cpu_dense_min_tokens",
     "cpu_linear",
+    "cpu_overrides",
     "cpu_support",
     "few_token_kernel",
     "kernel_group",
@@ -50,6 +61,59 @@ TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # runs where the native kernels cannot, and there the dequantization is torch-only (~20x slower), which moves
 # its crossover to ~600 tokens.
 DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640}
+
+
+def _env_number(name: str) -> float | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+# Objects that cache decisions taken under SETTINGS (QuantLinear's bound fast path): reset when SETTINGS change.
+SETTINGS_USERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@dataclass
+class CpuSettings:
+    """CPU backend overrides (None = the measured defaults). Read once from the environment at import; assign a field
+    or use :func:`cpu_overrides` (layers re-plan on their next call)."""
+
+    kernel: str | None = None  # "torch": prefer torch's int4 op as the few-token kernel (compare / debug)
+    dense_min_tokens: int | None = None  # token count from which dequantize + dense matmul runs
+    chunk_mb: float | None = None  # dense path block size in MB (0: one block)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        for user in list(SETTINGS_USERS):  # cached plans of the old value must not be used
+            user.settings_changed()
+
+    @classmethod
+    def from_env(cls) -> CpuSettings:
+        tokens, chunk = _env_number("NVILA_QUANT_CPU_DENSE_MIN_TOKENS"), _env_number("NVILA_QUANT_CPU_CHUNK_MB")
+        return cls(os.environ.get("NVILA_QUANT_CPU_KERNEL") or None, None if tokens is None else int(tokens), chunk)
+
+
+SETTINGS = CpuSettings.from_env()
+
+
+@contextmanager
+def cpu_overrides(**changes: object) -> Iterator[CpuSettings]:
+    """Temporarily change :data:`SETTINGS` fields, e.g. ``with cpu_overrides(dense_min_tokens=1): ...``."""
+    names = {f.name for f in fields(CpuSettings)}
+    if unknown := set(changes) - names:
+        raise TypeError(f"unknown CPU settings {sorted(unknown)}; known: {sorted(names)}")
+    old = {k: getattr(SETTINGS, k) for k in changes}
+    for k, v in changes.items():
+        setattr(SETTINGS, k, v)
+    try:
+        yield SETTINGS
+    finally:
+        for k, v in old.items():
+            setattr(SETTINGS, k, v)
 
 
 def _compute_dtype(x_dtype: torch.dtype | None) -> torch.dtype:
@@ -75,7 +139,7 @@ def _torch_int4_reason(group: int, out_features: int, in_features: int) -> str |
 def few_token_kernel(group: int, out_features: int, in_features: int, x_dtype: torch.dtype | None) -> str | None:
     """"native-bf16" / "native-fp32" / "torch-int4", or None when no fast kernel takes this layer and dtype."""
     compute = _compute_dtype(x_dtype)
-    prefer_torch = os.environ.get("NVILA_QUANT_CPU_KERNEL") == "torch"  # compare with / debug torch's kernel
+    prefer_torch = SETTINGS.kernel == "torch"  # compare with / debug torch's kernel
     if not prefer_torch and native_linear_support(compute, in_features, group):
         return "native-fp32" if compute == torch.float32 else "native-bf16"
     if compute == torch.bfloat16 and _torch_int4_reason(group, out_features, in_features) is None:
@@ -98,9 +162,8 @@ def cpu_support(bits: int, group: int, out_features: int, in_features: int,
 
 
 def cpu_dense_min_tokens(kernel: str = "native-bf16") -> int:
-    """Token count from which the dense path runs (``NVILA_QUANT_CPU_DENSE_MIN_TOKENS`` overrides)."""
-    env = os.environ.get("NVILA_QUANT_CPU_DENSE_MIN_TOKENS")
-    return int(env) if env else DENSE_MIN_TOKENS[kernel]
+    """Token count from which the dense path runs (``SETTINGS.dense_min_tokens`` overrides)."""
+    return DENSE_MIN_TOKENS[kernel] if SETTINGS.dense_min_tokens is None else SETTINGS.dense_min_tokens
 
 
 @dataclass
@@ -138,17 +201,29 @@ class CpuState:
     bias: torch.Tensor | None  # (N,) fp32
     group: int
     torch_int4: TorchInt4Weights | None = None
-    plans: dict = field(default_factory=dict)  # (x dtype, env overrides) -> (few-token kernel, dense from M)
+    plans: dict = field(default_factory=dict)  # (x dtype, overrides) -> Plan
 
-    def plan(self, out_features: int, in_features: int, x_dtype: torch.dtype) -> tuple[str | None, int]:
+    def plan(self, qnib: torch.Tensor, x_dtype: torch.dtype) -> Plan:
         """The few-token kernel for ``x_dtype`` activations and the token count from which the dense path runs,
-        decided once per dtype (and per value of the environment overrides)."""
-        key = (x_dtype, os.environ.get("NVILA_QUANT_CPU_KERNEL"), os.environ.get("NVILA_QUANT_CPU_DENSE_MIN_TOKENS"))
-        plan = self.plans.get(key)
+        decided once per dtype (and per value of the overrides)."""
+        plan = self.plans.get((x_dtype, SETTINGS.kernel, SETTINGS.dense_min_tokens))
         if plan is None:
-            kernel = few_token_kernel(self.group, out_features, in_features, x_dtype)
-            plan = self.plans[key] = (kernel, cpu_dense_min_tokens(kernel) if kernel else 0)
+            n, k = qnib.shape[0], qnib.shape[1] * 2
+            kernel = few_token_kernel(self.group, n, k, x_dtype)
+            bound = None
+            if kernel == "native-bf16" and x_dtype == torch.bfloat16 and NativeLayer.supports(k, self.group):
+                bound = NativeLayer(qnib, self.scale, self.zero, self.bias, self.group)
+            plan = Plan(kernel, cpu_dense_min_tokens(kernel) if kernel else 0, bound)
+            if bound is not None:
+                bound.max_numel = plan.dense_from * k
+            self.plans[(x_dtype, SETTINGS.kernel, SETTINGS.dense_min_tokens)] = plan
         return plan
+
+
+class Plan(NamedTuple):
+    kernel: str | None  # the few-token kernel, None: dense path only
+    dense_from: int  # token count from which the dense path runs
+    bound: NativeLayer | None  # the native bf16 kernel bound to the layer (bf16 activations, K % 64 == 0)
 
 
 def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, group: int) -> CpuState:
@@ -180,9 +255,8 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 def dense_chunked(x2: torch.Tensor, qnib: torch.Tensor, state: CpuState, dtype: torch.dtype) -> torch.Tensor:
     """x2 (M, K) -> (M, N): dequantize a block of output rows into a cache-sized buffer, matmul it, repeat."""
     n, k = qnib.shape[0], qnib.shape[1] * 2
-    env = os.environ.get("NVILA_QUANT_CPU_CHUNK_MB")
-    if env is not None:  # 0 = one block
-        chunk_bytes = int(float(env) * 1024**2)
+    if SETTINGS.chunk_mb is not None:  # 0 = one block
+        chunk_bytes = int(SETTINGS.chunk_mb * 1024**2)
         rows = n if chunk_bytes <= 0 else max(16, min(n, chunk_bytes // (k * torch.finfo(dtype).bits // 8)) // 16 * 16)
     else:
         rows = min(n, CHUNK_ROWS) if x2.shape[0] < CHUNK_MAX_TOKENS else n
@@ -205,7 +279,7 @@ def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Te
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     compute = _compute_dtype(x.dtype)
-    kernel, dense_from = state.plan(n, k, x.dtype)
+    kernel, dense_from, _ = state.plan(qnib, x.dtype)
     needs_grad = x.requires_grad and torch.is_grad_enabled()  # the fused kernels have no backward
     if kernel is not None and m < dense_from and not needs_grad:
         if kernel[0] == "n":  # native-*

@@ -25,6 +25,7 @@ __all__ = [
     "native_caps",
     "native_linear",
     "native_linear_support",
+    "NativeLayer",
     "pack_nibbles",
     "unpack_nibbles",
 ]
@@ -55,6 +56,8 @@ def _library() -> ctypes.CDLL | None:
     lib.nq_linear.restype = cint
     lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
     lib.nq_linear_bf16_64.restype = cint
+    lib.nq_layer_bf16.argtypes = [ptr, ptr, ptr, i64, cint]
+    lib.nq_layer_bf16.restype = cint
     return lib
 
 
@@ -148,3 +151,40 @@ def native_linear(
     if rc != 0:
         raise RuntimeError(f"native int4 linear failed with code {rc} for x {tuple(x.shape)}, N={n}, group {group}")
     return out
+
+
+class _LayerStruct(ctypes.Structure):  # nq_layer in csrc/int4_cpu.c
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("scale_kind", ctypes.c_int64)]
+
+
+class NativeLayer:
+    """The bf16 fused kernel bound once to one layer's tensors, so a decode step's call passes only x, the output
+    and the token count (a per-call cost that shows when caches are cold: every layer of a decode step).
+    Requires bf16 support, K and group multiples of 64 (:meth:`supports`)."""
+
+    __slots__ = ("call", "keep", "max_numel", "n", "ptr", "struct")
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
+                 group: int) -> None:
+        n, k = packed.shape[0], packed.shape[1] * 2
+        if not self.supports(k, group) or not _meta_ok(scale, zero):
+            raise ValueError(f"NativeLayer needs bf16 kernels, K and group multiples of 64 (K={k}, group={group})")
+        self.keep = tuple(t.contiguous() for t in (packed, scale, zero) + (() if bias is None else (bias,)))
+        self.struct = _LayerStruct(*(t.data_ptr() for t in self.keep[:3]), None if bias is None else self.keep[3].data_ptr(),
+                                   n, k, group, SCALE_KINDS[scale.dtype])
+        self.ptr, self.n, self.call = ctypes.addressof(self.struct), n, _library().nq_layer_bf16
+        self.max_numel = 0  # inputs with fewer elements take this kernel (set by the CPU backend's plan)
+
+    @staticmethod
+    def supports(in_features: int, group: int) -> bool:
+        return native_linear_support(torch.bfloat16, in_features, group) and in_features % 64 == 0 and group % 64 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) bf16, contiguous (the caller checks K) -> (..., N) bf16."""
+        out = torch.empty((*x.shape[:-1], self.n), dtype=torch.bfloat16)
+        rc = self.call(self.ptr, x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native int4 linear failed with code {rc} for x {tuple(x.shape)}, N={self.n}")
+        return out

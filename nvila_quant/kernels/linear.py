@@ -66,6 +66,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", torch.zeros(out_features, in_features // g, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
         self._prepared: dict[str, object] = {}
+        self._bound = None  # CPU, bf16, few tokens: the native kernel bound to this layer (the eager fast path)
 
     # ------------------------------------------------------------------ conversion
     @property
@@ -77,7 +78,7 @@ class QuantLinear(nn.Module):
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
-        self._backend_for.clear()
+        self.settings_changed()
 
     @property
     def group(self) -> int:
@@ -117,7 +118,7 @@ class QuantLinear(nn.Module):
         if qt.bias is not None:
             self.bias = (qt.bias if dtype is None else qt.bias.to(dtype)).to(device)
         self._prepared.clear()
-        self._backend_for.clear()
+        self.settings_changed()
 
     def qtensor(self) -> QTensor:
         """The canonical form (bit exact with what was loaded)."""
@@ -137,8 +138,13 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module signature)
         self._prepared.clear()  # repacks are per device and dtype
-        self._backend_for.clear()
+        self.settings_changed()
         return super()._apply(fn, recurse)
+
+    def settings_changed(self) -> None:
+        """Forget the per-(device, dtype) backend choices (re-decided on the next call)."""
+        self._backend_for.clear()
+        self._bound = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -189,11 +195,18 @@ class QuantLinear(nn.Module):
         """Resolve and prepare the backend for (device, dtype) once; later calls are a dict lookup."""
         backend = self.prepare(self.resolve_backend(device, dtype))
         self._backend_for[(device.type, dtype)] = backend
+        if backend == "cpu" and dtype == torch.bfloat16:
+            self._bound = self._prepared["cpu"].plan(self.q, dtype).bound
+            cpu_backend.SETTINGS_USERS.add(self)
         return backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim in_features={self.in_features}, got {tuple(x.shape)}")
+        bound = self._bound  # eager decode on CPU: as little Python as possible (it shows in every layer's time)
+        if (bound is not None and x.dtype == torch.bfloat16 and x.numel() < bound.max_numel and x.is_cpu
+                and x.is_contiguous() and not x.requires_grad and not torch.compiler.is_compiling()):
+            return bound(x)
         backend = self._backend_for.get((x.device.type, x.dtype)) or self._select(x.device, x.dtype)
         if backend == "cuda":
             from nvila_quant.kernels.cuda import cuda_linear

@@ -4,14 +4,18 @@
 // slows one thread, not the whole call).
 //
 // Weight layout ("nibble rows"): q (N, K/2) uint8, byte j of row n holds k = 2j (low nibble) and
-// k = 2j + 1 (high nibble). scale (N, K/G) float32, zero (N, K/G) float32 (integer values).
+// k = 2j + 1 (high nibble). scale (N, K/G) fp32, bf16 or fp16, zero (N, K/G) uint8.
 // Every weight is w = (q - z) * s computed in fp32 and rounded once (to nearest even) to the compute dtype,
 // bit-identical to nvila_quant.quant.primitives.dequantize(...).to(dtype): per (row, group) the 16 possible
-// values are computed once into a register table and looked up with vpermw / vpermps.
+// values are computed once into a register table and looked up with vpermw / vpermps (the 1-2 token bf16 kernel
+// applies (q - z) * s per group instead: rows_bf16_off).
 //
-//   nq_dequant  (N, K) bf16 or fp32 weights (dense-matmul path for many tokens)
-//   nq_linear   y (M, N) = x (M, K) @ w^T + bias, fused: bf16 x with vdpbf16ps (fp32 accumulation) or
-//               fp32 x with FMA. Tokens go in blocks of up to 8 per pass over a weight row.
+//   nq_dequant         (N, K) bf16 or fp32 weights (dense-matmul path for many tokens)
+//   nq_linear          y (M, N) = x (M, K) @ w^T + bias, fused: bf16 x with vdpbf16ps (fp32 accumulation) or
+//                      fp32 x with FMA. Tokens go in blocks of up to 8 per pass over a weight row.
+//   nq_linear_bf16_64  the bf16 kernel for K and group multiples of 64: 4 weight rows at a time, 1-2 tokens
+//                      table-free (rows_bf16_off), more in passes of 6 (rows_bf16_64); nq_layer_bf16 is the same
+//                      with the weights bound once in an nq_layer (the eager decode path).
 // Return codes: 0 ok, -1 bad arguments, -2 not compiled for this CPU (no AVX-512 F/BW/BF16), -3 out of memory.
 #include <stdint.h>
 #include <stdlib.h>
@@ -20,7 +24,7 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #define NQ_HAVE_BF16 1
 #else
 #define NQ_HAVE_BF16 0
@@ -106,6 +110,17 @@ static inline __m512i table_bf16(float s, float z) {
 }
 #endif
 
+#if NQ_HAVE_BF16
+// The 16 values duplicated into both 256-bit halves: vpermw reads index bits [4:0], so a raw byte
+// (lo nibble + bit 4) indexes the low nibble's value without masking.
+static inline __m512i table2_bf16(float s, float z) {
+    const __m256bh h = _mm512_cvtneps_pbh(table_f32(s, z));
+    __m256i v;
+    memcpy(&v, &h, sizeof v);
+    return _mm512_broadcast_i64x4(v);
+}
+#endif
+
 int nq_dequant(const uint8_t* q, const void* scale, const uint8_t* zero, void* out, int64_t n, int64_t k,
                int64_t group, int bf16, int nthreads, int scale_kind) {
 #ifndef __AVX512F__
@@ -118,6 +133,14 @@ int nq_dequant(const uint8_t* q, const void* scale, const uint8_t* zero, void* o
 #endif
     const nq_meta meta = {scale, zero, scale_kind};
     const int64_t ng = k / group;
+#if NQ_HAVE_BF16
+    uint16_t il[64];  // interleave even (0..31) and odd (32..63) lanes: e0 o0 e1 o1 ...
+    for (int j = 0; j < 32; ++j) {
+        il[2 * j] = (uint16_t)j;
+        il[2 * j + 1] = (uint16_t)(32 + j);
+    }
+    const __m512i il_lo = _mm512_loadu_si512(il), il_hi = _mm512_loadu_si512(il + 32);
+#endif
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
     for (int64_t r = 0; r < n; ++r) {
         const uint8_t* qr = q + r * (k / 2);
@@ -125,10 +148,21 @@ int nq_dequant(const uint8_t* q, const void* scale, const uint8_t* zero, void* o
             const float s = scale_at(meta, r * ng + g), z = zero_at(meta, r * ng + g);
             if (bf16) {
 #if NQ_HAVE_BF16
-                const __m512i t = table_bf16(s, z);
                 uint16_t* o = (uint16_t*)out + r * k;
-                for (int64_t kk = g * group; kk < (g + 1) * group; kk += 32)
-                    _mm512_storeu_si512(o + kk, _mm512_permutexvar_epi16(nibble_idx32(qr + kk / 2), t));
+                if (group % 64 == 0) {  // 64 weights per step: even / odd k looked up, then interleaved
+                    const __m512i t = table2_bf16(s, z);
+                    for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
+                        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qr + kk / 2)));
+                        const __m512i e = _mm512_permutexvar_epi16(b, t);
+                        const __m512i od = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t);
+                        _mm512_storeu_si512(o + kk, _mm512_permutex2var_epi16(e, il_lo, od));
+                        _mm512_storeu_si512(o + kk + 32, _mm512_permutex2var_epi16(e, il_hi, od));
+                    }
+                } else {
+                    const __m512i t = table_bf16(s, z);
+                    for (int64_t kk = g * group; kk < (g + 1) * group; kk += 32)
+                        _mm512_storeu_si512(o + kk, _mm512_permutexvar_epi16(nibble_idx32(qr + kk / 2), t));
+                }
 #endif
             } else {
                 const __m512 t = table_f32(s, z);
@@ -168,22 +202,32 @@ static inline __attribute__((always_inline)) void row_bf16(
 }
 #endif
 
-#if NQ_HAVE_BF16
-// The 16 values duplicated into both 256-bit halves: vpermw reads index bits [4:0], so a raw byte
-// (lo nibble + bit 4) indexes the low nibble's value without masking.
-static inline __m512i table2_bf16(float s, float z) {
-    const __m256bh h = _mm512_cvtneps_pbh(table_f32(s, z));
-    __m256i v;
-    memcpy(&v, &h, sizeof v);
-    return _mm512_broadcast_i64x4(v);
-}
 
+#if NQ_HAVE_BF16
 #define NQ_MB 6  // tokens per pass over a block of 4 weight rows (4 x 6 accumulators)
 // Passes after a row block's first reuse its dequantized rows: the first pass stores them (bf16, 4 x K) into a
 // per-thread buffer that stays in L1/L2, later passes load them instead of unpacking the nibbles again.
 #define NQ_ON_THE_FLY 0
 #define NQ_TO_BUF 1
 #define NQ_FROM_BUF 2
+
+// One 64-wide chunk: R dequantized rows (even k, odd k) against MB tokens of de-interleaved x (xc = the chunk of
+// token 0, tokens k apart); each token's x loaded once, used by all R rows. E = 2: separate even / odd accumulators.
+static inline __attribute__((always_inline)) void chunk_dots(
+    const uint16_t* xc, int64_t k, const __m512bh* we, const __m512bh* wo, const int R, const int MB, const int E,
+    __m512 acc[4][NQ_MB][2]) {
+    for (int m = 0; m < MB; ++m) {
+        const __m512i a = _mm512_loadu_si512(xc + m * k);
+        const __m512i b = _mm512_loadu_si512(xc + m * k + 32);
+        __m512bh xe, xo;
+        memcpy(&xe, &a, sizeof xe);
+        memcpy(&xo, &b, sizeof xo);
+        for (int r = 0; r < R; ++r) {
+            acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], we[r], xe);
+            acc[r][m][E - 1] = _mm512_dpbf16_ps(acc[r][m][E - 1], wo[r], xo);
+        }
+    }
+}
 
 // R weight rows x MB tokens over 64-wide K chunks. x is pre-permuted per chunk: positions 0..31 hold the even
 // k of the chunk, 32..63 the odd k (matching the low / high nibbles of its 32 bytes). E = 2 keeps separate
@@ -221,17 +265,7 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
                 memcpy(&we[r], &e, sizeof e);
                 memcpy(&wo[r], &o, sizeof o);
             }
-            for (int m = 0; m < MB; ++m) {  // each token's x loaded once per chunk, used by all R rows
-                const __m512i a = _mm512_loadu_si512(xp + m * k + kk);
-                const __m512i b = _mm512_loadu_si512(xp + m * k + kk + 32);
-                __m512bh xe, xo;
-                memcpy(&xe, &a, sizeof xe);
-                memcpy(&xo, &b, sizeof xo);
-                for (int r = 0; r < R; ++r) {
-                    acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], we[r], xe);
-                    acc[r][m][E - 1] = _mm512_dpbf16_ps(acc[r][m][E - 1], wo[r], xo);
-                }
-            }
+            chunk_dots(xp + kk, k, we, wo, R, MB, E, acc);
         }
     }
     for (int r = 0; r < R; ++r)
@@ -239,6 +273,108 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
             acc_out[r * NQ_MB + m] = _mm512_reduce_add_ps(E == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0]);
 }
 
+
+// Few tokens (1..NQ_OFF_MAX_MB, one pass): no per-group table. A nibble q becomes the bf16 number 128 + q by
+// OR-ing its bits into 0x4300 (128.0; the ulp at 128 is 1), so sum_k x (q - z) s over a group is
+// s (sum_k x (128 + q) - (128 + z) sum_k x): vdpbf16ps on the raw words, one FMA per row and group to apply s, and
+// the (128 + z) s sum_k x terms subtracted once per row block (vectorised over groups). The products are exact
+// in fp32; the offset costs ~5 of fp32's 24 bits, far below the bf16 output's 8.
+#define NQ_OFF_MAX_MB 2  // 3 tokens spill registers (measured slower than rows_bf16_64)
+
+// (128 + z) * s for 16 groups g0..g0+15 of one row (masked at the row's end), fp32
+static inline __m512 off_coef16(const nq_meta md, int64_t at, __mmask16 mk) {
+    __m512 s;
+    if (md.kind == 0) {
+        s = _mm512_maskz_loadu_ps(mk, (const float*)md.s + at);
+    } else {
+        const __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t*)md.s + at);
+        s = md.kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+    }
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, md.z + at)));
+    return _mm512_mul_ps(_mm512_add_ps(z, _mm512_set1_ps(128.f)), s);
+}
+
+// R weight rows x MB tokens (MB <= NQ_OFF_MAX_MB), x de-interleaved per 64-wide chunk as for rows_bf16_64;
+// xsum (MB, ngp) fp32 per-group sums of x, zero-padded to ngp = ng rounded up to 16.
+static inline __attribute__((always_inline)) void rows_bf16_off(
+    const uint16_t* xp, const float* xsum, int64_t ngp, const uint8_t* q, int64_t qstride, const nq_meta md,
+    const int64_t base, int64_t ng, int64_t k, int64_t group, const int R, const int MB, float* acc_out) {
+    const int E = MB == 1 ? 2 : 1;  // 1 token: separate even / odd accumulators (more independent chains)
+    __m512 tot[4][NQ_OFF_MAX_MB];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < ng; g0 += 16) {  // tot = -(128 + z) s sum_k x, lane-wise over groups
+        const __mmask16 mk = ng - g0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g0)) - 1u);
+        for (int r = 0; r < R; ++r) {
+            const __m512 c = off_coef16(md, base + r * ng + g0, mk);
+            for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_fnmadd_ps(c, _mm512_loadu_ps(xsum + m * ngp + g0), tot[r][m]);
+        }
+    }
+    const __m512i low = _mm512_set1_epi16(0x0F), one28 = _mm512_set1_epi16(0x4300);
+    for (int64_t g = 0; g < ng; ++g) {
+        __m512 acc[4][NQ_MB][2];
+        for (int r = 0; r < R; ++r)
+            for (int m = 0; m < MB; ++m)
+                for (int e = 0; e < E; ++e) acc[r][m][e] = _mm512_setzero_ps();
+        for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
+            __m512bh we[4], wo[4];
+            for (int r = 0; r < R; ++r) {
+                _mm_prefetch((const char*)(q + (r + R) * qstride + kk / 2), _MM_HINT_T1);  // next row block, into L2
+                const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + r * qstride + kk / 2)));
+                const __m512i e = _mm512_ternarylogic_epi32(bytes, low, one28, 0xEA);  // (bytes & low) | one28
+                const __m512i o = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), one28);
+                memcpy(&we[r], &e, sizeof e);
+                memcpy(&wo[r], &o, sizeof o);
+            }
+            chunk_dots(xp + kk, k, we, wo, R, MB, E, acc);
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m512 s = _mm512_set1_ps(scale_at(md, base + r * ng + g));
+            for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_fmadd_ps(E == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0], s, tot[r][m]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m) acc_out[r * NQ_MB + m] = _mm512_reduce_add_ps(tot[r][m]);
+}
+
+#define NQ_OFF_CASE(RR, MM) rows_bf16_off(xp, xsum, ngp, qr, k / 2, meta, (r0 + r1) * ng, ng, k, group, RR, MM, acc)
+
+// m_tokens <= NQ_OFF_MAX_MB: rows_bf16_off over blocks of 4 rows. xp: x de-interleaved per 64-wide chunk.
+static int linear_bf16_off(const uint16_t* x, const uint16_t* xp, const uint8_t* q, const nq_meta meta,
+                           const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
+                           int nthreads) {
+    const int64_t ng = k / group, ngp = (ng + 15) / 16 * 16;
+    float* xsum = (float*)calloc((size_t)(m_tokens * ngp), sizeof(float));  // (M, ngp) per-group sums of x
+    if (!xsum) return -3;
+    for (int64_t m = 0; m < m_tokens; ++m)
+        for (int64_t g = 0; g < ng; ++g) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t kk = g * group; kk < (g + 1) * group; kk += 16)
+                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + m * k + kk))), 16)));
+            xsum[m * ngp + g] = _mm512_reduce_add_ps(acc);
+        }
+    const int64_t blocks = (n + 3) / 4;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t r0 = blk * 4;
+        const int rows = (int)(n - r0 < 4 ? n - r0 : 4), rr = rows == 4 ? 4 : 1;
+        for (int r1 = 0; r1 < rows; r1 += rr) {
+            const uint8_t* qr = q + (r0 + r1) * (k / 2);
+            float acc[4 * NQ_MB] = {0};
+            if (rr == 4 && m_tokens == 1) NQ_OFF_CASE(4, 1);
+            else if (rr == 4) NQ_OFF_CASE(4, 2);
+            else if (m_tokens == 1) NQ_OFF_CASE(1, 1);
+            else NQ_OFF_CASE(1, 2);
+            for (int r = 0; r < rr; ++r)
+                for (int m = 0; m < m_tokens; ++m)
+                    out[m * n + r0 + r1 + r] = f32_to_bf16(acc[r * NQ_MB + m] + (bias ? bias[r0 + r1 + r] : 0.f));
+        }
+    }
+    free(xsum);
+    return 0;
+}
+#undef NQ_OFF_CASE
 #define NQ_ROWS_CASE(RR, MM) rows_bf16_64(xb, qr, k / 2, meta, (r0 + r1) * ng, ng, k, group, RR, MM, acc, wb, mode)
 
 // x (M, K) bf16 in natural order; needs k % 64 == 0 and group % 64 == 0. Each 64-wide chunk of x is first
@@ -263,6 +399,11 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
     const int64_t ng = k / group;
     const int64_t blocks = (n + 3) / 4;
     const int passes = (int)((m_tokens + NQ_MB - 1) / NQ_MB);
+    if (m_tokens <= NQ_OFF_MAX_MB) {  // the table-free kernel
+        const int rc = linear_bf16_off(x, xp, q, meta, bias, out, m_tokens, n, k, group, nthreads);
+        free(xp);
+        return rc;
+    }
 #pragma omp parallel num_threads(nthreads)
     {
     uint16_t* buf = passes > 1 ? (uint16_t*)aligned_alloc(64, (size_t)(4 * k) * sizeof(uint16_t)) : 0;
@@ -311,7 +452,26 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
     return 0;
 }
 #undef NQ_ROWS_CASE
-#else
+#endif
+
+int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, const uint8_t* zero,
+                      const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
+                      int nthreads, int scale_kind);
+
+// One layer's weights bound once (kernels/cpu_native.py NativeLayer), so a decode step's call passes 4 values.
+typedef struct {
+    const uint8_t* q;
+    const void* scale;
+    const uint8_t* zero;
+    const float* bias;
+    int64_t n, k, group, scale_kind;
+} nq_layer;
+
+int nq_layer_bf16(const nq_layer* layer, const uint16_t* x, uint16_t* out, int64_t m_tokens, int nthreads) {
+    return nq_linear_bf16_64(x, layer->q, layer->scale, layer->zero, layer->bias, out, m_tokens, layer->n, layer->k,
+                             layer->group, nthreads, (int)layer->scale_kind);
+}
+#if !NQ_HAVE_BF16
 int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, const uint8_t* zero,
                       const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
                       int nthreads, int scale_kind) {
