@@ -161,3 +161,13 @@ def test_cpu_prepare_repeats_groups_exactly() -> None:
     assert cpu_backend.kernel_group(48, 96) is None
     assert cpu_backend.cpu_support(4, 48, 32, 96) == "group_size=48 is not a multiple of 32"
     assert cpu_backend.cpu_support(3, 32, 32, 96) == "bits=3 (the int4 kernels need 4)"
+
+
+def test_cpu_backend_under_torch_compile() -> None:
+    """Dynamo traces QuantLinear.forward: the eager fast path is skipped, the CPU kernels run as a graph break."""
+    qt = _layer(128, 256, 64, True)
+    mod = QuantLinear.from_qtensor(qt, "cpu")
+    compiled = torch.compile(mod, backend="aot_eager")
+    for m in (1, 5):
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x), mod(x)), m

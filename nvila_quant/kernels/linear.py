@@ -204,8 +204,8 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim in_features={self.in_features}, got {tuple(x.shape)}")
         bound = self._bound  # eager decode on CPU: as little Python as possible (it shows in every layer's time)
-        if (bound is not None and x.dtype == torch.bfloat16 and x.numel() < bound.max_numel and x.is_cpu
-                and x.is_contiguous() and not x.requires_grad and not torch.compiler.is_compiling()):
+        if (bound is not None and not torch.compiler.is_compiling() and x.dtype == torch.bfloat16
+                and x.numel() < bound.max_numel and x.is_cpu and x.is_contiguous() and not x.requires_grad):
             return bound(x)
         backend = self._backend_for.get((x.device.type, x.dtype)) or self._select(x.device, x.dtype)
         if backend == "cuda":

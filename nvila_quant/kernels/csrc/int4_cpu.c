@@ -242,7 +242,8 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
             for (int e = 0; e < E; ++e) acc[r][m][e] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         __m512i t[4];
-        for (int r = 0; r < R; ++r) t[r] = table2_bf16(scale_at(md, base + r * ng + g), zero_at(md, base + r * ng + g));
+        for (int r = 0; mode != NQ_FROM_BUF && r < R; ++r)  // later passes read dequantized rows: no tables
+            t[r] = table2_bf16(scale_at(md, base + r * ng + g), zero_at(md, base + r * ng + g));
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
             __m512bh we[4], wo[4];  // the chunk's R rows dequantized once (even k, odd k)
             uint16_t* wb = wbuf ? wbuf + (kk / 64) * R * 64 : 0;  // this chunk's rows in the block's buffer
