@@ -3,9 +3,9 @@
     python benchmarks/kernels.py [--tokens 1 8 32 128 512] [--repeats 7] [--threads T] [--clock wall|thread]
 
 For (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008)} and each token count M: the quantized layer with
-each backend ("cpu" as shipped; each CPU path forced: the native few-token kernel, torch's int4 kernel and the
-chunked dequantize + dense bf16 path, which locates the threshold; "reference" on the smallest shape), against a
-dense bf16 and an fp32 ``F.linear`` with the same weights. Timings are interleaved medians; CPU caches are
+each backend ("cpu" as shipped, a module call; each CPU path called alone: the fused kernel (T16 on these shapes),
+torch's int4 kernel and the chunked dequantize + dense bf16 path, which locates any threshold; "reference" on the
+smallest shape), against a dense bf16 and an fp32 ``F.linear`` with the same weights. Timings are interleaved medians; CPU caches are
 evicted before each timed call (in decode a layer's weights are never cache-resident) unless --warm-cache.
 ``--threads 1 --clock thread`` times this thread's CPU time, which stays meaningful on a shared machine.
 On a GPU: the CUDA kernels vs fp16 cuBLAS, kernel time from CUDA-graph replays with the L2 flushed (host
@@ -32,8 +32,7 @@ from _common import table, write_json  # noqa: E402
 
 from nvila_quant.formats import QTensor  # noqa: E402
 from nvila_quant.kernels import cpu as cpu_backend  # noqa: E402
-from nvila_quant.kernels.cpu import cpu_overrides  # noqa: E402
-from nvila_quant.kernels.cpu_native import native_available  # noqa: E402
+from nvila_quant.kernels.cpu_native import native_available, native_linear, unpack_nibbles  # noqa: E402
 from nvila_quant.kernels.cuda import GEMV_MAX_TOKENS  # noqa: E402
 from nvila_quant.kernels.linear import QuantLinear  # noqa: E402
 
@@ -80,16 +79,6 @@ def _layer(n: int, k: int, group: int, device: str = "cpu") -> QuantLinear:
     return QuantLinear.from_qtensor(qt).to(device)
 
 
-def _forced(**overrides: object) -> Callable[[Callable[[], object]], Callable[[], object]]:
-    """Run fn under CPU backend overrides (kernels.cpu.cpu_overrides), e.g. dense_min_tokens=1."""
-    def wrap(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            with cpu_overrides(**overrides):
-                return fn()
-        return run
-    return wrap
-
-
 def _fused_gemm(layer: QuantLinear, x: torch.Tensor) -> Callable[[], object]:
     """The layer with the CUDA backend's fused GEMM kernel forced (NVILA_QUANT_CUDA_GEMM=fused)."""
     def run() -> object:
@@ -99,16 +88,26 @@ def _fused_gemm(layer: QuantLinear, x: torch.Tensor) -> Callable[[], object]:
 
 
 def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w16: torch.Tensor,
-              w32: torch.Tensor) -> dict[str, Callable[[], object]]:
+              w32: torch.Tensor, torch_w: cpu_backend.TorchInt4Weights | None) -> dict[str, Callable[[], object]]:
+    """The shipped path and each CPU path alone, called directly (no global overrides, which would make the
+    layers re-plan between calls)."""
     x32 = x16.float()
+    state = layer._prepared["cpu"]
+    plan = state.plan(layer.q, torch.bfloat16)
+    if plan.bound is not None:
+        fused = lambda: plan.bound(x16)  # noqa: E731
+    else:
+        fused = lambda: native_linear(x16, layer.q, state.scale, state.zero, state.bias, state.group)  # noqa: E731
     fns = {
         "cpu": lambda: layer(x16),
-        "cpu_int4_kernel": _forced(dense_min_tokens=1000000)(lambda: layer(x16)),
-        "cpu_dequant_dense": _forced(dense_min_tokens=1)(lambda: layer(x16)),
-        "torch_int4_kernel": _forced(dense_min_tokens=1000000, kernel="torch")(lambda: layer(x16)),
+        "cpu_int4_kernel": fused,
+        "cpu_dequant_dense": lambda: cpu_backend.dense_chunked(x16, layer.q, state, torch.bfloat16),
         "dense_bf16": lambda: F.linear(x16, w16),
         "dense_fp32": lambda: F.linear(x32, w32),
     }
+    if torch_w is not None:
+        fns["torch_int4_kernel"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x16, torch_w.packed, torch_w.group, torch_w.scales_and_zeros)
     if ref is not None:
         fns["reference"] = lambda: ref(x16)
     return fns
@@ -121,14 +120,18 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
         layer.backend = "cpu"
         w16 = layer.dequantize_weight(torch.bfloat16)
         w32 = layer.dequantize_weight(torch.float32)
+        torch_w = None
+        if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            torch_w = cpu_backend.prepare_torch_int4(unpack_nibbles(layer.nibble_rows()), layer.scale, layer.zero, group)
+        layer(torch.zeros(1, k, dtype=torch.bfloat16))  # plans the layer (and packs its weights) once
         for m in tokens:
             x16 = torch.randn(m, k).bfloat16()
             ref = QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if (n, k) == SHAPES[0] and m <= 8 else None
-            fns = _cpu_case(layer, ref, x16, w16, w32)
+            fns = _cpu_case(layer, ref, x16, w16, w32, torch_w)
             ms = interleaved(fns, repeats if m <= 128 else max(3, repeats // 2))
             row = {"N": n, "K": k, "M": m, **{f"{name}_ms": v for name, v in ms.items()}}
-            kernel = cpu_backend.few_token_kernel(group, n, k, torch.bfloat16)
-            row["path"] = "dense" if kernel is None or m >= cpu_backend.cpu_dense_min_tokens(kernel) else kernel
+            plan = layer._prepared["cpu"].plan(layer.q, torch.bfloat16)
+            row["path"] = plan.kernel if plan.kernel and m < plan.dense_from else "dense"
             row["x_vs_bf16"] = ms["dense_bf16"] / ms["cpu"]
             row["x_vs_fp32"] = ms["dense_fp32"] / ms["cpu"]
             rows.append(row)
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     payload: dict = {"group_size": args.group_size, "tokens": args.tokens, "threads": torch.get_num_threads(),
                      "clock": args.clock, "caches_evicted_before_each_call": not args.warm_cache,
                      "load_average_start": load,
-                     "native_cpu_helpers": native_available(), "cpu_dense_min_tokens": cpu_backend.cpu_dense_min_tokens()}
+                     "native_cpu_helpers": native_available(), "cpu_dense_min_tokens": cpu_backend.DENSE_MIN_TOKENS}
     with torch.inference_mode():
         if not args.skip_cpu:
             print(f"CPU ({torch.get_num_threads()} threads): int4 'cpu' backend vs dense F.linear, same run")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nvila_quant.formats import QTensor
 from nvila_quant.kernels import cpu as cpu_backend
-from nvila_quant.kernels.cpu_native import dequantize_nibbles, native_available, pack_nibbles
+from nvila_quant.kernels.cpu_native import dequantize_nibbles, native_available, pack_nibbles, unpack_nibbles
 from nvila_quant.kernels.linear import QuantLinear
 from nvila_quant.quant.primitives import dequantize
 
@@ -171,3 +171,52 @@ def test_cpu_backend_under_torch_compile() -> None:
     for m in (1, 5):
         x = torch.randn(m, 256, dtype=torch.bfloat16)
         assert torch.equal(compiled(x), mod(x)), m
+
+
+def test_t16_layout_follows_the_activations_and_stays_invisible() -> None:
+    """bf16 calls repack q into the T16 layout; fp32 calls, state dicts, qtensor() and device moves see nibble rows."""
+    if not native_available() or not cpu_backend.t16_wanted(4, 128, 256, 64, torch.bfloat16):
+        pytest.skip("native bf16 kernels did not build on this machine")
+    qt = _layer(128, 256, 64, True)
+    fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+    rows = fast.q.clone()
+    for m in (1, 4, 9, 70, 300):  # every token count runs the T16 kernel
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
+        assert _rel(fast(x), ref(x)) < 1e-2, m
+    assert fast.q_layout == "t16" and not torch.equal(fast.q, rows)
+    assert torch.equal(fast.state_dict()["q"], rows) and fast.qtensor().equal(qt)
+    assert torch.equal(fast.dequantize_weight(torch.float32), ref.dequantize_weight(torch.float32))
+    with cpu_backend.cpu_overrides(dense_min_tokens=1):  # the dense path dequantizes T16 blocks
+        x = torch.randn(5, 256, dtype=torch.bfloat16)
+        assert torch.equal(fast(x), ref(x))
+    x = torch.randn(3, 256, requires_grad=True, dtype=torch.bfloat16)  # autograd: a dequantized weight
+    fast(x).float().sum().backward()
+    assert x.grad is not None and fast.q_layout == "t16"
+    copy = QuantLinear.from_qtensor(qt, "cpu")
+    copy(torch.randn(1, 256, dtype=torch.bfloat16))
+    copy.load_state_dict(fast.state_dict())  # rows in, layout reset, repacked on the next call
+    assert copy.q_layout == "rows" and torch.equal(copy.q, rows)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    assert torch.equal(copy(x), fast(x))
+    x32 = torch.randn(3, 256)  # fp32 activations: back to rows for good
+    assert _rel(fast(x32), ref(x32)) < TOL[torch.float32] and fast.q_layout == "rows"
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    assert _rel(fast(x), ref(x)) < 1e-2 and fast.q_layout == "rows"
+    copy.float()  # casts and moves see rows
+    assert copy.q_layout == "rows" and torch.equal(copy.q, rows)
+
+
+def test_t16_pack_roundtrip() -> None:
+    if not native_available():
+        pytest.skip("native kernels did not build on this machine")
+    from nvila_quant.kernels.cpu_native import t16_pack, t16_unpack
+
+    q = torch.randint(0, 256, (48, 96), dtype=torch.uint8)  # N = 48, K = 192
+    packed = t16_pack(q)
+    assert packed.shape == q.shape and torch.equal(t16_unpack(packed), q)
+    assert torch.equal(t16_unpack(packed[16:32]), q[16:32])  # whole 16-row units unpack on their own
+    # byte b of unit u in chunk c holds rows 16 * block + b // 2, columns 64 c + 2 u + b % 2 (low) and + 32 (high)
+    nib = unpack_nibbles(q)
+    assert int(packed.view(-1)[(1 * 16 + 3) * 32 + 5]) == int(nib[2, 64 + 6 + 1] | nib[2, 64 + 32 + 6 + 1] << 4)
+    with pytest.raises(ValueError, match="N % 16"):
+        t16_pack(q[:40])

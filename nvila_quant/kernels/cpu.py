@@ -1,21 +1,23 @@
-"""CPU backend: fused int4 kernels for few tokens, dequantize + dense matmul for many.
+"""CPU backend: the project's native int4 kernels (kernels/csrc/int4_cpu.c, AVX-512), torch's int4 op where they
+cannot run, dequantize + dense matmul where that is faster.
 
-Few tokens (M below a measured threshold):
-  * the project's native AVX-512 kernels (kernels/csrc/int4_cpu.c) when they build on this CPU: bf16
-    activations with vdpbf16ps (fp32 accumulation), or fp32 activations with FMA (exact fp32 weights);
-  * otherwise PyTorch's ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G', scales_and_zeros)``, which
-    computes ``x @ ((q - 8) * scale + zero).T``: AWQ's (q - z) * s becomes ``zero = (8 - z) * s`` (float domain).
-    Its packed layout depends on the CPU ISA, so it is built at load time (:func:`prepare_torch_int4`), never
-    stored. It is fast in bf16 only: bf16/fp16 activations run it in bf16.
+* bf16 / fp16 activations on a layer with N % 16 == 0 and K, group % 64 == 0 (every LLM-shaped layer): the layer's
+  weights are kept in the T16 layout (16 output rows interleaved, built on the first CPU call; QuantLinear converts
+  back for anything else) and one kernel serves every token count: it accumulates 16 output rows per vector with
+  vdpbf16ps on broadcast activations, as fast as a dense bf16 GEMM from ~128 tokens and up to ~5x faster for few.
+* other layers, or fp32 activations (exact fp32 weights, FMA), few tokens: kernels on nibble rows (K % 32);
+  many tokens: dequantize (native, bit exact) blocks of output rows into a reused cache-sized buffer and run a
+  dense bf16 / fp32 matmul per block.
+* without the native kernels: PyTorch's ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G', scales_and_zeros)``
+  for few tokens, which computes ``x @ ((q - 8) * scale + zero).T``: AWQ's (q - z) * s becomes ``zero = (8 - z) * s``
+  (float domain). Its packed layout depends on the CPU ISA, so it is built at load time (:func:`prepare_torch_int4`),
+  never stored. It is fast in bf16 only: bf16/fp16 activations run it in bf16.
 Tuning overrides live in :data:`SETTINGS` (read from the environment at import: ``NVILA_QUANT_CPU_KERNEL=torch``
 makes torch's kernel the few-token kernel wherever it applies, ``NVILA_QUANT_CPU_DENSE_MIN_TOKENS`` moves the
 threshold, ``NVILA_QUANT_CPU_CHUNK_MB`` sizes the dense path's blocks); :func:`cpu_overrides` changes them for a
-block of code.
-Many tokens: dequantize (native, bit exact) blocks of output rows into a reused cache-sized buffer and run a
-dense bf16 (fp32 for fp32 activations) matmul on each block, so the dequantized weights are read from cache. A layer no fast kernel can take falls back to the reference backend (kernels/linear.py).
+block of code. A layer no fast kernel can take falls back to the reference backend (kernels/linear.py).
 fp16 activations compute in bf16 (the CPU kernels have no fp16 path); the result is cast back.
 """
-
 from __future__ import annotations
 
 import os
@@ -34,6 +36,8 @@ from nvila_quant.kernels.cpu_native import (
     dequantize_nibbles,
     native_linear,
     native_linear_support,
+    t16_supported,
+    t16_unpack,
     unpack_nibbles,
 )
 
@@ -51,6 +55,7 @@ __all__ = [
     "kernel_group",
     "prepare_cpu",
     "prepare_torch_int4",
+    "t16_wanted",
 ]
 
 TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
@@ -60,7 +65,8 @@ TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # dequantize + dense path up to M = 48..63; the native fp32 kernel up to M = 8..15. torch's int4 kernel only
 # runs where the native kernels cannot, and there the dequantization is torch-only (~20x slower), which moves
 # its crossover to ~600 tokens.
-DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640}
+DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 1 << 62}
+# native-t16 (the T16 kernel) is never slower than the dense path: 0.96x dense bf16 at 512 tokens, 1.05x at 128.
 
 
 def _env_number(name: str) -> float | None:
@@ -196,10 +202,11 @@ class CpuState:
     points (read as stored: no copies), an fp32 bias and, only when torch's kernel is the few-token kernel, its
     repack (built on first use)."""
 
-    scale: torch.Tensor  # (N, K/G) fp32, bf16 or fp16
-    zero: torch.Tensor  # (N, K/G) uint8
+    scale: torch.Tensor  # (N, K/G) fp32, bf16 or fp16; (K/G, N) when t16
+    zero: torch.Tensor  # (N, K/G) uint8; (K/G, N) when t16
     bias: torch.Tensor | None  # (N,) fp32
     group: int
+    t16: bool = False  # the weights are in the T16 layout (bf16 / fp16 activations only)
     torch_int4: TorchInt4Weights | None = None
     plans: dict = field(default_factory=dict)  # (x dtype, overrides) -> Plan
 
@@ -209,10 +216,17 @@ class CpuState:
         plan = self.plans.get((x_dtype, SETTINGS.kernel, SETTINGS.dense_min_tokens))
         if plan is None:
             n, k = qnib.shape[0], qnib.shape[1] * 2
-            kernel = few_token_kernel(self.group, n, k, x_dtype)
             bound = None
-            if kernel == "native-bf16" and x_dtype == torch.bfloat16 and NativeLayer.supports(k, self.group):
-                bound = NativeLayer(qnib, self.scale, self.zero, self.bias, self.group)
+            if self.t16:
+                if x_dtype == torch.float32:
+                    raise RuntimeError("T16 weights take bf16/fp16 activations (QuantLinear unpacks them for fp32)")
+                kernel = "torch-int4" if SETTINGS.kernel == "torch" else "native-t16"
+                if kernel == "native-t16":
+                    bound = NativeLayer(qnib, self.scale, self.zero, self.bias, self.group, t16=True)
+            else:
+                kernel = few_token_kernel(self.group, n, k, x_dtype)
+                if kernel == "native-bf16" and x_dtype == torch.bfloat16 and NativeLayer.supports(k, self.group):
+                    bound = NativeLayer(qnib, self.scale, self.zero, self.bias, self.group)
             plan = Plan(kernel, cpu_dense_min_tokens(kernel) if kernel else 0, bound)
             if bound is not None:
                 bound.max_numel = plan.dense_from * k
@@ -226,11 +240,32 @@ class Plan(NamedTuple):
     bound: NativeLayer | None  # the native bf16 kernel bound to the layer (bf16 activations, K % 64 == 0)
 
 
-def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, group: int) -> CpuState:
+def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, group: int,
+                t16: bool = False) -> CpuState:
+    """The per-layer CPU state; ``t16``: the weights are in the T16 layout (scale and zero are kept transposed)."""
     if scale.dtype not in SCALE_KINDS:
         scale = scale.float()
-    return CpuState(scale.contiguous(), zero.to(torch.uint8).contiguous(),
-                    None if bias is None else bias.float().contiguous(), group)
+    zero = zero.to(torch.uint8)
+    if t16:
+        scale, zero = scale.t(), zero.t()
+    return CpuState(scale.contiguous(), zero.contiguous(), None if bias is None else bias.float().contiguous(), group,
+                    t16)
+
+
+def t16_wanted(bits: int, out_features: int, in_features: int, group: int, x_dtype: torch.dtype) -> bool:
+    """Whether a layer's weights should take the T16 layout for CPU calls with ``x_dtype`` activations."""
+    return bits == 4 and x_dtype != torch.float32 and t16_supported(out_features, in_features, group)
+
+
+def _rows(qnib: torch.Tensor, state: CpuState) -> torch.Tensor:
+    return t16_unpack(qnib) if state.t16 else qnib
+
+
+def _meta_rows(state: CpuState, r0: int = 0, r1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero points of output rows r0:r1 as (rows, K/G)."""
+    if state.t16:
+        return state.scale[:, r0:r1].t(), state.zero[:, r0:r1].t()
+    return state.scale[r0:r1], state.zero[r0:r1]
 
 
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
@@ -265,7 +300,8 @@ def dense_chunked(x2: torch.Tensor, qnib: torch.Tensor, state: CpuState, dtype: 
     outs = []
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        w = dequantize_nibbles(qnib[r0:r1], state.scale[r0:r1], state.zero[r0:r1], state.group, dtype,
+        scale, zero = _meta_rows(state, r0, r1)
+        w = dequantize_nibbles(_rows(qnib[r0:r1], state), scale, zero, state.group, dtype,
                                out=buf[: (r1 - r0) * k].view(r1 - r0, k))
         outs.append(F.linear(x2, w, None if state.bias is None else state.bias[r0:r1].to(dtype)))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -273,21 +309,24 @@ def dense_chunked(x2: torch.Tensor, qnib: torch.Tensor, state: CpuState, dtype: 
 
 @torch.compiler.disable  # ctypes and torch's CPU int4 op: run eagerly inside compiled graphs
 def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Tensor:
-    """x (..., K) bf16/fp16/fp32 -> (..., N) in x's dtype. qnib: (N, K/2) uint8 nibble rows."""
+    """x (..., K) bf16/fp16/fp32 -> (..., N) in x's dtype. qnib: (N, K/2) uint8, nibble rows or T16 (state.t16)."""
     shape = x.shape
     n, k = qnib.shape[0], shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     compute = _compute_dtype(x.dtype)
-    kernel, dense_from, _ = state.plan(qnib, x.dtype)
+    kernel, dense_from, bound = state.plan(qnib, x.dtype)
     needs_grad = x.requires_grad and torch.is_grad_enabled()  # the fused kernels have no backward
     if kernel is not None and m < dense_from and not needs_grad:
-        if kernel[0] == "n":  # native-*
+        if kernel == "native-t16":
+            y = bound(x2.to(torch.bfloat16).contiguous())
+        elif kernel[0] == "n":  # native-bf16 / native-fp32 on nibble rows
             y = native_linear(x2 if x2.dtype == compute else x2.to(compute), qnib, state.scale, state.zero,
                               state.bias, state.group)
         else:
             if state.torch_int4 is None:
-                state.torch_int4 = prepare_torch_int4(unpack_nibbles(qnib), state.scale, state.zero, state.group)
+                scale, zero = _meta_rows(state)
+                state.torch_int4 = prepare_torch_int4(unpack_nibbles(_rows(qnib, state)), scale, zero, state.group)
             t = state.torch_int4
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), t.packed, t.group,
                                                            t.scales_and_zeros)
@@ -297,7 +336,8 @@ def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Te
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*shape[:-1], n)
     if needs_grad:  # autograd keeps the weight: a fresh one, not the shared scratch buffer
-        w = dequantize_nibbles(qnib, state.scale, state.zero, state.group, compute)
+        scale, zero = _meta_rows(state)
+        w = dequantize_nibbles(_rows(qnib, state), scale, zero, state.group, compute)
         y = F.linear(x2.to(compute), w, None if state.bias is None else state.bias.to(compute))
     else:
         y = dense_chunked(x2, qnib, state, compute)

@@ -27,6 +27,9 @@ __all__ = [
     "native_linear_support",
     "NativeLayer",
     "pack_nibbles",
+    "t16_pack",
+    "t16_supported",
+    "t16_unpack",
     "unpack_nibbles",
 ]
 
@@ -58,6 +61,10 @@ def _library() -> ctypes.CDLL | None:
     lib.nq_linear_bf16_64.restype = cint
     lib.nq_layer_bf16.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_layer_bf16.restype = cint
+    lib.nq_layer_t16_bf16.argtypes = [ptr, ptr, ptr, i64, cint]
+    lib.nq_layer_t16_bf16.restype = cint
+    lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
+    lib.nq_t16_pack.restype = lib.nq_t16_unpack.restype = cint
     return lib
 
 
@@ -88,6 +95,33 @@ def native_linear_support(dtype: torch.dtype, in_features: int, group: int) -> b
     """Whether the native kernels take activations/weights of ``dtype`` for this K and group size."""
     cap = _dtype_cap(dtype)
     return bool(cap and native_caps() & cap and in_features % 32 == 0 and group % 32 == 0 and in_features % group == 0)
+
+
+def t16_supported(out_features: int, in_features: int, group: int) -> bool:
+    """Whether a layer can use the T16 layout and its bf16 kernel (csrc/int4_cpu.c: N % 16, K and group % 64)."""
+    return (native_linear_support(torch.bfloat16, in_features, group) and out_features % 16 == 0
+            and in_features % 64 == 0 and group % 64 == 0)
+
+
+def _t16_convert(name: str, src: torch.Tensor) -> torch.Tensor:
+    n, k = src.shape[0], src.shape[1] * 2
+    if src.dtype != torch.uint8 or n % 16 or k % 64:
+        raise ValueError(f"T16 layout needs uint8 (N, K/2) with N % 16 == 0 and K % 64 == 0, got {tuple(src.shape)}")
+    src = src.contiguous()
+    out = torch.empty_like(src)
+    if getattr(_library(), name)(src.data_ptr(), out.data_ptr(), n, k) != 0:
+        raise RuntimeError(f"{name} failed for ({n}, {k})")
+    return out
+
+
+def t16_pack(rows: torch.Tensor) -> torch.Tensor:
+    """Nibble rows (N, K/2) uint8 -> the T16 layout (same shape and bytes, 16 rows interleaved; see int4_cpu.c)."""
+    return _t16_convert("nq_t16_pack", rows)
+
+
+def t16_unpack(t16: torch.Tensor) -> torch.Tensor:
+    """The T16 layout -> nibble rows (N, K/2) uint8. A slice of whole 16-row units unpacks on its own."""
+    return _t16_convert("nq_t16_unpack", t16)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -160,21 +194,24 @@ class _LayerStruct(ctypes.Structure):  # nq_layer in csrc/int4_cpu.c
 
 
 class NativeLayer:
-    """The bf16 fused kernel bound once to one layer's tensors, so a decode step's call passes only x, the output
-    and the token count (a per-call cost that shows when caches are cold: every layer of a decode step).
-    Requires bf16 support, K and group multiples of 64 (:meth:`supports`)."""
+    """A bf16 fused kernel bound once to one layer's tensors, so a call passes only x, the output and the token
+    count (a per-call cost that shows when caches are cold: every layer of a decode step). Nibble rows: requires bf16
+    support, K and group multiples of 64 (:meth:`supports`); ``t16=True``: packed is the T16 layout and scale /
+    zero are transposed (K/G, N) (:func:`t16_supported`)."""
 
-    __slots__ = ("call", "keep", "max_numel", "n", "ptr", "struct")
+    __slots__ = ("call", "k", "keep", "max_numel", "n", "ptr", "struct")
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
-                 group: int) -> None:
+                 group: int, t16: bool = False) -> None:
         n, k = packed.shape[0], packed.shape[1] * 2
-        if not self.supports(k, group) or not _meta_ok(scale, zero):
-            raise ValueError(f"NativeLayer needs bf16 kernels, K and group multiples of 64 (K={k}, group={group})")
+        ok = t16_supported(n, k, group) if t16 else self.supports(k, group)
+        if not ok or not _meta_ok(scale, zero):
+            raise ValueError(f"NativeLayer needs bf16 kernels, K and group multiples of 64 (N={n}, K={k}, group={group})")
         self.keep = tuple(t.contiguous() for t in (packed, scale, zero) + (() if bias is None else (bias,)))
         self.struct = _LayerStruct(*(t.data_ptr() for t in self.keep[:3]), None if bias is None else self.keep[3].data_ptr(),
                                    n, k, group, SCALE_KINDS[scale.dtype])
-        self.ptr, self.n, self.call = ctypes.addressof(self.struct), n, _library().nq_layer_bf16
+        self.ptr, self.n, self.k = ctypes.addressof(self.struct), n, k
+        self.call = _library().nq_layer_t16_bf16 if t16 else _library().nq_layer_bf16
         self.max_numel = 0  # inputs with fewer elements take this kernel (set by the CPU backend's plan)
 
     @staticmethod
@@ -183,8 +220,8 @@ class NativeLayer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) bf16, contiguous (the caller checks K) -> (..., N) bf16."""
-        out = torch.empty((*x.shape[:-1], self.n), dtype=torch.bfloat16)
-        rc = self.call(self.ptr, x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], torch.get_num_threads())
+        out = x.new_empty((*x.shape[:-1], self.n))  # (cheaper than torch.empty with cold caches)
+        rc = self.call(self.ptr, x.data_ptr(), out.data_ptr(), x.numel() // self.k, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"native int4 linear failed with code {rc} for x {tuple(x.shape)}, N={self.n}")
         return out

@@ -1,7 +1,9 @@
 """``QuantLinear``: a drop-in ``nn.Linear`` holding group-quantized weights, and its backend choice.
 
 Stored buffers (the runtime layout, not an on-disk format; N = out_features, K = in_features):
-    q:     (N, K/2) uint8 nibble rows (low nibble = even k) for 4-bit weights with even K, else (N, K) uint8
+    q:     (N, K/2) uint8 nibble rows (low nibble = even k) for 4-bit weights with even K, else (N, K) uint8.
+           On CPU with bf16/fp16 activations the same bytes take the T16 layout (kernels/cpu.py) from the first
+           call (``q_layout``); state dicts, ``qtensor()`` and device moves always see nibble rows.
     scale: (N, K/G) float (the checkpoint's scale dtype)
     zero:  (N, K/G) uint8
     bias:  (N,) float or None
@@ -28,7 +30,13 @@ from torch import nn
 
 from nvila_quant.formats.qtensor import QTensor
 from nvila_quant.kernels import cpu as cpu_backend
-from nvila_quant.kernels.cpu_native import dequantize_nibbles, pack_nibbles, unpack_nibbles
+from nvila_quant.kernels.cpu_native import (
+    dequantize_nibbles,
+    pack_nibbles,
+    t16_pack,
+    t16_unpack,
+    unpack_nibbles,
+)
 from nvila_quant.quant.primitives import dequantize
 
 __all__ = ["BACKENDS", "QuantLinear", "log_once"]
@@ -67,6 +75,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
         self._prepared: dict[str, object] = {}
         self._bound = None  # CPU, bf16, few tokens: the native kernel bound to this layer (the eager fast path)
+        self.q_layout = "rows"  # or "t16" (CPU kernels, bf16/fp16 activations)
+        self._rows_only = False  # set by the first fp32 CPU call on T16 weights: stay in nibble rows
 
     # ------------------------------------------------------------------ conversion
     @property
@@ -112,6 +122,7 @@ class QuantLinear(nn.Module):
             raise ValueError("zero points must lie in [0, 255]")
         device = self.q.device
         self.q = (pack_nibbles(qt.q) if self.nibbles else qt.q.contiguous()).to(device)
+        self.q_layout = "rows"
         self.scale = (qt.scale if dtype is None else qt.scale.to(dtype)).contiguous().to(device)
         self.zero = qt.zero.to(torch.uint8).contiguous().to(device)
         self.symmetric = qt.symmetric
@@ -120,9 +131,20 @@ class QuantLinear(nn.Module):
         self._prepared.clear()
         self.settings_changed()
 
+    def nibble_rows(self) -> torch.Tensor:
+        """q as nibble rows (N, K/2) whatever the current layout (a new tensor when it is T16)."""
+        return t16_unpack(self.q) if self.q_layout == "t16" else self.q
+
+    def _set_layout(self, layout: str) -> None:
+        if layout != self.q_layout:
+            self.q = t16_pack(self.q) if layout == "t16" else t16_unpack(self.q)
+            self.q_layout = layout
+            self._prepared.pop("cpu", None)
+            self.settings_changed()
+
     def qtensor(self) -> QTensor:
         """The canonical form (bit exact with what was loaded)."""
-        q = unpack_nibbles(self.q) if self.nibbles else self.q
+        q = unpack_nibbles(self.nibble_rows()) if self.nibbles else self.q
         return QTensor(q.clone(), self.scale.clone(), self.zero.to(torch.int32), self.bits, self.group_size,
                        self.symmetric, None if self.bias is None else self.bias.clone())
 
@@ -131,15 +153,28 @@ class QuantLinear(nn.Module):
         """(N, K) weight: (q - z) * s computed in fp32, rounded once to ``dtype`` (default: scale dtype)."""
         dtype = dtype or self.scale.dtype
         if self.nibbles and self.q.device.type == "cpu":
-            w = dequantize_nibbles(self.q, self.scale, self.zero, self.group, torch.float32)
+            w = dequantize_nibbles(self.nibble_rows(), self.scale, self.zero, self.group, torch.float32)
         else:
             w = dequantize(unpack_nibbles(self.q) if self.nibbles else self.q, self.scale.float(), self.zero, self.group)
         return w.to(dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module signature)
+        self._set_layout("rows")  # the T16 layout is the CPU kernels' business: devices and casts see nibble rows
         self._prepared.clear()  # repacks are per device and dtype
         self.settings_changed()
         return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (nn.Module signature)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.q_layout == "t16":
+            destination[prefix + "q"] = self.nibble_rows()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "q" in state_dict:  # nibble rows were copied into q
+            self.q_layout = "rows"
+            self._prepared.clear()
+            self.settings_changed()
 
     def settings_changed(self) -> None:
         """Forget the per-(device, dtype) backend choices (re-decided on the next call)."""
@@ -183,17 +218,26 @@ class QuantLinear(nn.Module):
         if backend in self._prepared or backend == "reference":
             return backend
         if backend == "cpu":
-            self._prepared["cpu"] = cpu_backend.prepare_cpu(self.scale, self.zero, self.bias, self.group)
+            self._prepared["cpu"] = cpu_backend.prepare_cpu(self.scale, self.zero, self.bias, self.group,
+                                                            t16=self.q_layout == "t16")
         elif backend == "cuda":
             from nvila_quant.kernels.cuda import prepare_cuda
 
-            self._prepared["cuda"] = prepare_cuda(self.q, self.scale, self.zero, self.group, self.in_features)
+            self._prepared["cuda"] = prepare_cuda(self.nibble_rows(), self.scale, self.zero, self.group,
+                                                  self.in_features)
         return backend
 
     @torch.compiler.disable
     def _select(self, device: torch.device, dtype: torch.dtype) -> str:
         """Resolve and prepare the backend for (device, dtype) once; later calls are a dict lookup."""
-        backend = self.prepare(self.resolve_backend(device, dtype))
+        backend = self.resolve_backend(device, dtype)
+        if backend == "cpu" and self.nibbles:  # bf16/fp16 activations: the T16 layout; fp32 ones: nibble rows
+            if dtype == torch.float32 and self.q_layout == "t16":
+                self._rows_only = True  # the model also runs fp32: stay in rows (no repacking back and forth)
+            t16 = not self._rows_only and cpu_backend.t16_wanted(self.bits, self.out_features, self.in_features,
+                                                                  self.group, dtype)
+            self._set_layout("t16" if t16 else "rows")
+        backend = self.prepare(backend)
         self._backend_for[(device.type, dtype)] = backend
         if backend == "cpu" and dtype == torch.bfloat16:
             self._bound = self._prepared["cpu"].plan(self.q, dtype).bound

@@ -282,6 +282,20 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
 // in fp32; the offset costs ~5 of fp32's 24 bits, far below the bf16 output's 8.
 #define NQ_OFF_MAX_MB 2  // 3 tokens spill registers (measured slower than rows_bf16_64)
 
+// (M, stride) fp32 per-group sums of bf16 x (M, K), zero past K/G; NULL when out of memory. The caller frees it.
+static float* group_sums(const uint16_t* x, int64_t m_tokens, int64_t k, int64_t group, int64_t stride) {
+    float* xsum = (float*)calloc((size_t)(m_tokens * stride), sizeof(float));
+    for (int64_t m = 0; xsum && m < m_tokens; ++m)
+        for (int64_t g = 0; g < k / group; ++g) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t kk = g * group; kk < (g + 1) * group; kk += 16)
+                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + m * k + kk))), 16)));
+            xsum[m * stride + g] = _mm512_reduce_add_ps(acc);
+        }
+    return xsum;
+}
+
 // (128 + z) * s for 16 groups g0..g0+15 of one row (masked at the row's end), fp32
 static inline __m512 off_coef16(const nq_meta md, int64_t at, __mmask16 mk) {
     __m512 s;
@@ -345,16 +359,8 @@ static int linear_bf16_off(const uint16_t* x, const uint16_t* xp, const uint8_t*
                            const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
                            int nthreads) {
     const int64_t ng = k / group, ngp = (ng + 15) / 16 * 16;
-    float* xsum = (float*)calloc((size_t)(m_tokens * ngp), sizeof(float));  // (M, ngp) per-group sums of x
+    float* xsum = group_sums(x, m_tokens, k, group, ngp);  // (M, ngp) per-group sums of x
     if (!xsum) return -3;
-    for (int64_t m = 0; m < m_tokens; ++m)
-        for (int64_t g = 0; g < ng; ++g) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t kk = g * group; kk < (g + 1) * group; kk += 16)
-                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + m * k + kk))), 16)));
-            xsum[m * ngp + g] = _mm512_reduce_add_ps(acc);
-        }
     const int64_t blocks = (n + 3) / 4;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
     for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -460,6 +466,7 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
                       int nthreads, int scale_kind);
 
 // One layer's weights bound once (kernels/cpu_native.py NativeLayer), so a decode step's call passes 4 values.
+// For nq_layer_t16_bf16: q is the T16 layout and scale / zero are transposed (K/G, N).
 typedef struct {
     const uint8_t* q;
     const void* scale;
@@ -560,3 +567,172 @@ int nq_linear(const void* x, const uint8_t* q, const void* scale, const uint8_t*
 
 // keep the scalar helper referenced for non-AVX-512 builds (documentation of the rounding rule)
 float nq_bf16_roundtrip(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// "T16" layout: the weights of 16 consecutive output rows interleaved so that one 32-byte load, zero-extended to
+// words, holds two VNNI tiles (16 rows x one k pair each; lane j = row j, 32 bits = its (k, k + 1) pair):
+//   t16[N/16][K/64][u = 0..15][byte b = 0..31], row = 16 * block + b / 2, e = b % 2,
+//   low nibble = q[row][64 c + 2 u + e], high nibble = q[row][64 c + 32 + 2 u + e].
+// Built once per layer on load (nq_t16_pack); same size as nibble rows. The kernels accumulate 16 output rows per
+// vector (broadcast activations, no horizontal sums), which is what makes many tokens as fast as a dense bf16
+// GEMM. Needs N % 16 == 0, K % 64 == 0, group % 64 == 0. Scales and zero points are read transposed, (K/G, N).
+// Per 16-row unit and 64-wide chunk: row r's 32 bytes B (B[j] = k 2j | k 2j+1 << 4) and the unit's 16 x 32 bytes
+// T[u][2r + e] = k (2u + e) | k (32 + 2u + e) << 4 of row r, i.e. T[u][2r] = (B[u] & 15) | (B[16+u] & 15) << 4 and
+// T[u][2r + 1] = B[u] >> 4 | (B[16+u] & 0xF0).
+static int t16_convert(const uint8_t* rows_in, const uint8_t* t16_in, uint8_t* out, int64_t n, int64_t k) {
+    if (n % 16 || k % 64 || n < 0 || k <= 0) return -1;
+    const int64_t nc = k / 64;
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < n / 16; ++nb)
+        for (int64_t c = 0; c < nc; ++c)
+            for (int r = 0; r < 16; ++r) {
+                const int64_t rb = (nb * 16 + r) * (k / 2) + c * 32, tb = (nb * nc + c) * 512 + 2 * r;
+                for (int u = 0; u < 16; ++u) {
+                    if (rows_in) {  // pack
+                        const uint8_t b0 = rows_in[rb + u], b1 = rows_in[rb + 16 + u];
+                        out[tb + u * 32] = (uint8_t)((b0 & 15) | (b1 & 15) << 4);
+                        out[tb + u * 32 + 1] = (uint8_t)(b0 >> 4 | (b1 & 0xF0));
+                    } else {  // unpack
+                        const uint8_t t0 = t16_in[tb + u * 32], t1 = t16_in[tb + u * 32 + 1];
+                        out[rb + u] = (uint8_t)((t0 & 15) | (t1 & 15) << 4);
+                        out[rb + 16 + u] = (uint8_t)(t0 >> 4 | (t1 & 0xF0));
+                    }
+                }
+            }
+    return 0;
+}
+
+int nq_t16_pack(const uint8_t* rows, uint8_t* t16, int64_t n, int64_t k) { return t16_convert(rows, 0, t16, n, k); }
+
+int nq_t16_unpack(const uint8_t* t16, uint8_t* rows, int64_t n, int64_t k) { return t16_convert(0, t16, rows, n, k); }
+
+#if NQ_HAVE_BF16
+#define NQ_T16_MB 6  // tokens per pass
+#define NQ_T16_NB 4  // 16-row units per block (fewer at the tail)
+
+// 16 scales of group g for rows n0..n0+15 from the transposed (K/G, N) array, as fp32
+static inline __m512 t16_scales(const nq_meta md, int64_t at) {
+    if (md.kind == 0) return _mm512_loadu_ps((const float*)md.s + at);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)md.s + at));
+    return md.kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+// MB tokens x NB units of 16 rows, the whole K. Per group: acc = sum_k x (128 + q) over the group with vdpbf16ps
+// (q OR-ed into the bf16 number 128.0), then tot += acc * s - (128 + z) * s * sum_k x.
+static inline __attribute__((always_inline)) void t16_tile_bf16(
+    const uint16_t* x, const float* xsum, const uint8_t* t16, const nq_meta md, const float* bias, uint16_t* out,
+    int64_t n, int64_t k, int64_t group, int64_t u0, const int MB, const int NB) {
+    const int64_t nc = k / 64, ng = k / group, cpg = group / 64;
+    const __m512i low = _mm512_set1_epi16(0x0F), one28 = _mm512_set1_epi16(0x4300);
+    __m512 tot[NQ_T16_MB][NQ_T16_NB];
+    for (int m = 0; m < MB; ++m)
+        for (int j = 0; j < NB; ++j) tot[m][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        __m512 acc[NQ_T16_MB][NQ_T16_NB];
+        for (int m = 0; m < MB; ++m)
+            for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+            for (int u = 0; u < 16; ++u) {
+                __m512bh wl[NQ_T16_NB], wh[NQ_T16_NB];
+                for (int j = 0; j < NB; ++j) {
+                    const uint8_t* p = t16 + (((u0 + j) * nc + c) * 16 + u) * 32;
+                    if (MB <= 2) _mm_prefetch((const char*)p + 1024, _MM_HINT_T1);  // 2 chunks ahead, into L2
+                    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+                    const __m512i l = _mm512_ternarylogic_epi32(w, low, one28, 0xEA);  // (w & 15) | 0x4300
+                    const __m512i h = _mm512_or_si512(_mm512_srli_epi16(w, 4), one28);
+                    memcpy(&wl[j], &l, sizeof l);
+                    memcpy(&wh[j], &h, sizeof h);
+                }
+                for (int m = 0; m < MB; ++m) {
+                    int32_t pa, pb;  // the token's (k, k + 1) pairs of the two tiles
+                    memcpy(&pa, x + m * k + c * 64 + 2 * u, 4);
+                    memcpy(&pb, x + m * k + c * 64 + 32 + 2 * u, 4);
+                    const __m512i a = _mm512_set1_epi32(pa), b = _mm512_set1_epi32(pb);
+                    __m512bh xa, xb;
+                    memcpy(&xa, &a, sizeof xa);
+                    memcpy(&xb, &b, sizeof xb);
+                    for (int j = 0; j < NB; ++j) {
+                        acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wl[j], xa);
+                        acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wh[j], xb);
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < NB; ++j) {
+            const int64_t at = g * n + (u0 + j) * 16;
+            const __m512 s = t16_scales(md, at);
+            const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(md.z + at))));
+            const __m512 cz = _mm512_mul_ps(_mm512_add_ps(z, _mm512_set1_ps(128.f)), s);
+            for (int m = 0; m < MB; ++m) {
+                tot[m][j] = _mm512_fmadd_ps(acc[m][j], s, tot[m][j]);
+                tot[m][j] = _mm512_fnmadd_ps(cz, _mm512_set1_ps(xsum[m * ng + g]), tot[m][j]);
+            }
+        }
+    }
+    for (int j = 0; j < NB; ++j) {
+        const __m512 b = bias ? _mm512_loadu_ps(bias + (u0 + j) * 16) : _mm512_setzero_ps();
+        for (int m = 0; m < MB; ++m) {
+            const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(tot[m][j], b));
+            _mm256_storeu_si256((__m256i*)(out + m * n + (u0 + j) * 16), (__m256i)h);
+        }
+    }
+}
+
+#define NQ_T16_CASE(MM, NN, U) t16_tile_bf16(xb, xs, t16, meta, bias, ob, n, k, group, U, MM, NN)
+#define NQ_T16_SWITCH(NN, U)                         \
+    switch (mb) {                                    \
+        case 1: NQ_T16_CASE(1, NN, U); break;        \
+        case 2: NQ_T16_CASE(2, NN, U); break;        \
+        case 3: NQ_T16_CASE(3, NN, U); break;        \
+        case 4: NQ_T16_CASE(4, NN, U); break;        \
+        case 5: NQ_T16_CASE(5, NN, U); break;        \
+        default: NQ_T16_CASE(6, NN, U); break;       \
+    }
+
+// y (M, N) bf16 = x (M, K) bf16 @ w^T + bias, w in T16 layout; scale / zero transposed (K/G, N).
+int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+                uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+    if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
+        return -1;
+    if (m_tokens == 0 || n == 0) return 0;
+    const nq_meta meta = {scale_t, zero_t, scale_kind};
+    const int64_t ng = k / group;
+    float* xsum = group_sums(x, m_tokens, k, group, ng);  // (M, K/G) per-group sums of x
+    if (!xsum) return -3;
+    const int64_t units = n / 16, full = units / NQ_T16_NB, blocks = full + (units - full * NQ_T16_NB);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < blocks; ++blk) {  // full blocks of NQ_T16_NB units, then single units
+        const int64_t u0 = blk < full ? blk * NQ_T16_NB : full * NQ_T16_NB + (blk - full);
+        for (int64_t m0 = 0; m0 < m_tokens; m0 += NQ_T16_MB) {
+            const int mb = (int)(m_tokens - m0 < NQ_T16_MB ? m_tokens - m0 : NQ_T16_MB);
+            const uint16_t* xb = x + m0 * k;
+            const float* xs = xsum + m0 * ng;
+            uint16_t* ob = out + m0 * n;
+            if (blk >= full) {
+                NQ_T16_SWITCH(1, u0)
+            } else if (mb <= 2) {
+                NQ_T16_SWITCH(4, u0)
+            } else {  // 6 tokens x 4 units would need 48 accumulators: two halves of 2 units
+                NQ_T16_SWITCH(2, u0)
+                NQ_T16_SWITCH(2, u0 + 2)
+            }
+        }
+    }
+    free(xsum);
+    return 0;
+}
+#undef NQ_T16_SWITCH
+#undef NQ_T16_CASE
+#else
+int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+                uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+    (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
+    (void)group; (void)nthreads; (void)scale_kind;
+    return -2;
+}
+#endif
+
+int nq_layer_t16_bf16(const nq_layer* layer, const uint16_t* x, uint16_t* out, int64_t m_tokens, int nthreads) {
+    return nq_t16_bf16(x, layer->q, layer->scale, layer->zero, layer->bias, out, m_tokens, layer->n, layer->k,
+                       layer->group, nthreads, (int)layer->scale_kind);
+}
