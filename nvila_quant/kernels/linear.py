@@ -212,9 +212,16 @@ class QuantLinear(nn.Module):
             return "reference"
         return wanted
 
-    def prepare(self, backend: str | None = None) -> str:
-        """Build the kernel repack for ``backend`` (default: the one for this module's device) now."""
-        backend = backend or self.resolve_backend(self.q.device)
+    def prepare(self, backend: str | None = None, x_dtype: torch.dtype | None = None) -> str:
+        """Build the kernel repack for ``backend`` (default: the one for this module's device) now. ``x_dtype``: the
+        activations' dtype, when known (the CPU kernels' weight layout depends on it)."""
+        backend = backend or self.resolve_backend(self.q.device, x_dtype)
+        if backend == "cpu" and x_dtype is not None and self.nibbles:  # bf16/fp16: the T16 layout; fp32: nibble rows
+            if x_dtype == torch.float32 and self.q_layout == "t16":
+                self._rows_only = True  # the model also runs fp32: stay in rows (no repacking back and forth)
+            t16 = not self._rows_only and cpu_backend.t16_wanted(self.bits, self.out_features, self.in_features,
+                                                                  self.group, x_dtype)
+            self._set_layout("t16" if t16 else "rows")
         if backend in self._prepared or backend == "reference":
             return backend
         if backend == "cpu":
@@ -230,14 +237,7 @@ class QuantLinear(nn.Module):
     @torch.compiler.disable
     def _select(self, device: torch.device, dtype: torch.dtype) -> str:
         """Resolve and prepare the backend for (device, dtype) once; later calls are a dict lookup."""
-        backend = self.resolve_backend(device, dtype)
-        if backend == "cpu" and self.nibbles:  # bf16/fp16 activations: the T16 layout; fp32 ones: nibble rows
-            if dtype == torch.float32 and self.q_layout == "t16":
-                self._rows_only = True  # the model also runs fp32: stay in rows (no repacking back and forth)
-            t16 = not self._rows_only and cpu_backend.t16_wanted(self.bits, self.out_features, self.in_features,
-                                                                  self.group, dtype)
-            self._set_layout("t16" if t16 else "rows")
-        backend = self.prepare(backend)
+        backend = self.prepare(self.resolve_backend(device, dtype), dtype)
         self._backend_for[(device.type, dtype)] = backend
         if backend == "cpu" and dtype == torch.bfloat16:
             self._bound = self._prepared["cpu"].plan(self.q, dtype).bound

@@ -77,8 +77,10 @@ def set_backend(model: nn.Module, backend: str) -> None:
         m.backend = backend
 
 
-def _install(model: nn.Module, qlinears: dict[str, QTensor], folder: Path, device: torch.device) -> None:
-    """Replace each packed module's nn.Linear by a QuantLinear holding its QTensor (shapes checked)."""
+def _install(model: nn.Module, qlinears: dict[str, QTensor], folder: Path, device: torch.device,
+             dtype: torch.dtype) -> None:
+    """Replace each packed module's nn.Linear by a QuantLinear holding its QTensor (shapes checked), its kernels
+    prepared for ``dtype`` activations."""
     backend = _backend()
     for name, qt in qlinears.items():
         try:
@@ -103,7 +105,7 @@ def _install(model: nn.Module, qlinears: dict[str, QTensor], folder: Path, devic
         new = QuantLinear.from_qtensor(qt, backend=backend).to(device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-        new.prepare()
+        new.prepare(x_dtype=dtype)
 
 
 def _load_floats(model: nn.Module, floats: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype,
@@ -166,7 +168,7 @@ def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: t
         setattr(llm.get_submodule(parent) if parent else llm, child, holder)
     llm = llm.to_empty(device=device)
     _reset_non_persistent_buffers(llm, device)
-    _install(llm, qlinears, llm_dir, device)
+    _install(llm, qlinears, llm_dir, device, dtype)
     tied = bool(getattr(llm.config, "tie_word_embeddings", False))
     _load_floats(llm, floats, llm_dir, dtype, ignore_missing=("lm_head.weight",) if tied else ())
     if tied and not isinstance(llm.get_output_embeddings(), QuantLinear):
@@ -185,7 +187,7 @@ def load_quantized_projector(
     mp_dir, device = Path(mp_dir), torch.device(device)
     floats, qlinears, spec = read_quantized_submodel(mp_dir)
     projector = MultimodalProjector(projector_type, mm_hidden_size, hidden_size).to(device=device, dtype=dtype)
-    _install(projector, qlinears, mp_dir, device)
+    _install(projector, qlinears, mp_dir, device, dtype)
     projector.scale_activations(read_json(mp_dir / "config.json").get("scaled_activations", []))  # AWQ GELU -> Linear
     _load_floats(projector, floats, mp_dir, dtype)
     projector.nvila_quant_spec = spec
