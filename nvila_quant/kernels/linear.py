@@ -2,8 +2,8 @@
 
 Stored buffers (the runtime layout, not an on-disk format; N = out_features, K = in_features):
     q:     (N, K/2) uint8 nibble rows (low nibble = even k) for 4-bit weights with even K, else (N, K) uint8.
-           On CPU with bf16/fp16 activations the same bytes take the T16 layout (kernels/cpu.py) from the first
-           call (``q_layout``); state dicts, ``qtensor()`` and device moves always see nibble rows.
+           On CPU with bf16/fp16 activations the same bytes take the T16 layout (kernels/cpu.py) when prepared
+           for them (``q_layout``); state dicts, ``qtensor()`` and device moves always see nibble rows.
     scale: (N, K/G) float (the checkpoint's scale dtype)
     zero:  (N, K/G) uint8
     bias:  (N,) float or None
@@ -11,8 +11,9 @@ w = (q - zero) * scale. Kernel-specific repacks are built once per device by :me
 (lazily on first use), never stored in a state dict.
 
 Backends (``backend`` attribute, default "auto" = the fast one for the input's device):
-    "cpu"       fused int4 kernels for few tokens (native AVX-512, else torch's int4 op), dequantize + dense
-                matmul for many (kernels/cpu.py)
+    "cpu"       native AVX-512 int4 kernels: with bf16/fp16 activations one T16 kernel for every token count;
+                otherwise fused kernels for few tokens and dequantize + dense matmul for many; torch's int4 op
+                where the native kernels cannot build (kernels/cpu.py)
     "cuda"      the project's W4A16 GEMV for few tokens, its dequantize kernel + cuBLAS for more (kernels/cuda),
                 fp16/bf16 activations
     "reference" dequantize (exact fp32 (q - z) * s, cast to the activation dtype) + F.linear: the oracle
