@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nvila_quant.kernels.build import cpu_fingerprint
 from nvila_quant.kernels.cpu_native import (
     SCALE_KINDS,
     NativeLayer,
@@ -65,8 +66,12 @@ TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # dequantize + dense path up to M = 48..63; the native fp32 kernel up to M = 8..15. torch's int4 kernel only
 # runs where the native kernels cannot, and there the dequantization is torch-only (~20x slower), which moves
 # its crossover to ~600 tokens.
-DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 1 << 62}
-# native-t16 (the T16 kernel) is never slower than the dense path: 0.96x dense bf16 at 512 tokens, 1.05x at 128.
+# native-t16 (the T16 kernel) is never slower than the dense path with AVX-512 dense matmuls (1.03-1.09x dense bf16
+# at 128 tokens, 0.97-1.00x at 512). A CPU with AMX tiles (Sapphire Rapids and later) runs oneDNN's dense bf16 GEMM
+# several times faster than any AVX-512 kernel, so there the dense path takes over from 32 tokens (not measured
+# here: this VM has no AMX; NVILA_QUANT_CPU_DENSE_MIN_TOKENS overrides).
+_AMX_BF16 = "amx_bf16" in cpu_fingerprint().split()
+DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 32 if _AMX_BF16 else 1 << 62}
 
 
 def _env_number(name: str) -> float | None:

@@ -105,8 +105,9 @@ def t16_supported(out_features: int, in_features: int, group: int) -> bool:
 
 def _t16_convert(name: str, src: torch.Tensor) -> torch.Tensor:
     n, k = src.shape[0], src.shape[1] * 2
-    if src.dtype != torch.uint8 or n % 16 or k % 64:
-        raise ValueError(f"T16 layout needs uint8 (N, K/2) with N % 16 == 0 and K % 64 == 0, got {tuple(src.shape)}")
+    if src.device.type != "cpu" or src.dtype != torch.uint8 or n % 16 or k % 64:
+        raise ValueError(f"T16 layout needs a CPU uint8 (N, K/2) tensor with N % 16 == 0 and K % 64 == 0, got "
+                         f"{src.dtype} {tuple(src.shape)} on {src.device}")
     src = src.contiguous()
     out = torch.empty_like(src)
     if getattr(_library(), name)(src.data_ptr(), out.data_ptr(), n, k) != 0:
