@@ -16,6 +16,8 @@ Tuning overrides live in :data:`SETTINGS` (read from the environment at import: 
 makes torch's kernel the few-token kernel wherever it applies, ``NVILA_QUANT_CPU_DENSE_MIN_TOKENS`` moves the
 threshold, ``NVILA_QUANT_CPU_CHUNK_MB`` sizes the dense path's blocks); :func:`cpu_overrides` changes them for a
 block of code. A layer no fast kernel can take falls back to the reference backend (kernels/linear.py).
+Under ``torch.compile`` the T16 kernel is the registered op ``nvila_quant::cpu_t16_linear`` (whole graphs, no
+break per layer); the other CPU paths run eagerly as graph breaks.
 fp16 activations compute in bf16 (the CPU kernels have no fp16 path); the result is cast back.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from nvila_quant.kernels.cpu_native import (
     dequantize_nibbles,
     native_linear,
     native_linear_support,
+    t16_linear,
     t16_supported,
     t16_unpack,
     unpack_nibbles,
@@ -56,6 +59,8 @@ __all__ = [
     "kernel_group",
     "prepare_cpu",
     "prepare_torch_int4",
+    "cpu_t16_linear",
+    "t16_linear_traced",
     "t16_wanted",
 ]
 
@@ -347,3 +352,23 @@ def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Te
     else:
         y = dense_chunked(x2, qnib, state, compute)
     return y.to(x.dtype).reshape(*shape[:-1], n)
+
+
+@torch.library.custom_op("nvila_quant::cpu_t16_linear", mutates_args=())
+def cpu_t16_linear(x: torch.Tensor, q: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
+                   bias: torch.Tensor | None, group: int) -> torch.Tensor:
+    """x (M, K) bf16 -> (M, N) bf16 with T16 weights q (N, K/2), scale_t / zero_t (K/G, N), bias (N,) fp32."""
+    return t16_linear(x, q, scale_t, zero_t, bias, group)
+
+
+@cpu_t16_linear.register_fake
+def _(x, q, scale_t, zero_t, bias, group):  # noqa: ANN001, ANN202 (fake impl: shapes only)
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+def t16_linear_traced(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Tensor:
+    """:func:`cpu_linear` for T16 weights through the registered op (what ``torch.compile`` traces)."""
+    shape = x.shape
+    y = torch.ops.nvila_quant.cpu_t16_linear(x.reshape(-1, shape[-1]).to(torch.bfloat16), qnib, state.scale,
+                                             state.zero, state.bias, state.group)
+    return y.to(x.dtype).reshape(*shape[:-1], qnib.shape[0])

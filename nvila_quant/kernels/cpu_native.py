@@ -28,6 +28,7 @@ __all__ = [
     "NativeLayer",
     "pack_nibbles",
     "t16_pack",
+    "t16_linear",
     "t16_supported",
     "t16_unpack",
     "unpack_nibbles",
@@ -63,6 +64,8 @@ def _library() -> ctypes.CDLL | None:
     lib.nq_layer_bf16.restype = cint
     lib.nq_layer_t16_bf16.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_layer_t16_bf16.restype = cint
+    lib.nq_t16_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
+    lib.nq_t16_bf16.restype = cint
     lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
     lib.nq_t16_pack.restype = lib.nq_t16_unpack.restype = cint
     return lib
@@ -123,6 +126,24 @@ def t16_pack(rows: torch.Tensor) -> torch.Tensor:
 def t16_unpack(t16: torch.Tensor) -> torch.Tensor:
     """The T16 layout -> nibble rows (N, K/2) uint8. A slice of whole 16-row units unpacks on its own."""
     return _t16_convert("nq_t16_unpack", t16)
+
+
+def t16_linear(x: torch.Tensor, t16: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
+               bias: torch.Tensor | None, group: int) -> torch.Tensor:
+    """x (M, K) bf16 -> (M, N) bf16 with T16 weights (N, K/2), scale_t (K/G, N) fp32/bf16/fp16, zero_t (K/G, N)
+    uint8, bias (N,) fp32 (all contiguous). Callers check :func:`t16_supported`."""
+    m, k = x.shape
+    n = t16.shape[0]
+    if x.dtype != torch.bfloat16 or not _meta_ok(scale_t, zero_t) or scale_t.shape != (k // group, n):
+        raise ValueError(f"t16_linear: bf16 x and transposed (K/G, N) scales, got {x.dtype}, {tuple(scale_t.shape)}")
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = _library().nq_t16_bf16(x.data_ptr(), t16.data_ptr(), scale_t.data_ptr(), zero_t.data_ptr(),
+                                None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, group,
+                                torch.get_num_threads(), SCALE_KINDS[scale_t.dtype])
+    if rc != 0:
+        raise RuntimeError(f"native T16 linear failed with code {rc} for x {tuple(x.shape)}, N={n}, group {group}")
+    return out
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -215,7 +215,8 @@ class QuantLinear(nn.Module):
 
     def prepare(self, backend: str | None = None, x_dtype: torch.dtype | None = None) -> str:
         """Build the kernel repack for ``backend`` (default: the one for this module's device) now. ``x_dtype``: the
-        activations' dtype, when known (the CPU kernels' weight layout depends on it)."""
+        activations' dtype, when known (the CPU kernels' weight layout depends on it); calls with such activations
+        then skip the backend resolution (and trace without a graph break under ``torch.compile``)."""
         backend = backend or self.resolve_backend(self.q.device, x_dtype)
         if backend == "cpu" and x_dtype is not None and self.nibbles:  # bf16/fp16: the T16 layout; fp32: nibble rows
             if x_dtype == torch.float32 and self.q_layout == "t16":
@@ -223,26 +224,29 @@ class QuantLinear(nn.Module):
             t16 = not self._rows_only and cpu_backend.t16_wanted(self.bits, self.out_features, self.in_features,
                                                                   self.group, x_dtype)
             self._set_layout("t16" if t16 else "rows")
-        if backend in self._prepared or backend == "reference":
-            return backend
-        if backend == "cpu":
+        if backend == "cpu" and "cpu" not in self._prepared:
             self._prepared["cpu"] = cpu_backend.prepare_cpu(self.scale, self.zero, self.bias, self.group,
                                                             t16=self.q_layout == "t16")
-        elif backend == "cuda":
+        elif backend == "cuda" and "cuda" not in self._prepared:
             from nvila_quant.kernels.cuda import prepare_cuda
 
             self._prepared["cuda"] = prepare_cuda(self.nibble_rows(), self.scale, self.zero, self.group,
                                                   self.in_features)
+        if x_dtype is not None:
+            self._remember(self.q.device.type, x_dtype, backend)
         return backend
+
+    def _remember(self, device_type: str, dtype: torch.dtype, backend: str) -> None:
+        self._backend_for[(device_type, dtype)] = backend
+        if backend == "cpu" and dtype == torch.bfloat16:
+            self._bound = self._prepared["cpu"].plan(self.q, dtype).bound
+            cpu_backend.SETTINGS_USERS.add(self)
 
     @torch.compiler.disable
     def _select(self, device: torch.device, dtype: torch.dtype) -> str:
         """Resolve and prepare the backend for (device, dtype) once; later calls are a dict lookup."""
         backend = self.prepare(self.resolve_backend(device, dtype), dtype)
-        self._backend_for[(device.type, dtype)] = backend
-        if backend == "cpu" and dtype == torch.bfloat16:
-            self._bound = self._prepared["cpu"].plan(self.q, dtype).bound
-            cpu_backend.SETTINGS_USERS.add(self)
+        self._remember(device.type, dtype, backend)  # (prepare remembered it under the module's device)
         return backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +262,10 @@ class QuantLinear(nn.Module):
 
             return cuda_linear(x, self._prepared["cuda"], self.bias)
         if backend == "cpu":
-            return cpu_backend.cpu_linear(x, self.q, self._prepared["cpu"])
+            state = self._prepared["cpu"]
+            if state.t16 and torch.compiler.is_compiling():  # the registered op: traces without a graph break
+                return cpu_backend.t16_linear_traced(x, self.q, state)
+            return cpu_backend.cpu_linear(x, self.q, state)
         return reference_linear(x, self, self.bias)
 
 
