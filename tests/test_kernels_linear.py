@@ -220,3 +220,22 @@ def test_t16_pack_roundtrip() -> None:
     assert int(packed.view(-1)[(1 * 16 + 3) * 32 + 5]) == int(nib[2, 64 + 6 + 1] | nib[2, 64 + 32 + 6 + 1] << 4)
     with pytest.raises(ValueError, match="N % 16"):
         t16_pack(q[:40])
+
+
+def test_used_layers_copy_and_pickle() -> None:
+    """deepcopy / torch.save of a layer that has run (native kernels bound, maybe T16 weights) keep its weights."""
+    import copy
+    import io
+
+    qt = _layer(128, 256, 64, True)
+    mod = QuantLinear.from_qtensor(qt, "cpu")
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    y = mod(x)
+    clone = copy.deepcopy(mod)
+    assert clone.q_layout == "rows" and torch.equal(clone(x), y) and clone.qtensor().equal(qt)
+    buf = io.BytesIO()
+    torch.save(mod.state_dict(), buf)
+    buf.seek(0)
+    fresh = QuantLinear.from_qtensor(_layer(128, 256, 64, True, seed=1), "cpu")
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), y)

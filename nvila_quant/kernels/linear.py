@@ -177,6 +177,13 @@ class QuantLinear(nn.Module):
             self._prepared.clear()
             self.settings_changed()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the weights as nibble rows, not the kernel caches (they hold native pointers)."""
+        state = self.__dict__.copy()
+        state.update(_prepared={}, _backend_for={}, _bound=None, q_layout="rows")
+        state["_buffers"] = {**self._buffers, "q": self.nibble_rows()}
+        return state
+
     def settings_changed(self) -> None:
         """Forget the per-(device, dtype) backend choices (re-decided on the next call)."""
         self._backend_for.clear()
