@@ -189,6 +189,9 @@ def test_t16_layout_follows_the_activations_and_stays_invisible() -> None:
     with cpu_backend.cpu_overrides(dense_min_tokens=1):  # the dense path dequantizes T16 blocks
         x = torch.randn(5, 256, dtype=torch.bfloat16)
         assert torch.equal(fast(x), ref(x))
+    with cpu_backend.cpu_overrides(kernel="torch"):  # torch's int4 op, repacked from the T16 bytes
+        x = torch.randn(5, 256, dtype=torch.bfloat16)
+        assert _rel(fast(x), ref(x)) < 1e-2 and fast.q_layout == "t16"
     x = torch.randn(3, 256, requires_grad=True, dtype=torch.bfloat16)  # autograd: a dequantized weight
     fast(x).float().sum().backward()
     assert x.grad is not None and fast.q_layout == "t16"
