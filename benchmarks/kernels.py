@@ -3,7 +3,7 @@
     python benchmarks/kernels.py [--tokens 1 8 32 128 512] [--repeats 7] [--threads T] [--clock wall|thread]
 
 For (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008)} and each token count M: the quantized layer with
-each backend ("cpu" as shipped, a module call; each CPU path called alone: the fused kernel (T16 on these shapes),
+each backend ("cpu" as shipped, a module call, with bf16 and with fp32 activations; each CPU path called alone: the fused kernel (T16 on these shapes),
 torch's int4 kernel and the chunked dequantize + dense bf16 path, which locates any threshold; "reference" on the
 smallest shape), against a dense bf16 and an fp32 ``F.linear`` with the same weights. Timings are interleaved medians; CPU caches are
 evicted before each timed call (in decode a layer's weights are never cache-resident) unless --warm-cache.
@@ -100,6 +100,7 @@ def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w1
         fused = lambda: native_linear(x16, layer.q, state.scale, state.zero, state.bias, state.group)  # noqa: E731
     fns = {
         "cpu": lambda: layer(x16),
+        "cpu_fp32_act": lambda: layer(x32),  # fp32 activations (the fp32 T16 kernel on these shapes)
         "cpu_int4_kernel": fused,
         "cpu_dequant_dense": lambda: cpu_backend.dense_chunked(x16, layer.q, state, torch.bfloat16),
         "dense_bf16": lambda: F.linear(x16, w16),
@@ -134,9 +135,11 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
             row["path"] = plan.kernel if plan.kernel and m < plan.dense_from else "dense"
             row["x_vs_bf16"] = ms["dense_bf16"] / ms["cpu"]
             row["x_vs_fp32"] = ms["dense_fp32"] / ms["cpu"]
+            row["fp32_act_x_vs_fp32"] = ms["dense_fp32"] / ms["cpu_fp32_act"]
             rows.append(row)
             print(f"  N={n} K={k} M={m}: cpu {ms['cpu']:.2f} ms ({row['path']}), bf16 {ms['dense_bf16']:.2f}, "
-                  f"fp32 {ms['dense_fp32']:.2f} -> {row['x_vs_bf16']:.2f}x / {row['x_vs_fp32']:.2f}x", flush=True)
+                  f"fp32 {ms['dense_fp32']:.2f} -> {row['x_vs_bf16']:.2f}x / {row['x_vs_fp32']:.2f}x; fp32 activations "
+                  f"{ms['cpu_fp32_act']:.2f} ms, {row['fp32_act_x_vs_fp32']:.2f}x fp32", flush=True)
     return rows
 
 

@@ -131,7 +131,7 @@ def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
     """A compile error must not hide behind the torch fallback: on an AVX-512 BF16 CPU the native library loads."""
     from pathlib import Path
 
-    from nvila_quant.kernels.cpu_native import CAP_BF16, CAP_F32, native_caps
+    from nvila_quant.kernels.cpu_native import CAP_BF16, CAP_F32, CAP_T16_F32, native_caps
 
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
@@ -139,7 +139,7 @@ def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
         pytest.skip("this CPU has no AVX-512 BF16")
     if shutil.which("cc") is None:
         pytest.skip("no C compiler (cc) on PATH")
-    assert native_caps() == CAP_F32 | CAP_BF16
+    assert native_caps() == CAP_F32 | CAP_BF16 | CAP_T16_F32
 
 
 def test_native_dequantize_bit_exact() -> None:
@@ -201,12 +201,33 @@ def test_t16_layout_follows_the_activations_and_stays_invisible() -> None:
     assert copy.q_layout == "rows" and torch.equal(copy.q, rows)
     x = torch.randn(2, 256, dtype=torch.bfloat16)
     assert torch.equal(copy(x), fast(x))
-    x32 = torch.randn(3, 256)  # fp32 activations: back to rows for good
+    for m in (1, 3, 70):  # fp32 activations: the fp32 T16 kernel (exact fp32 weights)
+        x32 = torch.randn(m, 256)
+        assert _rel(fast(x32), ref(x32)) < TOL[torch.float32] and fast.q_layout == "t16", m
+    copy.float()  # casts and moves see rows
+    assert copy.q_layout == "rows" and torch.equal(copy.q, rows)
+
+
+def test_t16_without_bf16_and_without_t16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AVX-512 CPU without BF16 runs bf16 activations on the fp32 T16 kernel; activations no T16 kernel takes
+    send T16 weights back to nibble rows for good."""
+    from nvila_quant.kernels import cpu_native
+
+    if not native_available() or not cpu_native.native_caps() & cpu_native.CAP_T16_F32:
+        pytest.skip("native T16 kernels did not build on this machine")
+    qt = _layer(128, 256, 64, True)
+    ref = QuantLinear.from_qtensor(qt, "reference")
+    monkeypatch.setattr(cpu_native, "native_caps", lambda: cpu_native.CAP_F32 | cpu_native.CAP_T16_F32)
+    fast = QuantLinear.from_qtensor(qt, "cpu")
+    for m in (1, 9):
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
+        assert _rel(fast(x), ref(x)) < 1e-2 and fast.q_layout == "t16", m
+    assert fast._prepared["cpu"].plan(fast.q, torch.bfloat16).kernel == "native-t16-f32"
+    monkeypatch.setattr(cpu_backend, "t16_wanted", lambda bits, n, k, g, dtype: dtype != torch.float32)
+    x32 = torch.randn(3, 256)
     assert _rel(fast(x32), ref(x32)) < TOL[torch.float32] and fast.q_layout == "rows"
     x = torch.randn(2, 256, dtype=torch.bfloat16)
     assert _rel(fast(x), ref(x)) < 1e-2 and fast.q_layout == "rows"
-    copy.float()  # casts and moves see rows
-    assert copy.q_layout == "rows" and torch.equal(copy.q, rows)
 
 
 def test_t16_pack_roundtrip() -> None:

@@ -1,13 +1,13 @@
 """CPU backend: the project's native int4 kernels (kernels/csrc/int4_cpu.c, AVX-512), torch's int4 op where they
 cannot run, dequantize + dense matmul where that is faster.
 
-* bf16 / fp16 activations on a layer with N % 16 == 0 and K, group % 64 == 0 (every LLM-shaped layer): the layer's
-  weights are kept in the T16 layout (16 output rows interleaved, built on the first CPU call; QuantLinear converts
-  back for anything else) and one kernel serves every token count: it accumulates 16 output rows per vector with
-  vdpbf16ps on broadcast activations, as fast as a dense bf16 GEMM from ~128 tokens and up to ~5x faster for few.
-* other layers, or fp32 activations (exact fp32 weights, FMA), few tokens: kernels on nibble rows (K % 32);
-  many tokens: dequantize (native, bit exact) blocks of output rows into a reused cache-sized buffer and run a
-  dense bf16 / fp32 matmul per block.
+* layers with N % 16 == 0 and K, group % 64 == 0 (every LLM-shaped layer): the weights are kept in the T16 layout
+  (16 output rows interleaved, built when the layer is prepared; QuantLinear converts back for anything else) and
+  one kernel serves every token count, accumulating 16 output rows per vector on broadcast activations: bf16 / fp16
+  activations with vdpbf16ps (as fast as a dense bf16 GEMM from ~128 tokens, up to ~5-9x faster for few), fp32
+  ones (and bf16 ones on AVX-512 CPUs without BF16) with the exact fp32 weights and FMA.
+* other layers, few tokens: kernels on nibble rows (K % 32); many tokens: dequantize (native, bit exact) blocks of
+  output rows into a reused cache-sized buffer and run a dense bf16 / fp32 matmul per block.
 * without the native kernels: PyTorch's ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G', scales_and_zeros)``
   for few tokens, which computes ``x @ ((q - 8) * scale + zero).T``: AWQ's (q - z) * s becomes ``zero = (8 - z) * s``
   (float domain). Its packed layout depends on the CPU ISA, so it is built at load time (:func:`prepare_torch_int4`),
@@ -39,8 +39,9 @@ from nvila_quant.kernels.cpu_native import (
     dequantize_nibbles,
     native_linear,
     native_linear_support,
+    t16_kernel,
     t16_linear,
-    t16_supported,
+    t16_shape_ok,
     t16_unpack,
     unpack_nibbles,
 )
@@ -76,7 +77,9 @@ TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # several times faster than any AVX-512 kernel, so there the dense path takes over from 32 tokens (not measured
 # here: this VM has no AMX; NVILA_QUANT_CPU_DENSE_MIN_TOKENS overrides).
 _AMX_BF16 = "amx_bf16" in cpu_fingerprint().split()
-DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 32 if _AMX_BF16 else 1 << 62}
+# fp32 T16 (fp32 activations): 1.01-1.20x the dense fp32 path at 128 tokens, 0.89-0.91x at 512.
+DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 32 if _AMX_BF16 else 1 << 62,
+                    "native-t16-f32": 256}
 
 
 def _env_number(name: str) -> float | None:
@@ -228,11 +231,16 @@ class CpuState:
             n, k = qnib.shape[0], qnib.shape[1] * 2
             bound = None
             if self.t16:
-                if x_dtype == torch.float32:
-                    raise RuntimeError("T16 weights take bf16/fp16 activations (QuantLinear unpacks them for fp32)")
-                kernel = "torch-int4" if SETTINGS.kernel == "torch" else "native-t16"
-                if kernel == "native-t16":
+                if SETTINGS.kernel == "torch" and x_dtype != torch.float32:
+                    kernel = "torch-int4"
+                elif t16_kernel(x_dtype) == "bf16":
+                    kernel = "native-t16"
                     bound = NativeLayer(qnib, self.scale, self.zero, self.bias, self.group, t16=True)
+                else:
+                    kernel = "native-t16-f32"
+                    if x_dtype == torch.float32:
+                        bound = NativeLayer(qnib, self.scale, self.zero, self.bias, self.group, t16=True,
+                                            dtype=torch.float32)
             else:
                 kernel = few_token_kernel(self.group, n, k, x_dtype)
                 if kernel == "native-bf16" and x_dtype == torch.bfloat16 and NativeLayer.supports(k, self.group):
@@ -264,7 +272,7 @@ def prepare_cpu(scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | No
 
 def t16_wanted(bits: int, out_features: int, in_features: int, group: int, x_dtype: torch.dtype) -> bool:
     """Whether a layer's weights should take the T16 layout for CPU calls with ``x_dtype`` activations."""
-    return bits == 4 and x_dtype != torch.float32 and t16_supported(out_features, in_features, group)
+    return bits == 4 and t16_shape_ok(out_features, in_features, group) and t16_kernel(x_dtype) is not None
 
 
 def _rows(qnib: torch.Tensor, state: CpuState) -> torch.Tensor:
@@ -330,6 +338,9 @@ def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Te
     if kernel is not None and m < dense_from and not needs_grad:
         if kernel == "native-t16":
             y = bound(x2.to(torch.bfloat16).contiguous())
+        elif kernel == "native-t16-f32":
+            y = bound(x2.contiguous()) if bound is not None else t16_linear(x2, qnib, state.scale, state.zero,
+                                                                             state.bias, state.group)
         elif kernel[0] == "n":  # native-bf16 / native-fp32 on nibble rows
             y = native_linear(x2 if x2.dtype == compute else x2.to(compute), qnib, state.scale, state.zero,
                               state.bias, state.group)
@@ -357,7 +368,7 @@ def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Te
 @torch.library.custom_op("nvila_quant::cpu_t16_linear", mutates_args=())
 def cpu_t16_linear(x: torch.Tensor, q: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
                    bias: torch.Tensor | None, group: int) -> torch.Tensor:
-    """x (M, K) bf16 -> (M, N) bf16 with T16 weights q (N, K/2), scale_t / zero_t (K/G, N), bias (N,) fp32."""
+    """x (M, K) -> (M, N) in x's dtype with T16 weights q (N, K/2), scale_t / zero_t (K/G, N), bias (N,) fp32."""
     return t16_linear(x, q, scale_t, zero_t, bias, group)
 
 
@@ -369,6 +380,6 @@ def _(x, q, scale_t, zero_t, bias, group):  # noqa: ANN001, ANN202 (fake impl: s
 def t16_linear_traced(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Tensor:
     """:func:`cpu_linear` for T16 weights through the registered op (what ``torch.compile`` traces)."""
     shape = x.shape
-    y = torch.ops.nvila_quant.cpu_t16_linear(x.reshape(-1, shape[-1]).to(torch.bfloat16), qnib, state.scale,
-                                             state.zero, state.bias, state.group)
-    return y.to(x.dtype).reshape(*shape[:-1], qnib.shape[0])
+    y = torch.ops.nvila_quant.cpu_t16_linear(x.reshape(-1, shape[-1]), qnib, state.scale, state.zero, state.bias,
+                                             state.group)
+    return y.reshape(*shape[:-1], qnib.shape[0])

@@ -28,7 +28,9 @@ __all__ = [
     "NativeLayer",
     "pack_nibbles",
     "t16_pack",
+    "t16_kernel",
     "t16_linear",
+    "t16_shape_ok",
     "t16_supported",
     "t16_unpack",
     "unpack_nibbles",
@@ -36,7 +38,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.c"
-CAP_F32, CAP_BF16 = 1, 2
+CAP_F32, CAP_BF16, CAP_T16_F32 = 1, 2, 4
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,10 +64,12 @@ def _library() -> ctypes.CDLL | None:
     lib.nq_linear_bf16_64.restype = cint
     lib.nq_layer_bf16.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_layer_bf16.restype = cint
-    lib.nq_layer_t16_bf16.argtypes = [ptr, ptr, ptr, i64, cint]
-    lib.nq_layer_t16_bf16.restype = cint
+    lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = [ptr, ptr, ptr, i64, cint]
+    lib.nq_layer_t16_bf16.restype = lib.nq_layer_t16_f32.restype = cint
     lib.nq_t16_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
     lib.nq_t16_bf16.restype = cint
+    lib.nq_t16_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
+    lib.nq_t16_f32.restype = cint
     lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
     lib.nq_t16_pack.restype = lib.nq_t16_unpack.restype = cint
     return lib
@@ -73,7 +77,8 @@ def _library() -> ctypes.CDLL | None:
 
 @functools.lru_cache(maxsize=1)
 def native_caps() -> int:
-    """Bit 1: fp32 kernels (AVX-512F); bit 2: bf16 kernels (AVX-512 BW + BF16); 0 without the library."""
+    """Bit 1: fp32 kernels (AVX-512F); bit 2: bf16 kernels (AVX-512 BW + BF16); bit 4: the fp32 T16 kernel
+    (AVX-512 BW); 0 without the library."""
     lib = _library()
     return 0 if lib is None else int(lib.nq_caps())
 
@@ -100,10 +105,23 @@ def native_linear_support(dtype: torch.dtype, in_features: int, group: int) -> b
     return bool(cap and native_caps() & cap and in_features % 32 == 0 and group % 32 == 0 and in_features % group == 0)
 
 
+def t16_shape_ok(out_features: int, in_features: int, group: int) -> bool:
+    """Whether a layer's shape fits the T16 layout (csrc/int4_cpu.c: N % 16, K and group % 64)."""
+    return out_features % 16 == 0 and in_features % 64 == 0 and group % 64 == 0 and in_features % group == 0
+
+
+def t16_kernel(x_dtype: torch.dtype) -> str | None:
+    """The T16 kernel for ``x_dtype`` activations on this CPU: "bf16" (vdpbf16ps; bf16 and fp16 activations),
+    "f32" (exact fp32 weights, FMA; fp32 activations, and bf16 / fp16 ones on AVX-512 CPUs without BF16) or None."""
+    caps = native_caps()
+    if x_dtype != torch.float32 and caps & CAP_BF16:
+        return "bf16"
+    return "f32" if caps & CAP_T16_F32 else None
+
+
 def t16_supported(out_features: int, in_features: int, group: int) -> bool:
-    """Whether a layer can use the T16 layout and its bf16 kernel (csrc/int4_cpu.c: N % 16, K and group % 64)."""
-    return (native_linear_support(torch.bfloat16, in_features, group) and out_features % 16 == 0
-            and in_features % 64 == 0 and group % 64 == 0)
+    """Whether a layer can use the T16 layout and its bf16 kernel."""
+    return t16_shape_ok(out_features, in_features, group) and t16_kernel(torch.bfloat16) == "bf16"
 
 
 def _t16_convert(name: str, src: torch.Tensor) -> torch.Tensor:
@@ -130,20 +148,22 @@ def t16_unpack(t16: torch.Tensor) -> torch.Tensor:
 
 def t16_linear(x: torch.Tensor, t16: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
                bias: torch.Tensor | None, group: int) -> torch.Tensor:
-    """x (M, K) bf16 -> (M, N) bf16 with T16 weights (N, K/2), scale_t (K/G, N) fp32/bf16/fp16, zero_t (K/G, N)
-    uint8, bias (N,) fp32 (all contiguous). Callers check :func:`t16_supported`."""
+    """x (M, K) bf16 / fp16 / fp32 -> (M, N) in x's dtype with T16 weights (N, K/2), scale_t (K/G, N) fp32/bf16/fp16,
+    zero_t (K/G, N) uint8, bias (N,) fp32 (all contiguous), on the :func:`t16_kernel` for x's dtype."""
     m, k = x.shape
     n = t16.shape[0]
-    if x.dtype != torch.bfloat16 or not _meta_ok(scale_t, zero_t) or scale_t.shape != (k // group, n):
-        raise ValueError(f"t16_linear: bf16 x and transposed (K/G, N) scales, got {x.dtype}, {tuple(scale_t.shape)}")
-    x = x.contiguous()
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = _library().nq_t16_bf16(x.data_ptr(), t16.data_ptr(), scale_t.data_ptr(), zero_t.data_ptr(),
-                                None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, group,
-                                torch.get_num_threads(), SCALE_KINDS[scale_t.dtype])
+    kernel = t16_kernel(x.dtype)
+    if kernel is None or not _meta_ok(scale_t, zero_t) or scale_t.shape != (k // group, n):
+        raise ValueError(f"t16_linear: no T16 kernel for {x.dtype} here, or scales not (K/G, N): {tuple(scale_t.shape)}")
+    compute = torch.bfloat16 if kernel == "bf16" else torch.float32
+    xc = x.to(compute).contiguous()
+    out = torch.empty(m, n, dtype=compute)
+    fn = _library().nq_t16_bf16 if kernel == "bf16" else _library().nq_t16_f32
+    rc = fn(xc.data_ptr(), t16.data_ptr(), scale_t.data_ptr(), zero_t.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), m, n, k, group, torch.get_num_threads(), SCALE_KINDS[scale_t.dtype])
     if rc != 0:
         raise RuntimeError(f"native T16 linear failed with code {rc} for x {tuple(x.shape)}, N={n}, group {group}")
-    return out
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -216,24 +236,28 @@ class _LayerStruct(ctypes.Structure):  # nq_layer in csrc/int4_cpu.c
 
 
 class NativeLayer:
-    """A bf16 fused kernel bound once to one layer's tensors, so a call passes only x, the output and the token
-    count (a per-call cost that shows when caches are cold: every layer of a decode step). Nibble rows: requires bf16
-    support, K and group multiples of 64 (:meth:`supports`); ``t16=True``: packed is the T16 layout and scale /
-    zero are transposed (K/G, N) (:func:`t16_supported`)."""
+    """A fused kernel bound once to one layer's tensors, so a call passes only x, the output and the token count (a
+    per-call cost that shows when caches are cold: every layer of a decode step). ``dtype`` is the activations'
+    (and output's) dtype. Nibble rows: the bf16 kernel; requires bf16 support, K and group multiples of 64
+    (:meth:`supports`). ``t16=True``: packed is the T16 layout, scale / zero are transposed (K/G, N), and the kernel
+    is :func:`t16_kernel`'s for ``dtype`` ("bf16" needs bf16 activations, "f32" fp32 ones)."""
 
-    __slots__ = ("call", "k", "keep", "max_numel", "n", "ptr", "struct")
+    __slots__ = ("call", "dtype", "k", "keep", "max_numel", "n", "ptr", "struct")
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
-                 group: int, t16: bool = False) -> None:
+                 group: int, t16: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
         n, k = packed.shape[0], packed.shape[1] * 2
-        ok = t16_supported(n, k, group) if t16 else self.supports(k, group)
+        kernel = t16_kernel(dtype) if t16 and t16_shape_ok(n, k, group) else None
+        ok = (kernel == "bf16" and dtype == torch.bfloat16) or (kernel == "f32" and dtype == torch.float32) if t16 else (
+            dtype == torch.bfloat16 and self.supports(k, group))
         if not ok or not _meta_ok(scale, zero):
-            raise ValueError(f"NativeLayer needs bf16 kernels, K and group multiples of 64 (N={n}, K={k}, group={group})")
+            raise ValueError(f"NativeLayer: no native kernel for {dtype} activations with N={n}, K={k}, group={group}")
         self.keep = tuple(t.contiguous() for t in (packed, scale, zero) + (() if bias is None else (bias,)))
         self.struct = _LayerStruct(*(t.data_ptr() for t in self.keep[:3]), None if bias is None else self.keep[3].data_ptr(),
                                    n, k, group, SCALE_KINDS[scale.dtype])
-        self.ptr, self.n, self.k = ctypes.addressof(self.struct), n, k
-        self.call = _library().nq_layer_t16_bf16 if t16 else _library().nq_layer_bf16
+        self.ptr, self.n, self.k, self.dtype = ctypes.addressof(self.struct), n, k, dtype
+        lib = _library()
+        self.call = (lib.nq_layer_t16_f32 if kernel == "f32" else lib.nq_layer_t16_bf16) if t16 else lib.nq_layer_bf16
         self.max_numel = 0  # inputs with fewer elements take this kernel (set by the CPU backend's plan)
 
     @staticmethod
@@ -241,7 +265,7 @@ class NativeLayer:
         return native_linear_support(torch.bfloat16, in_features, group) and in_features % 64 == 0 and group % 64 == 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) bf16, contiguous (the caller checks K) -> (..., N) bf16."""
+        """x (..., K) in ``self.dtype``, contiguous (the caller checks K and dtype) -> (..., N) in ``self.dtype``."""
         out = x.new_empty((*x.shape[:-1], self.n))  # (cheaper than torch.empty with cold caches)
         rc = self.call(self.ptr, x.data_ptr(), out.data_ptr(), x.numel() // self.k, torch.get_num_threads())
         if rc != 0:

@@ -2,8 +2,8 @@
 
 Stored buffers (the runtime layout, not an on-disk format; N = out_features, K = in_features):
     q:     (N, K/2) uint8 nibble rows (low nibble = even k) for 4-bit weights with even K, else (N, K) uint8.
-           On CPU with bf16/fp16 activations the same bytes take the T16 layout (kernels/cpu.py) when prepared
-           for them (``q_layout``); state dicts, ``qtensor()`` and device moves always see nibble rows.
+           On CPU the same bytes take the T16 layout (kernels/cpu.py) when prepared for activations a T16 kernel
+           takes (``q_layout``); state dicts, ``qtensor()``, copies and device moves always see nibble rows.
     scale: (N, K/G) float (the checkpoint's scale dtype)
     zero:  (N, K/G) uint8
     bias:  (N,) float or None
@@ -11,9 +11,10 @@ w = (q - zero) * scale. Kernel-specific repacks are built once per device by :me
 (lazily on first use), never stored in a state dict.
 
 Backends (``backend`` attribute, default "auto" = the fast one for the input's device):
-    "cpu"       native AVX-512 int4 kernels: with bf16/fp16 activations one T16 kernel for every token count;
-                otherwise fused kernels for few tokens and dequantize + dense matmul for many; torch's int4 op
-                where the native kernels cannot build (kernels/cpu.py)
+    "cpu"       native AVX-512 int4 kernels: on LLM-shaped layers one T16 kernel for every token count (bf16
+                dot products, or exact fp32 weights for fp32 activations); otherwise fused kernels for few tokens
+                and dequantize + dense matmul for many; torch's int4 op where the native kernels cannot build
+                (kernels/cpu.py)
     "cuda"      the project's W4A16 GEMV for few tokens, its dequantize kernel + cuBLAS for more (kernels/cuda),
                 fp16/bf16 activations
     "reference" dequantize (exact fp32 (q - z) * s, cast to the activation dtype) + F.linear: the oracle
@@ -75,9 +76,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", torch.zeros(out_features, in_features // g, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
         self._prepared: dict[str, object] = {}
-        self._bound = None  # CPU, bf16, few tokens: the native kernel bound to this layer (the eager fast path)
+        self._bound = None  # CPU: the native kernel bound to this layer for the last prepared dtype (eager fast path)
         self.q_layout = "rows"  # or "t16" (CPU kernels, bf16/fp16 activations)
-        self._rows_only = False  # set by the first fp32 CPU call on T16 weights: stay in nibble rows
+        self._rows_only = False  # set when T16 weights meet activations no T16 kernel takes: stay in nibble rows
 
     # ------------------------------------------------------------------ conversion
     @property
@@ -225,11 +226,11 @@ class QuantLinear(nn.Module):
         activations' dtype, when known (the CPU kernels' weight layout depends on it); calls with such activations
         then skip the backend resolution (and trace without a graph break under ``torch.compile``)."""
         backend = backend or self.resolve_backend(self.q.device, x_dtype)
-        if backend == "cpu" and x_dtype is not None and self.nibbles:  # bf16/fp16: the T16 layout; fp32: nibble rows
-            if x_dtype == torch.float32 and self.q_layout == "t16":
-                self._rows_only = True  # the model also runs fp32: stay in rows (no repacking back and forth)
+        if backend == "cpu" and x_dtype is not None and self.nibbles:  # the T16 layout where a T16 kernel runs
             t16 = not self._rows_only and cpu_backend.t16_wanted(self.bits, self.out_features, self.in_features,
                                                                   self.group, x_dtype)
+            if not t16 and self.q_layout == "t16":
+                self._rows_only = True  # activations with no T16 kernel here: stay in rows (no repacking back and forth)
             self._set_layout("t16" if t16 else "rows")
         if backend == "cpu" and "cpu" not in self._prepared:
             self._prepared["cpu"] = cpu_backend.prepare_cpu(self.scale, self.zero, self.bias, self.group,
@@ -245,7 +246,7 @@ class QuantLinear(nn.Module):
 
     def _remember(self, device_type: str, dtype: torch.dtype, backend: str) -> None:
         self._backend_for[(device_type, dtype)] = backend
-        if backend == "cpu" and dtype == torch.bfloat16:
+        if backend == "cpu" and dtype in (torch.bfloat16, torch.float32):
             self._bound = self._prepared["cpu"].plan(self.q, dtype).bound
             cpu_backend.SETTINGS_USERS.add(self)
 
@@ -260,7 +261,7 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim in_features={self.in_features}, got {tuple(x.shape)}")
         bound = self._bound  # eager decode on CPU: as little Python as possible (it shows in every layer's time)
-        if (bound is not None and not torch.compiler.is_compiling() and x.dtype == torch.bfloat16
+        if (bound is not None and not torch.compiler.is_compiling() and x.dtype == bound.dtype
                 and x.numel() < bound.max_numel and x.is_cpu and x.is_contiguous() and not x.requires_grad):
             return bound(x)
         backend = self._backend_for.get((x.device.type, x.dtype)) or self._select(x.device, x.dtype)

@@ -70,6 +70,9 @@ int nq_caps(void) {
 #if NQ_HAVE_BF16
     caps |= 2;
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    caps |= 4;  // the fp32 T16 kernel
+#endif
     return caps;
 }
 
@@ -466,7 +469,7 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
                       int nthreads, int scale_kind);
 
 // One layer's weights bound once (kernels/cpu_native.py NativeLayer), so a decode step's call passes 4 values.
-// For nq_layer_t16_bf16: q is the T16 layout and scale / zero are transposed (K/G, N).
+// For nq_layer_t16_*: q is the T16 layout and scale / zero are transposed (K/G, N).
 typedef struct {
     const uint8_t* q;
     const void* scale;
@@ -606,16 +609,112 @@ int nq_t16_pack(const uint8_t* rows, uint8_t* t16, int64_t n, int64_t k) { retur
 
 int nq_t16_unpack(const uint8_t* t16, uint8_t* rows, int64_t n, int64_t k) { return t16_convert(0, t16, rows, n, k); }
 
-#if NQ_HAVE_BF16
-#define NQ_T16_MB 6  // tokens per pass
-#define NQ_T16_NB 4  // 16-row units per block (fewer at the tail)
-
+#ifdef __AVX512F__
 // 16 scales of group g for rows n0..n0+15 from the transposed (K/G, N) array, as fp32
 static inline __m512 t16_scales(const nq_meta md, int64_t at) {
     if (md.kind == 0) return _mm512_loadu_ps((const float*)md.s + at);
     const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)md.s + at));
     return md.kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define NQ_T16F_MB 4  // tokens per pass
+#define NQ_T16F_NB 4  // 16-row units per block
+
+// fp32 x: each 32-byte load gives 4 weight columns (k = 2u, 2u + 1, 32 + 2u, 32 + 2u + 1) of 16 rows; the weights
+// are the exact fp32 (q - z) * s of the reference, multiplied into per-row accumulators with FMA.
+static inline __attribute__((always_inline)) void t16_tile_f32(
+    const float* x, const uint8_t* t16, const nq_meta md, const float* bias, float* out, int64_t n, int64_t k,
+    int64_t group, int64_t u0, const int MB, const int NB) {
+    const int64_t nc = k / 64, ng = k / group, cpg = group / 64;
+    const __m512i low = _mm512_set1_epi32(15);
+    __m512 acc[NQ_T16F_MB][NQ_T16F_NB];
+    for (int m = 0; m < MB; ++m)
+        for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        __m512 s[NQ_T16F_NB], z[NQ_T16F_NB];
+        for (int j = 0; j < NB; ++j) {
+            const int64_t at = g * n + (u0 + j) * 16;
+            s[j] = t16_scales(md, at);
+            z[j] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(md.z + at))));
+        }
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+            for (int u = 0; u < 16; ++u) {
+                __m512 w[NQ_T16F_NB][4];
+                for (int j = 0; j < NB; ++j) {
+                    const uint8_t* p = t16 + (((u0 + j) * nc + c) * 16 + u) * 32;
+                    if (MB <= 2) _mm_prefetch((const char*)p + 1024, _MM_HINT_T1);
+                    // dword r = byte 2r | byte 2r+1 << 16: nibbles at bits 0, 16 (low k) and 4, 20 (high k)
+                    const __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+                    const int shift[4] = {0, 16, 4, 20};
+                    for (int col = 0; col < 4; ++col) {
+                        const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, shift[col]), low));
+                        w[j][col] = _mm512_mul_ps(_mm512_sub_ps(q, z[j]), s[j]);
+                    }
+                }
+                for (int m = 0; m < MB; ++m) {
+                    const float* xr = x + m * k + c * 64 + 2 * u;
+                    const float xv[4] = {xr[0], xr[1], xr[32], xr[33]};
+                    for (int col = 0; col < 4; ++col) {
+                        const __m512 b = _mm512_set1_ps(xv[col]);
+                        for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_ps(w[j][col], b, acc[m][j]);
+                    }
+                }
+            }
+    }
+    for (int j = 0; j < NB; ++j) {
+        const __m512 b = bias ? _mm512_loadu_ps(bias + (u0 + j) * 16) : _mm512_setzero_ps();
+        for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * n + (u0 + j) * 16, _mm512_add_ps(acc[m][j], b));
+    }
+}
+
+#define NQ_T16F_CASE(MM, NN) t16_tile_f32(x + m0 * k, t16, meta, bias, out + m0 * n, n, k, group, u0, MM, NN)
+#define NQ_T16F_SWITCH(NN)                    \
+    switch (mb) {                             \
+        case 1: NQ_T16F_CASE(1, NN); break;   \
+        case 2: NQ_T16F_CASE(2, NN); break;   \
+        case 3: NQ_T16F_CASE(3, NN); break;   \
+        default: NQ_T16F_CASE(4, NN); break;  \
+    }
+
+// y (M, N) fp32 = x (M, K) fp32 @ w^T + bias, w in T16 layout; scale / zero transposed (K/G, N).
+int nq_t16_f32(const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+               float* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+    if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
+        return -1;
+    if (m_tokens == 0 || n == 0) return 0;
+    const nq_meta meta = {scale_t, zero_t, scale_kind};
+    const int64_t units = n / 16, full = units / NQ_T16F_NB, blocks = full + (units - full * NQ_T16F_NB);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t u0 = blk < full ? blk * NQ_T16F_NB : full * NQ_T16F_NB + (blk - full);
+        for (int64_t m0 = 0; m0 < m_tokens; m0 += NQ_T16F_MB) {
+            const int mb = (int)(m_tokens - m0 < NQ_T16F_MB ? m_tokens - m0 : NQ_T16F_MB);
+            if (blk >= full) {
+                NQ_T16F_SWITCH(1)
+            } else {
+                NQ_T16F_SWITCH(NQ_T16F_NB)
+            }
+        }
+    }
+    return 0;
+}
+#undef NQ_T16F_SWITCH
+#undef NQ_T16F_CASE
+#else
+int nq_t16_f32(const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+               float* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+    (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
+    (void)group; (void)nthreads; (void)scale_kind;
+    return -2;
+}
+#endif
+
+#if NQ_HAVE_BF16
+#define NQ_T16_MB 6  // tokens per pass
+#define NQ_T16_NB 4  // 16-row units per block (fewer at the tail)
+
 
 // MB tokens x NB units of 16 rows, the whole K. Per group: acc = sum_k x (128 + q) over the group with vdpbf16ps
 // (q OR-ed into the bf16 number 128.0), then tot += acc * s - (128 + z) * s * sum_k x.
@@ -735,4 +834,9 @@ int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, cons
 int nq_layer_t16_bf16(const nq_layer* layer, const uint16_t* x, uint16_t* out, int64_t m_tokens, int nthreads) {
     return nq_t16_bf16(x, layer->q, layer->scale, layer->zero, layer->bias, out, m_tokens, layer->n, layer->k,
                        layer->group, nthreads, (int)layer->scale_kind);
+}
+
+int nq_layer_t16_f32(const nq_layer* layer, const float* x, float* out, int64_t m_tokens, int nthreads) {
+    return nq_t16_f32(x, layer->q, layer->scale, layer->zero, layer->bias, out, m_tokens, layer->n, layer->k,
+                      layer->group, nthreads, (int)layer->scale_kind);
 }
