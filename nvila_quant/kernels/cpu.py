@@ -248,6 +248,10 @@ class CpuState:
             plan = Plan(kernel, cpu_dense_min_tokens(kernel) if kernel else 0, bound)
             if bound is not None:
                 bound.max_numel = plan.dense_from * k
+            # torch's CPU-dependent repack, once (at load, when the runtime prepares the layer for its dtype)
+            if kernel == "torch-int4" and self.torch_int4 is None:
+                scale, zero = _meta_rows(self)
+                self.torch_int4 = prepare_torch_int4(unpack_nibbles(_rows(qnib, self)), scale, zero, self.group)
             self.plans[(x_dtype, SETTINGS.kernel, SETTINGS.dense_min_tokens)] = plan
         return plan
 
@@ -345,10 +349,7 @@ def cpu_linear(x: torch.Tensor, qnib: torch.Tensor, state: CpuState) -> torch.Te
             y = native_linear(x2 if x2.dtype == compute else x2.to(compute), qnib, state.scale, state.zero,
                               state.bias, state.group)
         else:
-            if state.torch_int4 is None:
-                scale, zero = _meta_rows(state)
-                state.torch_int4 = prepare_torch_int4(unpack_nibbles(_rows(qnib, state)), scale, zero, state.group)
-            t = state.torch_int4
+            t = state.torch_int4  # built by the plan
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), t.packed, t.group,
                                                            t.scales_and_zeros)
             if state.bias is not None:
