@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from nvila_quant.formats import QTensor
 from nvila_quant.kernels import cpu as cpu_backend
+from nvila_quant.kernels import cpu_native
 from nvila_quant.kernels.cpu_native import dequantize_nibbles, native_available, pack_nibbles, unpack_nibbles
 from nvila_quant.kernels.linear import QuantLinear
 from nvila_quant.quant.primitives import dequantize
@@ -54,7 +56,7 @@ def test_cpu_few_token_kernels_and_dense_path(kernel: str, monkeypatch: pytest.M
     if kernel == "native" and not native_available():
         pytest.skip("native kernels did not build on this machine")
     if kernel == "torch-int4":
-        monkeypatch.setattr(cpu_backend, "native_linear_support", lambda *a: False)
+        monkeypatch.setattr(cpu_native, "native_caps", lambda: 0)  # no native library: torch's op only
     qt = _layer(128, 256, 128, True)
     fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
     picked = cpu_backend.few_token_kernel(128, 128, 256, torch.bfloat16)
@@ -129,8 +131,6 @@ def test_from_linear_and_grad_through_input() -> None:
 
 def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
     """A compile error must not hide behind the torch fallback: on an AVX-512 BF16 CPU the native library loads."""
-    from pathlib import Path
-
     from nvila_quant.kernels.cpu_native import CAP_BF16, CAP_F32, CAP_T16_F32, native_caps
 
     cpuinfo = Path("/proc/cpuinfo")
@@ -211,8 +211,6 @@ def test_t16_layout_follows_the_activations_and_stays_invisible() -> None:
 def test_t16_without_bf16_and_without_t16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """An AVX-512 CPU without BF16 runs bf16 activations on the fp32 T16 kernel; activations no T16 kernel takes
     send T16 weights back to nibble rows for good."""
-    from nvila_quant.kernels import cpu_native
-
     if not native_available() or not cpu_native.native_caps() & cpu_native.CAP_T16_F32:
         pytest.skip("native T16 kernels did not build on this machine")
     qt = _layer(128, 256, 64, True)
@@ -263,3 +261,26 @@ def test_used_layers_copy_and_pickle() -> None:
     fresh = QuantLinear.from_qtensor(_layer(128, 256, 64, True, seed=1), "cpu")
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(fresh(x), y)
+
+
+def test_avx2_build_runs_fp32_activations_on_its_t16_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without AVX-512 (here: the library built for x86-64-v3) has only the fp32 T16 kernel: fp32 activations
+    run on it at every token count, bf16 ones on torch's int4 op."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    if not {"avx2", "fma", "f16c"} <= flags or shutil.which("cc") is None:
+        pytest.skip("needs an AVX2 CPU and a C compiler")
+    lib = cpu_native.load_library("x86-64-v3")
+    assert lib.nq_caps() == cpu_native.CAP_T16_F32
+    monkeypatch.setattr(cpu_native, "_library", lambda: lib)
+    monkeypatch.setattr(cpu_native, "native_caps", lambda: int(lib.nq_caps()))
+    qt = _layer(128, 256, 64, True, scale_dtype=torch.float16)
+    fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+    for m in (1, 7, 300):  # 300: the dense path, dequantizing unpacked T16 blocks with torch
+        x = torch.randn(m, 256)
+        assert _rel(fast(x), ref(x)) < TOL[torch.float32] and fast.q_layout == "t16", m
+    assert fast._prepared["cpu"].plan(fast.q, torch.float32).kernel == "native-t16-f32"
+    other = QuantLinear.from_qtensor(qt, "cpu")
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    assert _rel(other(x), ref(x)) < 1e-2 and other.q_layout == "rows"
+    assert other._prepared["cpu"].plan(other.q, torch.bfloat16).kernel == "torch-int4"

@@ -8,6 +8,7 @@ cannot run, dequantize + dense matmul where that is faster.
   ones (and bf16 ones on AVX-512 CPUs without BF16) with the exact fp32 weights and FMA.
 * other layers, few tokens: kernels on nibble rows (K % 32); many tokens: dequantize (native, bit exact) blocks of
   output rows into a reused cache-sized buffer and run a dense bf16 / fp32 matmul per block.
+* CPUs with AVX2 but no AVX-512: the fp32 T16 kernel (8-lane) for fp32 activations; bf16 ones take torch's op.
 * without the native kernels: PyTorch's ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G', scales_and_zeros)``
   for few tokens, which computes ``x @ ((q - 8) * scale + zero).T``: AWQ's (q - z) * s becomes ``zero = (8 - z) * s``
   (float domain). Its packed layout depends on the CPU ISA, so it is built at load time (:func:`prepare_torch_int4`),
@@ -173,10 +174,13 @@ def cpu_support(bits: int, group: int, out_features: int, in_features: int,
         return f"bits={bits} (the int4 kernels need 4)"
     if in_features % 2:
         return f"in_features={in_features} is odd"
+    if t16_wanted(bits, out_features, in_features, group, x_dtype or torch.bfloat16):
+        return None
     if few_token_kernel(group, out_features, in_features, x_dtype) is not None:
         return None
     if _compute_dtype(x_dtype) == torch.float32:
-        return "fp32 activations need the native kernels (in_features and group_size multiples of 32, AVX-512)"
+        return ("fp32 activations need the native kernels (AVX-512 with in_features and group_size multiples of 32, "
+                "or AVX2 with out_features % 16 == 0 and in_features, group_size multiples of 64)")
     return _torch_int4_reason(group, out_features, in_features) or "no CPU int4 kernel for this layer"
 
 

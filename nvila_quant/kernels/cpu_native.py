@@ -21,6 +21,7 @@ from nvila_quant.quant.primitives import dequantize
 
 __all__ = [
     "dequantize_nibbles",
+    "load_library",
     "native_available",
     "native_caps",
     "native_linear",
@@ -41,44 +42,41 @@ _SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.c"
 CAP_F32, CAP_BF16, CAP_T16_F32 = 1, 2, 4
 
 
+def load_library(march: str = "native") -> ctypes.CDLL:
+    """Build (cached) and load the kernels for ``-march=<march>`` (tests load an AVX2-only build this way)."""
+    name = "nq_int4_cpu" if march == "native" else f"nq_int4_cpu_{march.replace('-', '_')}"
+    path = build_shared_library(name, [_SOURCE], "cc", [
+        "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", "-std=c11"], cpu_fingerprint())
+    lib = ctypes.CDLL(str(path))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.nq_caps.restype = cint
+    lib.nq_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint, cint]
+    lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint, cint]
+    lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
+    lib.nq_t16_bf16.argtypes = lib.nq_t16_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
+    lib.nq_layer_bf16.argtypes = lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = [ptr, ptr, ptr, i64, cint]
+    lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
+    for fn in ("nq_dequant", "nq_linear", "nq_linear_bf16_64", "nq_t16_bf16", "nq_t16_f32", "nq_layer_bf16",
+               "nq_layer_t16_bf16", "nq_layer_t16_f32", "nq_t16_pack", "nq_t16_unpack"):
+        getattr(lib, fn).restype = cint
+    return lib
+
+
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("NVILA_QUANT_NO_NATIVE"):
         return None
     try:
-        path = build_shared_library(
-            "nq_int4_cpu", [_SOURCE], "cc",
-            ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"], cpu_fingerprint(),
-        )
-        lib = ctypes.CDLL(str(path))
+        return load_library()
     except (BuildError, OSError) as e:
         logger.info("native CPU int4 kernels unavailable (%s); using torch ops", e)
         return None
-    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.nq_caps.restype = cint
-    lib.nq_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint, cint]
-    lib.nq_dequant.restype = cint
-    lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint, cint]
-    lib.nq_linear.restype = cint
-    lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
-    lib.nq_linear_bf16_64.restype = cint
-    lib.nq_layer_bf16.argtypes = [ptr, ptr, ptr, i64, cint]
-    lib.nq_layer_bf16.restype = cint
-    lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = [ptr, ptr, ptr, i64, cint]
-    lib.nq_layer_t16_bf16.restype = lib.nq_layer_t16_f32.restype = cint
-    lib.nq_t16_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
-    lib.nq_t16_bf16.restype = cint
-    lib.nq_t16_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
-    lib.nq_t16_f32.restype = cint
-    lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
-    lib.nq_t16_pack.restype = lib.nq_t16_unpack.restype = cint
-    return lib
 
 
 @functools.lru_cache(maxsize=1)
 def native_caps() -> int:
     """Bit 1: fp32 kernels (AVX-512F); bit 2: bf16 kernels (AVX-512 BW + BF16); bit 4: the fp32 T16 kernel
-    (AVX-512 BW); 0 without the library."""
+    (AVX-512 BW, or AVX2 + FMA + F16C); 0 without the library."""
     lib = _library()
     return 0 if lib is None else int(lib.nq_caps())
 
@@ -112,10 +110,13 @@ def t16_shape_ok(out_features: int, in_features: int, group: int) -> bool:
 
 def t16_kernel(x_dtype: torch.dtype) -> str | None:
     """The T16 kernel for ``x_dtype`` activations on this CPU: "bf16" (vdpbf16ps; bf16 and fp16 activations),
-    "f32" (exact fp32 weights, FMA; fp32 activations, and bf16 / fp16 ones on AVX-512 CPUs without BF16) or None."""
+    "f32" (exact fp32 weights, FMA; fp32 activations, and bf16 / fp16 ones on AVX-512 CPUs without BF16; AVX2 CPUs
+    run it for fp32 activations) or None."""
     caps = native_caps()
     if x_dtype != torch.float32 and caps & CAP_BF16:
         return "bf16"
+    if x_dtype != torch.float32 and not caps & CAP_F32:  # AVX2 only: bf16 activations stay on torch's int4 op
+        return None
     return "f32" if caps & CAP_T16_F32 else None
 
 

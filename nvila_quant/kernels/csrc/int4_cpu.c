@@ -20,8 +20,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512BW__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define NQ_T16_AVX2 1  // the fp32 T16 kernel in AVX2 (CPUs without AVX-512)
+#else
+#define NQ_T16_AVX2 0
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
@@ -70,7 +75,7 @@ int nq_caps(void) {
 #if NQ_HAVE_BF16
     caps |= 2;
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if (defined(__AVX512F__) && defined(__AVX512BW__)) || NQ_T16_AVX2
     caps |= 4;  // the fp32 T16 kernel
 #endif
     return caps;
@@ -702,6 +707,81 @@ int nq_t16_f32(const float* x, const uint8_t* t16, const void* scale_t, const ui
 }
 #undef NQ_T16F_SWITCH
 #undef NQ_T16F_CASE
+#elif NQ_T16_AVX2
+#define NQ_T16A_MB 6  // tokens per pass (12 accumulators of the 16 ymm registers)
+
+// 8 scales of rows n0..n0+7 of group g (transposed (K/G, N) array), fp32
+static inline __m256 t16_scales8(const void* s, int kind, int64_t at) {
+    if (kind == 0) return _mm256_loadu_ps((const float*)s + at);
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)s + at));
+    return kind == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+// One 16-row unit, MB tokens, the whole K: as t16_tile_f32 with 8-lane vectors (rows 0-7 and 8-15 of the unit).
+static inline __attribute__((always_inline)) void t16_tile_avx2(
+    const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, int kind, const float* bias,
+    float* out, int64_t n, int64_t k, int64_t group, int64_t u0, const int MB) {
+    const int64_t nc = k / 64, ng = k / group, cpg = group / 64;
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 acc[NQ_T16A_MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        __m256 s[2], z[2];
+        for (int h = 0; h < 2; ++h) {
+            const int64_t at = g * n + u0 * 16 + 8 * h;
+            s[h] = t16_scales8(scale_t, kind, at);
+            z[h] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zero_t + at))));
+        }
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+            for (int u = 0; u < 16; ++u) {
+                const uint8_t* p = t16 + ((u0 * nc + c) * 16 + u) * 32;
+                if (MB <= 2) _mm_prefetch((const char*)p + 1024, _MM_HINT_T1);
+                // per half: 16 bytes -> 8 dwords, dword r = byte 2r | byte 2r+1 << 16 (as in t16_tile_f32)
+                const __m256i d[2] = {_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p)),
+                                      _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
+                const int shift[4] = {0, 16, 4, 20}, kofs[4] = {0, 1, 32, 33};
+                for (int col = 0; col < 4; ++col) {
+                    __m256 w[2];
+                    for (int h = 0; h < 2; ++h) {
+                        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d[h], shift[col]), low));
+                        w[h] = _mm256_mul_ps(_mm256_sub_ps(q, z[h]), s[h]);
+                    }
+                    for (int m = 0; m < MB; ++m) {
+                        const __m256 b = _mm256_set1_ps(x[m * k + c * 64 + 2 * u + kofs[col]]);
+                        acc[m][0] = _mm256_fmadd_ps(w[0], b, acc[m][0]);
+                        acc[m][1] = _mm256_fmadd_ps(w[1], b, acc[m][1]);
+                    }
+                }
+            }
+    }
+    for (int h = 0; h < 2; ++h) {
+        const __m256 b = bias ? _mm256_loadu_ps(bias + u0 * 16 + 8 * h) : _mm256_setzero_ps();
+        for (int m = 0; m < MB; ++m) _mm256_storeu_ps(out + m * n + u0 * 16 + 8 * h, _mm256_add_ps(acc[m][h], b));
+    }
+}
+
+#define NQ_T16A_CASE(MM) t16_tile_avx2(x + m0 * k, t16, scale_t, zero_t, scale_kind, bias, out + m0 * n, n, k, group, u0, MM)
+
+int nq_t16_f32(const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+               float* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+    if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
+        return -1;
+    if (m_tokens == 0 || n == 0) return 0;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 2)
+    for (int64_t u0 = 0; u0 < n / 16; ++u0)
+        for (int64_t m0 = 0; m0 < m_tokens; m0 += NQ_T16A_MB) {
+            switch ((int)(m_tokens - m0 < NQ_T16A_MB ? m_tokens - m0 : NQ_T16A_MB)) {
+                case 1: NQ_T16A_CASE(1); break;
+                case 2: NQ_T16A_CASE(2); break;
+                case 3: NQ_T16A_CASE(3); break;
+                case 4: NQ_T16A_CASE(4); break;
+                case 5: NQ_T16A_CASE(5); break;
+                default: NQ_T16A_CASE(6); break;
+            }
+        }
+    return 0;
+}
+#undef NQ_T16A_CASE
 #else
 int nq_t16_f32(const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                float* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
