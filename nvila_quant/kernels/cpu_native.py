@@ -32,7 +32,6 @@ __all__ = [
     "t16_kernel",
     "t16_linear",
     "t16_shape_ok",
-    "t16_supported",
     "t16_unpack",
     "unpack_nibbles",
 ]
@@ -118,11 +117,6 @@ def t16_kernel(x_dtype: torch.dtype) -> str | None:
     if x_dtype != torch.float32 and not caps & CAP_F32:  # AVX2 only: bf16 activations stay on torch's int4 op
         return None
     return "f32" if caps & CAP_T16_F32 else None
-
-
-def t16_supported(out_features: int, in_features: int, group: int) -> bool:
-    """Whether a layer can use the T16 layout and its bf16 kernel."""
-    return t16_shape_ok(out_features, in_features, group) and t16_kernel(torch.bfloat16) == "bf16"
 
 
 def _t16_convert(name: str, src: torch.Tensor) -> torch.Tensor:

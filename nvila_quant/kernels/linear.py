@@ -253,8 +253,9 @@ class QuantLinear(nn.Module):
     @torch.compiler.disable
     def _select(self, device: torch.device, dtype: torch.dtype) -> str:
         """Resolve and prepare the backend for (device, dtype) once; later calls are a dict lookup."""
-        backend = self.prepare(self.resolve_backend(device, dtype), dtype)
-        self._remember(device.type, dtype, backend)  # (prepare remembered it under the module's device)
+        backend = self.prepare(self.resolve_backend(device, dtype), dtype)  # remembered under the module's device
+        if device.type != self.q.device.type:
+            self._remember(device.type, dtype, backend)
         return backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

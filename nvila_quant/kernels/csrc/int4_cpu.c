@@ -7,15 +7,15 @@
 // k = 2j + 1 (high nibble). scale (N, K/G) fp32, bf16 or fp16, zero (N, K/G) uint8.
 // Every weight is w = (q - z) * s computed in fp32 and rounded once (to nearest even) to the compute dtype,
 // bit-identical to nvila_quant.quant.primitives.dequantize(...).to(dtype): per (row, group) the 16 possible
-// values are computed once into a register table and looked up with vpermw / vpermps (the 1-2 token bf16 kernel
-// applies (q - z) * s per group instead: rows_bf16_off).
+// values are computed once into a register table and looked up with vpermw / vpermps (the T16 kernels apply
+// (q - z) * s per group instead).
 //
 //   nq_dequant         (N, K) bf16 or fp32 weights (dense-matmul path for many tokens)
 //   nq_linear          y (M, N) = x (M, K) @ w^T + bias, fused: bf16 x with vdpbf16ps (fp32 accumulation) or
 //                      fp32 x with FMA. Tokens go in blocks of up to 8 per pass over a weight row.
-//   nq_linear_bf16_64  the bf16 kernel for K and group multiples of 64: 4 weight rows at a time, 1-2 tokens
-//                      table-free (rows_bf16_off), more in passes of 6 (rows_bf16_64); nq_layer_bf16 is the same
-//                      with the weights bound once in an nq_layer (the eager decode path).
+//   nq_linear_bf16_64  the bf16 kernel for K and group multiples of 64: 4 weight rows at a time, tokens in passes
+//                      of 6 (rows_bf16_64); nq_layer_bf16 is the same with the weights bound once in an nq_layer.
+//   nq_t16_bf16 / nq_t16_f32  the kernels on the T16 layout (below), every token count.
 // Return codes: 0 ok, -1 bad arguments, -2 not compiled for this CPU (no AVX-512 F/BW/BF16), -3 out of memory.
 #include <stdint.h>
 #include <stdlib.h>
@@ -283,16 +283,10 @@ static inline __attribute__((always_inline)) void rows_bf16_64(
 }
 
 
-// Few tokens (1..NQ_OFF_MAX_MB, one pass): no per-group table. A nibble q becomes the bf16 number 128 + q by
-// OR-ing its bits into 0x4300 (128.0; the ulp at 128 is 1), so sum_k x (q - z) s over a group is
-// s (sum_k x (128 + q) - (128 + z) sum_k x): vdpbf16ps on the raw words, one FMA per row and group to apply s, and
-// the (128 + z) s sum_k x terms subtracted once per row block (vectorised over groups). The products are exact
-// in fp32; the offset costs ~5 of fp32's 24 bits, far below the bf16 output's 8.
-#define NQ_OFF_MAX_MB 2  // 3 tokens spill registers (measured slower than rows_bf16_64)
-
-// (M, stride) fp32 per-group sums of bf16 x (M, K), zero past K/G; NULL when out of memory. The caller frees it.
-static float* group_sums(const uint16_t* x, int64_t m_tokens, int64_t k, int64_t group, int64_t stride) {
-    float* xsum = (float*)calloc((size_t)(m_tokens * stride), sizeof(float));
+// (M, K/G) fp32 per-group sums of bf16 x (M, K); NULL when out of memory. The caller frees it.
+static float* group_sums(const uint16_t* x, int64_t m_tokens, int64_t k, int64_t group) {
+    const int64_t stride = k / group;
+    float* xsum = (float*)malloc((size_t)(m_tokens * stride) * sizeof(float));
     for (int64_t m = 0; xsum && m < m_tokens; ++m)
         for (int64_t g = 0; g < k / group; ++g) {
             __m512 acc = _mm512_setzero_ps();
@@ -304,92 +298,6 @@ static float* group_sums(const uint16_t* x, int64_t m_tokens, int64_t k, int64_t
     return xsum;
 }
 
-// (128 + z) * s for 16 groups g0..g0+15 of one row (masked at the row's end), fp32
-static inline __m512 off_coef16(const nq_meta md, int64_t at, __mmask16 mk) {
-    __m512 s;
-    if (md.kind == 0) {
-        s = _mm512_maskz_loadu_ps(mk, (const float*)md.s + at);
-    } else {
-        const __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t*)md.s + at);
-        s = md.kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
-    }
-    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, md.z + at)));
-    return _mm512_mul_ps(_mm512_add_ps(z, _mm512_set1_ps(128.f)), s);
-}
-
-// R weight rows x MB tokens (MB <= NQ_OFF_MAX_MB), x de-interleaved per 64-wide chunk as for rows_bf16_64;
-// xsum (MB, ngp) fp32 per-group sums of x, zero-padded to ngp = ng rounded up to 16.
-static inline __attribute__((always_inline)) void rows_bf16_off(
-    const uint16_t* xp, const float* xsum, int64_t ngp, const uint8_t* q, int64_t qstride, const nq_meta md,
-    const int64_t base, int64_t ng, int64_t k, int64_t group, const int R, const int MB, float* acc_out) {
-    const int E = MB == 1 ? 2 : 1;  // 1 token: separate even / odd accumulators (more independent chains)
-    __m512 tot[4][NQ_OFF_MAX_MB];
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps();
-    for (int64_t g0 = 0; g0 < ng; g0 += 16) {  // tot = -(128 + z) s sum_k x, lane-wise over groups
-        const __mmask16 mk = ng - g0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g0)) - 1u);
-        for (int r = 0; r < R; ++r) {
-            const __m512 c = off_coef16(md, base + r * ng + g0, mk);
-            for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_fnmadd_ps(c, _mm512_loadu_ps(xsum + m * ngp + g0), tot[r][m]);
-        }
-    }
-    const __m512i low = _mm512_set1_epi16(0x0F), one28 = _mm512_set1_epi16(0x4300);
-    for (int64_t g = 0; g < ng; ++g) {
-        __m512 acc[4][NQ_MB][2];
-        for (int r = 0; r < R; ++r)
-            for (int m = 0; m < MB; ++m)
-                for (int e = 0; e < E; ++e) acc[r][m][e] = _mm512_setzero_ps();
-        for (int64_t kk = g * group; kk < (g + 1) * group; kk += 64) {
-            __m512bh we[4], wo[4];
-            for (int r = 0; r < R; ++r) {
-                _mm_prefetch((const char*)(q + (r + R) * qstride + kk / 2), _MM_HINT_T1);  // next row block, into L2
-                const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + r * qstride + kk / 2)));
-                const __m512i e = _mm512_ternarylogic_epi32(bytes, low, one28, 0xEA);  // (bytes & low) | one28
-                const __m512i o = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), one28);
-                memcpy(&we[r], &e, sizeof e);
-                memcpy(&wo[r], &o, sizeof o);
-            }
-            chunk_dots(xp + kk, k, we, wo, R, MB, E, acc);
-        }
-        for (int r = 0; r < R; ++r) {
-            const __m512 s = _mm512_set1_ps(scale_at(md, base + r * ng + g));
-            for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_fmadd_ps(E == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0], s, tot[r][m]);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MB; ++m) acc_out[r * NQ_MB + m] = _mm512_reduce_add_ps(tot[r][m]);
-}
-
-#define NQ_OFF_CASE(RR, MM) rows_bf16_off(xp, xsum, ngp, qr, k / 2, meta, (r0 + r1) * ng, ng, k, group, RR, MM, acc)
-
-// m_tokens <= NQ_OFF_MAX_MB: rows_bf16_off over blocks of 4 rows. xp: x de-interleaved per 64-wide chunk.
-static int linear_bf16_off(const uint16_t* x, const uint16_t* xp, const uint8_t* q, const nq_meta meta,
-                           const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
-                           int nthreads) {
-    const int64_t ng = k / group, ngp = (ng + 15) / 16 * 16;
-    float* xsum = group_sums(x, m_tokens, k, group, ngp);  // (M, ngp) per-group sums of x
-    if (!xsum) return -3;
-    const int64_t blocks = (n + 3) / 4;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t r0 = blk * 4;
-        const int rows = (int)(n - r0 < 4 ? n - r0 : 4), rr = rows == 4 ? 4 : 1;
-        for (int r1 = 0; r1 < rows; r1 += rr) {
-            const uint8_t* qr = q + (r0 + r1) * (k / 2);
-            float acc[4 * NQ_MB] = {0};
-            if (rr == 4 && m_tokens == 1) NQ_OFF_CASE(4, 1);
-            else if (rr == 4) NQ_OFF_CASE(4, 2);
-            else if (m_tokens == 1) NQ_OFF_CASE(1, 1);
-            else NQ_OFF_CASE(1, 2);
-            for (int r = 0; r < rr; ++r)
-                for (int m = 0; m < m_tokens; ++m)
-                    out[m * n + r0 + r1 + r] = f32_to_bf16(acc[r * NQ_MB + m] + (bias ? bias[r0 + r1 + r] : 0.f));
-        }
-    }
-    free(xsum);
-    return 0;
-}
-#undef NQ_OFF_CASE
 #define NQ_ROWS_CASE(RR, MM) rows_bf16_64(xb, qr, k / 2, meta, (r0 + r1) * ng, ng, k, group, RR, MM, acc, wb, mode)
 
 // x (M, K) bf16 in natural order; needs k % 64 == 0 and group % 64 == 0. Each 64-wide chunk of x is first
@@ -414,11 +322,6 @@ int nq_linear_bf16_64(const uint16_t* x, const uint8_t* q, const void* scale, co
     const int64_t ng = k / group;
     const int64_t blocks = (n + 3) / 4;
     const int passes = (int)((m_tokens + NQ_MB - 1) / NQ_MB);
-    if (m_tokens <= NQ_OFF_MAX_MB) {  // the table-free kernel
-        const int rc = linear_bf16_off(x, xp, q, meta, bias, out, m_tokens, n, k, group, nthreads);
-        free(xp);
-        return rc;
-    }
 #pragma omp parallel num_threads(nthreads)
     {
     uint16_t* buf = passes > 1 ? (uint16_t*)aligned_alloc(64, (size_t)(4 * k) * sizeof(uint16_t)) : 0;
@@ -796,8 +699,10 @@ int nq_t16_f32(const float* x, const uint8_t* t16, const void* scale_t, const ui
 #define NQ_T16_NB 4  // 16-row units per block (fewer at the tail)
 
 
-// MB tokens x NB units of 16 rows, the whole K. Per group: acc = sum_k x (128 + q) over the group with vdpbf16ps
-// (q OR-ed into the bf16 number 128.0), then tot += acc * s - (128 + z) * s * sum_k x.
+// MB tokens x NB units of 16 rows, the whole K, without per-group tables: a nibble q becomes the bf16 number 128 + q
+// by OR-ing its bits into 0x4300 (128.0; the ulp at 128 is 1), so per group acc = sum_k x (128 + q) with vdpbf16ps
+// on the raw words and tot += acc * s - (128 + z) * s * sum_k x. The products are exact in fp32; the offset costs
+// ~5 of fp32's 24 bits, far below the bf16 output's 8.
 static inline __attribute__((always_inline)) void t16_tile_bf16(
     const uint16_t* x, const float* xsum, const uint8_t* t16, const nq_meta md, const float* bias, uint16_t* out,
     int64_t n, int64_t k, int64_t group, int64_t u0, const int MB, const int NB) {
@@ -876,7 +781,7 @@ int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, cons
     if (m_tokens == 0 || n == 0) return 0;
     const nq_meta meta = {scale_t, zero_t, scale_kind};
     const int64_t ng = k / group;
-    float* xsum = group_sums(x, m_tokens, k, group, ng);  // (M, K/G) per-group sums of x
+    float* xsum = group_sums(x, m_tokens, k, group);  // (M, K/G) per-group sums of x
     if (!xsum) return -3;
     const int64_t units = n / 16, full = units / NQ_T16_NB, blocks = full + (units - full * NQ_T16_NB);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
