@@ -17,7 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from nvila_quant.formats import QTensor
-from nvila_quant.kernels.cuda import CUDA_SOURCES, GEMV_MAX_TOKENS, build_library, cuda_support
+from nvila_quant.kernels.cuda import (
+    CUDA_SOURCES,
+    GEMV_MAX_TOKENS,
+    MMA_MAX_TOKENS,
+    _library,
+    build_library,
+    cuda_support,
+    mma_launch,
+    mma_self_check,
+    prepare_cuda,
+)
 from nvila_quant.kernels.linear import QuantLinear
 
 NVCC = shutil.which("nvcc")
@@ -27,10 +37,11 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_cuda_sources_compile(arch: str, tmp_path: Path) -> None:
-    cmd = [NVCC, "-O3", "-std=c++17", "-c", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror", "all-warnings",
-           *map(str, CUDA_SOURCES), "-o", str(tmp_path / f"w4a16_sm{arch}.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for src in CUDA_SOURCES:
+        cmd = [NVCC, "-O3", "-std=c++17", "-c", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror",
+               "all-warnings", str(src), "-o", str(tmp_path / f"{src.stem}_sm{arch}.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _call(lib: ctypes.CDLL, m: int, n: int, k: int, group: int, dtype: int = 1, x: int = 4096, q: int = 4096):
@@ -76,38 +87,60 @@ def test_cuda_support_reasons() -> None:
 
 # ---------------------------------------------------------------------------------------------- GPU
 def _random_case(rng: random.Random) -> tuple[int, int, int, int, torch.dtype, bool]:
-    n = rng.choice([8, 40, 130, 256, 1000, 4096])  # N tails that are not multiples of the 128-wide tile
+    n = rng.choice([8, 40, 96, 130, 256, 1000, 1056, 4096])  # N tails that are not multiples of the 128-wide tile
     k = 32 * rng.randint(1, 96)
     group = rng.choice([g for g in (32, 64, 128, k) if k % g == 0])
-    m = rng.choice([1, 2, 3, 5, 7, 8, 9, 17, 64, 129, 300])
+    m = rng.choice([1, 2, 3, 5, 7, 8, 9, 17, 31, 33, 64, 129, 300])
     return m, n, k, group, rng.choice([torch.float16, torch.bfloat16]), rng.random() < 0.5
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, what: tuple) -> None:
+    assert not out.isnan().any(), what
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert rel < 1e-2, (*what, rel)
 
 
 @pytest.mark.cuda
 def test_cuda_kernels_match_reference_with_poisoned_outputs() -> None:
     rng = random.Random(0)
-    for _ in range(40):
+    lib = _library(torch.cuda.current_device())
+    for _ in range(48):
         m, n, k, group, dtype, bias = _random_case(rng)
+        case = (m, n, k, group, dtype, bias)
         w = torch.randn(n, k)
         qt = QTensor.from_float(w, 4, group, True, bias=torch.randn(n) if bias else None, scale_dtype=dtype)
         mod = QuantLinear.from_qtensor(qt, backend="cuda").cuda()
         assert mod.resolve_backend(torch.device("cuda"), dtype) == "cuda"
         mod.prepare("cuda")
         cw = mod._prepared["cuda"]
+        assert cw.layout == ("mma" if n % 32 == 0 else "rows"), case
         x = torch.randn(m, k, device="cuda").to(dtype)  # fresh input per check
-        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         b = None if mod.bias is None else mod.bias.to(dtype)
-        torch.ops.nvila_quant.w4a16_linear_out(x, cw.qweight, cw.scales, cw.zeros, b, cw.group, out)
         ref = F.linear(x.float(), mod.dequantize_weight(dtype).float(), None if b is None else b.float())
-        assert not out.isnan().any(), (m, n, k, group, dtype)
-        rel = float((out.float() - ref).norm() / ref.norm())
-        assert rel < 1e-2, (m, n, k, group, dtype, bias, rel)
         w = mod.dequantize_weight(dtype)
-        assert torch.equal(torch.ops.nvila_quant.w4a16_dequant(cw.qweight, cw.scales, cw.zeros, cw.group, dtype), w)
-        if m <= GEMV_MAX_TOKENS:
-            assert torch.equal(mod(x), out)  # the module path = the fused op
+        # the nibble-row kernels, on every shape
+        rows = prepare_cuda(mod.nibble_rows(), mod.scale, mod.zero, group, k)
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        torch.ops.nvila_quant.w4a16_linear_out(x, rows.qweight, rows.scales, rows.zeros, b, rows.group, out)
+        _close(out, ref, case)
+        assert torch.equal(torch.ops.nvila_quant.w4a16_dequant(rows.qweight, rows.scales, rows.zeros, group, dtype), w)
+        if cw.layout == "mma":  # the tensor-core kernel, with every K split
+            for ksplit in (1, 2, 3):
+                if ksplit <= k // 32:
+                    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                    mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, b, group, out, ksplit)
+                    _close(out, ref, (*case, ksplit))
+            assert torch.equal(torch.ops.nvila_quant.w4a16_mma_dequant(cw.qweight, cw.scales, cw.zeros, group, dtype), w)
+        fused_max = MMA_MAX_TOKENS if cw.layout == "mma" else GEMV_MAX_TOKENS
+        if m <= fused_max:
+            _close(mod(x), ref, case)
         else:  # the module path = dequantize (bit exact, above) + cuBLAS
             assert torch.equal(mod(x), F.linear(x, w, b))
+
+
+@pytest.mark.cuda
+def test_mma_self_check_passes_on_this_gpu() -> None:
+    assert mma_self_check(torch.cuda.current_device()) is None
 
 
 @pytest.mark.cuda
@@ -129,7 +162,7 @@ def test_cuda_op_in_torch_compile_and_cuda_graph() -> None:
     qt = QTensor.from_float(torch.randn(256, 512), 4, 128, True, bias=torch.randn(256), scale_dtype=torch.bfloat16)
     mod = QuantLinear.from_qtensor(qt, backend="cuda").cuda()
     mod.prepare("cuda")
-    for m in (1, 32):  # the GEMV, dequantize + cuBLAS
+    for m in (1, 20, 48):  # the mma kernel (one and two token groups), dequantize + cuBLAS
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         eager = mod(x)
         compiled = torch.compile(mod, fullgraph=True)

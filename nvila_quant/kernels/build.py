@@ -45,14 +45,16 @@ def cpu_fingerprint() -> str:
 
 
 def build_shared_library(
-    name: str, sources: Sequence[Path], compiler: str, flags: Sequence[str], target: str, timeout: float = 600
+    name: str, sources: Sequence[Path], compiler: str, flags: Sequence[str], target: str, timeout: float = 600,
+    depends: Sequence[Path] = (),
 ) -> Path:
-    """Compile ``sources`` into ``<cache>/<name>-<hash>/lib<name>.so`` unless already there; return its path."""
+    """Compile ``sources`` into ``<cache>/<name>-<hash>/lib<name>.so`` unless already there; return its path.
+    ``depends``: headers the sources include (hashed, not compiled)."""
     exe = shutil.which(compiler)
     if exe is None:
         raise BuildError(f"{compiler} is not on PATH: cannot build {name}")
     digest = hashlib.sha256()
-    for src in sources:
+    for src in (*sources, *depends):
         digest.update(Path(src).read_bytes())
     digest.update(" ".join([compiler, *flags, target]).encode())
     folder = cache_dir() / f"{name}-{digest.hexdigest()[:16]}"

@@ -2,8 +2,9 @@
 
 Stored buffers (the runtime layout, not an on-disk format; N = out_features, K = in_features):
     q:     (N, K/2) uint8 nibble rows (low nibble = even k) for 4-bit weights with even K, else (N, K) uint8.
-           On CPU the same bytes take the T16 layout (kernels/cpu.py) when prepared for activations a T16 kernel
-           takes (``q_layout``); state dicts, ``qtensor()``, copies and device moves always see nibble rows.
+           The same bytes take a kernel's layout when prepared for it (``q_layout``): T16 on CPU (kernels/cpu.py)
+           for activations a T16 kernel takes, "mma" on CUDA (kernels/cuda/layout.py); state dicts, ``qtensor()``,
+           copies and device moves always see nibble rows.
     scale: (N, K/G) float (the checkpoint's scale dtype)
     zero:  (N, K/G) uint8
     bias:  (N,) float or None
@@ -15,8 +16,9 @@ Backends (``backend`` attribute, default "auto" = the fast one for the input's d
                 dot products, or exact fp32 weights for fp32 activations); otherwise fused kernels for few tokens
                 and dequantize + dense matmul for many; torch's int4 op where the native kernels cannot build
                 (kernels/cpu.py)
-    "cuda"      the project's W4A16 GEMV for few tokens, its dequantize kernel + cuBLAS for more (kernels/cuda),
-                fp16/bf16 activations
+    "cuda"      the project's W4A16 kernels (kernels/cuda): a tensor-core skinny GEMM on the mma layout for up to
+                32 tokens (other shapes: a GEMV for up to 4), a dequantize kernel + cuBLAS for more; fp16/bf16
+                activations
     "reference" dequantize (exact fp32 (q - z) * s, cast to the activation dtype) + F.linear: the oracle
 A fast backend that cannot run a layer (bits, shape, group size, dtype) falls back to "reference" and logs
 the reason once per reason.
@@ -39,6 +41,7 @@ from nvila_quant.kernels.cpu_native import (
     t16_unpack,
     unpack_nibbles,
 )
+from nvila_quant.kernels.cuda.layout import mma_pack, mma_unpack
 from nvila_quant.quant.primitives import dequantize
 
 __all__ = ["BACKENDS", "QuantLinear", "log_once"]
@@ -77,7 +80,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
         self._prepared: dict[str, object] = {}
         self._bound = None  # CPU: the native kernel bound to this layer for the last prepared dtype (eager fast path)
-        self.q_layout = "rows"  # or "t16" (CPU kernels, bf16/fp16 activations)
+        self.q_layout = "rows"  # or "t16" (CPU kernels, bf16/fp16 activations) or "mma" (CUDA kernels)
         self._rows_only = False  # set when T16 weights meet activations no T16 kernel takes: stay in nibble rows
 
     # ------------------------------------------------------------------ conversion
@@ -134,14 +137,14 @@ class QuantLinear(nn.Module):
         self.settings_changed()
 
     def nibble_rows(self) -> torch.Tensor:
-        """q as nibble rows (N, K/2) whatever the current layout (a new tensor when it is T16)."""
-        return t16_unpack(self.q) if self.q_layout == "t16" else self.q
+        """q as nibble rows (N, K/2) whatever the current layout (a new tensor unless it is "rows")."""
+        return _UNPACK[self.q_layout](self.q)
 
     def _set_layout(self, layout: str) -> None:
         if layout != self.q_layout:
-            self.q = t16_pack(self.q) if layout == "t16" else t16_unpack(self.q)
+            self.q = _PACK[layout](self.nibble_rows())
             self.q_layout = layout
-            self._prepared.pop("cpu", None)
+            self._prepared.clear()
             self.settings_changed()
 
     def qtensor(self) -> QTensor:
@@ -157,18 +160,19 @@ class QuantLinear(nn.Module):
         if self.nibbles and self.q.device.type == "cpu":
             w = dequantize_nibbles(self.nibble_rows(), self.scale, self.zero, self.group, torch.float32)
         else:
-            w = dequantize(unpack_nibbles(self.q) if self.nibbles else self.q, self.scale.float(), self.zero, self.group)
+            w = dequantize(unpack_nibbles(self.nibble_rows()) if self.nibbles else self.q, self.scale.float(), self.zero,
+                           self.group)
         return w.to(dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module signature)
-        self._set_layout("rows")  # the T16 layout is the CPU kernels' business: devices and casts see nibble rows
+        self._set_layout("rows")  # kernel layouts are the kernels' business: devices and casts see nibble rows
         self._prepared.clear()  # repacks are per device and dtype
         self.settings_changed()
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (nn.Module signature)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.q_layout == "t16":
+        if self.q_layout != "rows":
             destination[prefix + "q"] = self.nibble_rows()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
@@ -236,10 +240,14 @@ class QuantLinear(nn.Module):
             self._prepared["cpu"] = cpu_backend.prepare_cpu(self.scale, self.zero, self.bias, self.group,
                                                             t16=self.q_layout == "t16")
         elif backend == "cuda" and "cuda" not in self._prepared:
-            from nvila_quant.kernels.cuda import prepare_cuda
+            from nvila_quant.kernels.cuda import mma_reason, prepare_cuda
 
-            self._prepared["cuda"] = prepare_cuda(self.nibble_rows(), self.scale, self.zero, self.group,
-                                                  self.in_features)
+            reason = mma_reason(self.bits, self.out_features, self.in_features, self.group, self.zero)
+            if reason is not None and self.q.is_cuda:
+                log_once(f"QuantLinear: CUDA mma layout not used for some layers ({reason}); nibble-row kernels there")
+            self._set_layout("mma" if reason is None else "rows")
+            self._prepared["cuda"] = prepare_cuda(self.q, self.scale, self.zero, self.group, self.in_features,
+                                                  self.q_layout)
         if x_dtype is not None:
             self._remember(self.q.device.type, x_dtype, backend)
         return backend
@@ -276,6 +284,10 @@ class QuantLinear(nn.Module):
                 return cpu_backend.t16_linear_traced(x, self.q, state)
             return cpu_backend.cpu_linear(x, self.q, state)
         return reference_linear(x, self, self.bias)
+
+
+_PACK = {"rows": lambda q: q, "t16": t16_pack, "mma": mma_pack}  # from nibble rows
+_UNPACK = {"rows": lambda q: q, "t16": t16_unpack, "mma": mma_unpack}  # to nibble rows
 
 
 def reference_linear(x: torch.Tensor, layer: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:

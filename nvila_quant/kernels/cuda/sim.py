@@ -1,0 +1,29 @@
+"""The mma-layout CUDA kernels (``w4a16_mma.cu``) compiled for the CPU against ``cuda_sim.h``: one CPU thread per
+CUDA thread, tensor-core instructions emulated with the PTX fragment layouts. Slow; for tests that check the
+kernels' indexing, bounds and numerics without a GPU. Same C entry points as the CUDA library."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import shutil
+from pathlib import Path
+
+from nvila_quant.kernels.build import BuildError, build_shared_library
+from nvila_quant.kernels.cuda import declare_mma
+
+__all__ = ["SIM_HEADER", "sim_library"]
+
+SIM_HEADER = Path(__file__).parent / "cuda_sim.h"
+SIM_SOURCE = Path(__file__).parent / "w4a16_mma.cu"
+
+
+@functools.cache
+def sim_library() -> ctypes.CDLL:
+    """Build (once, cached) and load the simulated kernels; raises BuildError without a C++20 compiler."""
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise BuildError("no C++ compiler (g++, c++ or clang++) on PATH")
+    flags = ["-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", "-DNQ_SIM", "-Wno-unknown-pragmas", "-x", "c++"]
+    path = build_shared_library("nq_w4a16_mma_sim", [SIM_SOURCE], cxx, flags, "cpu-sim", depends=[SIM_HEADER])
+    return declare_mma(ctypes.CDLL(str(path)))

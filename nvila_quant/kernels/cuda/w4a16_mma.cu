@@ -1,0 +1,381 @@
+// W4A16 skinny GEMM on tensor cores for decode and short prompts: y (M, N) = x (M, K) @ W^T + bias.
+//
+// The weights are repacked once at load time (nvila_quant/kernels/cuda/layout.py, "mma" layout) so that one
+// 16-byte load per lane gives that lane its mma.sync m16n8k16 A fragments for 32 rows x 32 k, with no shuffles:
+//   qweight  (N/32, K/32, 32 lanes, 4 words) int32. Word w = 2 * nt + j of lane l = 4 * g + t holds, in nibble
+//            i = p + 4 * h (p = 2 * p1 + p0), q[32 b + 16 nt + 8 p0 + g][32 c + 8 t + 4 j + 2 p1 + h]
+//   scales_t (K/G, N) fp32 and zeros_t (K/G, N) uint8: transposed, so a warp's 8 rows are one 32-byte sector
+//   x (M, K), out (M, N) fp16 or bf16 (16-byte aligned rows); bias (N,) like x or NULL
+// Tile j of chunk c takes the k order in which lane t's B fragments are x[tok][32 c + 8 t .. + 7]: one 16-byte
+// load per lane and token row. The dot product does not care about the order of k, as long as A uses the same.
+// Dequantization: lop3 puts a nibble pair into the mantissas of the half2 M + q (M = 1024 for fp16, 128 for bf16),
+// one fma subtracts M + z: the exact integers q - z in the A fragment. Products and sums are fp32 (the MMA), and
+// the per-group scale is applied in fp32 to per-group partial sums: no weight is ever rounded to 16 bits.
+// Work split: a CTA takes 32 rows (N/32 along grid.x), 8 * TG tokens (grid.z) and 1/ksplit of K (grid.y); its
+// warps split that K range and add their sums through shared memory. ksplit > 1 writes fp32 partial sums that a
+// second kernel adds up (no atomics, no semaphores, no state to zero: every launch writes all it reads later).
+// Needs N % 32 == 0, K % 32 == 0, G % 32 == 0, G | K, zero points < 128 (bf16 M + z stays exact), sm_80+.
+//
+// Built by nvcc for the GPU, and by a C++ compiler with NQ_SIM defined against cuda_sim.h, which runs the same
+// kernels on CPU threads (tests, no GPU needed).
+#ifdef NQ_SIM
+#include "cuda_sim.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+#include <stdint.h>
+#include <stdio.h>
+
+namespace {
+
+constexpr int WARPS = 8;          // per CTA (K split between them)
+constexpr int UNROLL = 4;         // 32-wide k chunks whose loads a warp issues before using them
+constexpr int MAX_TG = 4;         // token groups of 8 per CTA (up to 32 tokens share one weight load)
+
+// ------------------------------------------------------------------------------------------------ primitives
+#ifndef NQ_SIM
+__device__ __forceinline__ uint4 ld16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// d = a * b + c on two 16-bit lanes (fp16 or bf16), exact here (small integers)
+template <bool BF16> __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    if constexpr (BF16) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    else asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// c (16x8 fp32) += A (16x16, row) @ B (16x8, col), A and B fp16 or bf16
+template <bool BF16> __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    if constexpr (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <bool BF16> __device__ __forceinline__ float to_f(uint16_t v) {
+    if constexpr (BF16) return __bfloat162float(__ushort_as_bfloat16(v));
+    else return __half2float(__ushort_as_half(v));
+}
+template <bool BF16> __device__ __forceinline__ uint16_t from_f(float v) {
+    if constexpr (BF16) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    else return __half_as_ushort(__float2half_rn(v));
+}
+#else
+using nqsim::ld16;
+using nqsim::fma2;
+using nqsim::mma16816;
+using nqsim::to_f;
+using nqsim::from_f;
+#endif
+
+template <bool BF16> struct Magic {
+    static constexpr uint32_t bias = BF16 ? 0x4300u : 0x6400u;  // 128.0 (bf16), 1024.0 (fp16): q fills the mantissa
+    static constexpr uint32_t one2 = BF16 ? 0x3F803F80u : 0x3C003C00u;  // (1, 1)
+    static constexpr uint32_t neg = 0x8000u;
+};
+
+// -(M + z) in both halves of a register (fma2(v, 1, it) subtracts M + z)
+template <bool BF16> __device__ __forceinline__ uint32_t neg_zero2(uint32_t z) {
+    const uint32_t h = Magic<BF16>::neg | Magic<BF16>::bias | z;
+    return h | (h << 16);
+}
+
+// The four A registers of one 16x16 tile from one packed word: register p = nibbles (p, p + 4) as (M + q) halves,
+// minus M + z of its row (rows g for p = 0, 2 and g + 8 for p = 1, 3).
+template <bool BF16> __device__ __forceinline__ void dequant_word(uint32_t w, uint32_t nz_lo, uint32_t nz_hi, uint32_t a[4]) {
+    const uint32_t magic2 = Magic<BF16>::bias | (Magic<BF16>::bias << 16);
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const uint32_t v = ((w >> (4 * p)) & 0x000F000Fu) | magic2;  // one lop3
+        a[p] = fma2<BF16>(v, Magic<BF16>::one2, (p & 1) ? nz_hi : nz_lo);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ skinny GEMM
+template <bool BF16, int TG>
+__global__ void __launch_bounds__(WARPS * 32) mma_linear_kernel(
+    const uint16_t* __restrict__ x, const uint32_t* __restrict__ qweight, const float* __restrict__ scales_t,
+    const uint8_t* __restrict__ zeros_t, const uint16_t* __restrict__ bias, uint16_t* __restrict__ out,
+    float* __restrict__ partial, int M, int N, int K, int group, int ksplit) {
+    __shared__ float red[WARPS][TG * 8][32];  // per-warp sums: [warp][tg, nt, c-register][lane]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int b = blockIdx.x, ks = blockIdx.y, tok0 = blockIdx.z * TG * 8;
+    const int chunks = K >> 5, gch = group >> 5;  // 32-wide chunks in K and per group
+    // this CTA's and this warp's chunk ranges
+    const int cta_beg = (int)((long long)chunks * ks / ksplit), cta_end = (int)((long long)chunks * (ks + 1) / ksplit);
+    const int span = cta_end - cta_beg;
+    const int cbeg = cta_beg + span * warp / WARPS, cend = cta_beg + span * (warp + 1) / WARPS;
+    const int n_lo = 32 * b + g;  // rows n_lo + 16 nt (+ 8)
+
+    float acc[TG][2][4], gacc[TG][2][4];
+#pragma unroll
+    for (int i = 0; i < TG; ++i)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][nt][r] = gacc[i][nt][r] = 0.f;
+    uint32_t nz[2][2] = {{0u, 0u}, {0u, 0u}};  // -(M + z) for rows (nt, lo/hi)
+    const uint4 zero4 = {0u, 0u, 0u, 0u};
+    const uint4* qv = reinterpret_cast<const uint4*>(qweight) + (long long)b * chunks * 32 + lane;
+
+    for (int c0 = cbeg; c0 < cend; c0 += UNROLL) {
+        uint4 wq[UNROLL], xv[UNROLL][TG];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int c = c0 + u;
+            wq[u] = zero4;
+#pragma unroll
+            for (int i = 0; i < TG; ++i) xv[u][i] = zero4;
+            if (c < cend) {
+                wq[u] = ld16(qv + (long long)c * 32);
+#pragma unroll
+                for (int i = 0; i < TG; ++i) {
+                    const int tok = tok0 + 8 * i + g;
+                    if (tok < M) xv[u][i] = ld16(x + (long long)tok * K + 32 * c + 8 * t);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int c = c0 + u;
+            if (c >= cend) break;
+            const int grp = c / gch;
+            if (c == cbeg || c % gch == 0) {  // a new group: its zero points
+                const uint8_t* zr = zeros_t + (long long)grp * N + n_lo;
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    nz[nt][0] = neg_zero2<BF16>(zr[16 * nt]);
+                    nz[nt][1] = neg_zero2<BF16>(zr[16 * nt + 8]);
+                }
+            }
+            const uint32_t words[4] = {wq[u].x, wq[u].y, wq[u].z, wq[u].w};
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    uint32_t a[4];
+                    dequant_word<BF16>(words[2 * nt + j], nz[nt][0], nz[nt][1], a);
+#pragma unroll
+                    for (int i = 0; i < TG; ++i) {
+                        const uint32_t bfrag[2] = {j ? xv[u][i].z : xv[u][i].x, j ? xv[u][i].w : xv[u][i].y};
+                        mma16816<BF16>(gacc[i][nt], a, bfrag);
+                    }
+                }
+            }
+            if ((c + 1) % gch == 0 || c + 1 == cend) {  // the group (or this warp's share of it) is done: scale it
+                const float* sr = scales_t + (long long)grp * N + n_lo;
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    const float s_lo = sr[16 * nt], s_hi = sr[16 * nt + 8];
+#pragma unroll
+                    for (int i = 0; i < TG; ++i) {
+                        acc[i][nt][0] += s_lo * gacc[i][nt][0];
+                        acc[i][nt][1] += s_lo * gacc[i][nt][1];
+                        acc[i][nt][2] += s_hi * gacc[i][nt][2];
+                        acc[i][nt][3] += s_hi * gacc[i][nt][3];
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) gacc[i][nt][r] = 0.f;
+                    }
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < TG; ++i)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) red[warp][(i * 2 + nt) * 4 + r][lane] = acc[i][nt][r];
+    __syncthreads();
+    // c-register r of lane (g, t): token 2 t + (r & 1), row g + 8 (r >> 1) of n-tile nt
+    for (int e = threadIdx.x; e < TG * 8 * 32; e += WARPS * 32) {
+        const int v = e >> 5, l = e & 31;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += red[w][v][l];
+        const int i = v >> 3, nt = (v >> 2) & 1, r = v & 3;
+        const int tok = tok0 + 8 * i + 2 * (l & 3) + (r & 1);
+        const int n = 32 * b + 16 * nt + (l >> 2) + 8 * (r >> 1);
+        if (tok >= M) continue;
+        if (ksplit > 1) {
+            partial[((long long)ks * M + tok) * N + n] = sum;
+        } else {
+            const float bv = bias ? to_f<BF16>(bias[n]) : 0.f;
+            out[(long long)tok * N + n] = from_f<BF16>(sum + bv);
+        }
+    }
+}
+
+// out[m][n] = T(sum_s partial[s][m][n] + bias[n])
+template <bool BF16>
+__global__ void reduce_kernel(const float* __restrict__ partial, const uint16_t* __restrict__ bias,
+                              uint16_t* __restrict__ out, int M, int N, int ksplit) {
+    const long long total = (long long)M * N;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total; e += (long long)gridDim.x * blockDim.x) {
+        float sum = 0.f;
+        for (int s = 0; s < ksplit; ++s) sum += partial[s * total + e];
+        const float bv = bias ? to_f<BF16>(bias[e % N]) : 0.f;
+        out[e] = from_f<BF16>(sum + bv);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ dequantize
+// w (N, K) = T((q - z) * s) (fp32 product, one rounding: the reference's weight), for a cuBLAS GEMM on many tokens.
+// One thread per 8 consecutive k of one row (one 16-byte store): words (nt, j = 0, 1) of lane (n % 8, k / 8 % 4).
+template <bool BF16>
+__global__ void mma_dequant_kernel(const uint32_t* __restrict__ qweight, const float* __restrict__ scales_t,
+                                   const uint8_t* __restrict__ zeros_t, uint16_t* __restrict__ w, int N, int K, int group) {
+    const int octs = K >> 3, chunks = K >> 5;
+    const long long total = (long long)N * octs;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total; e += (long long)gridDim.x * blockDim.x) {
+        const int n = (int)(e / octs), o = (int)(e - (long long)n * octs);
+        const int k0 = o * 8, c = o >> 2, t = o & 3;
+        const int b = n >> 5, nt = (n >> 4) & 1, p0 = (n >> 3) & 1, g = n & 7;
+        const uint32_t* words = qweight + (((long long)b * chunks + c) * 32 + 4 * g + t) * 4 + 2 * nt;
+        const uint32_t w0 = words[0], w1 = words[1];
+        const int grp = k0 / group;
+        const float s = scales_t[(long long)grp * N + n], z = (float)zeros_t[(long long)grp * N + n];
+        uint16_t v[8];
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {  // k = k0 + kk = 32 c + 8 t + 4 j + 2 p1 + h
+            const int j = kk >> 2, p1 = (kk >> 1) & 1, h = kk & 1;
+            const int nib = p0 + 2 * p1 + 4 * h;
+            const uint32_t q = ((j ? w1 : w0) >> (4 * nib)) & 15u;
+            v[kk] = from_f<BF16>(((float)q - z) * s);
+        }
+        uint4 packed;
+        packed.x = v[0] | ((uint32_t)v[1] << 16);
+        packed.y = v[2] | ((uint32_t)v[3] << 16);
+        packed.z = v[4] | ((uint32_t)v[5] << 16);
+        packed.w = v[6] | ((uint32_t)v[7] << 16);
+        *reinterpret_cast<uint4*>(w + (long long)n * K + k0) = packed;
+    }
+}
+
+int fail(char* err, int errlen, const char* msg) {
+    if (err && errlen > 0) snprintf(err, (size_t)errlen, "%s", msg);
+    return 1;
+}
+
+int check_shape(long long N, long long K, long long group, int dtype, char* err, int errlen) {
+    char msg[256];
+    if (N <= 0 || K <= 0 || N % 32 || K % 32 || group <= 0 || group % 32 || K % group) {
+        snprintf(msg, sizeof msg, "unsupported shape for the mma layout: need N %% 32 == 0, K %% 32 == 0 and a "
+                 "group size that is a multiple of 32 dividing K, got N=%lld K=%lld group=%lld", N, K, group);
+        return fail(err, errlen, msg);
+    }
+    if (N > INT32_MAX || K > INT32_MAX) return fail(err, errlen, "sizes exceed int32");
+    if (dtype != 0 && dtype != 1) return fail(err, errlen, "dtype must be 0 (fp16) or 1 (bf16)");
+    return 0;
+}
+
+int launch_error(char* err, int errlen) {
+#ifdef NQ_SIM
+    (void)err, (void)errlen;
+    return 0;
+#else
+    const cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? 0 : fail(err, errlen, cudaGetErrorString(e));
+#endif
+}
+
+template <bool BF16, int TG>
+void launch_linear(const uint16_t* x, const uint32_t* q, const float* s, const uint8_t* z, const uint16_t* bias,
+                   uint16_t* out, float* partial, int M, int N, int K, int group, int ksplit, cudaStream_t stream) {
+    const dim3 grid(N / 32, ksplit, (M + TG * 8 - 1) / (TG * 8)), block(WARPS * 32);
+#ifdef NQ_SIM
+    (void)stream;
+    nqsim::launch(grid, block, [&] { mma_linear_kernel<BF16, TG>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit); });
+#else
+    mma_linear_kernel<BF16, TG><<<grid, block, 0, stream>>>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit);
+#endif
+}
+
+template <bool BF16>
+int run_linear(const uint16_t* x, const uint32_t* q, const float* s, const uint8_t* z, const uint16_t* bias,
+               uint16_t* out, float* partial, int M, int N, int K, int group, int ksplit, cudaStream_t stream,
+               char* err, int errlen) {
+    if (M <= 8) launch_linear<BF16, 1>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
+    else if (M <= 16) launch_linear<BF16, 2>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
+    else launch_linear<BF16, MAX_TG>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
+    if (launch_error(err, errlen)) return 1;
+    if (ksplit > 1) {
+        const long long total = (long long)M * N;
+        const unsigned blocks = (unsigned)((total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096);
+#ifdef NQ_SIM
+        nqsim::launch(dim3(blocks), dim3(256), [&] { reduce_kernel<BF16>(partial, bias, out, M, N, ksplit); });
+#else
+        reduce_kernel<BF16><<<blocks, 256, 0, stream>>>(partial, bias, out, M, N, ksplit);
+#endif
+        if (launch_error(err, errlen)) return 1;
+    }
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// x (M, K), out (M, N), bias (N,) or NULL: fp16 (dtype 0) or bf16 (1). partial: fp32 (ksplit, M, N) scratch, used
+// (and fully written) only when ksplit > 1. Returns 0, or 1 with a message in err (nothing launched on bad input).
+int nq_mma_linear(const void* x, const int32_t* qweight, const float* scales_t, const uint8_t* zeros_t,
+                  const void* bias, void* out, float* partial, int64_t M, int64_t N, int64_t K, int64_t group,
+                  int64_t ksplit, int dtype, void* stream, char* err, int errlen) {
+    char msg[256];
+    if (check_shape(N, K, group, dtype, err, errlen)) return 1;
+    if (M < 0 || M > INT32_MAX) return fail(err, errlen, "bad token count");
+    if (ksplit < 1 || ksplit > K / 32 || ksplit > 65535) {
+        snprintf(msg, sizeof msg, "ksplit must lie in [1, K / 32], got %lld (K=%lld)", (long long)ksplit, (long long)K);
+        return fail(err, errlen, msg);
+    }
+    if ((M + 8 * MAX_TG - 1) / (8 * MAX_TG) > 65535) return fail(err, errlen, "too many tokens for one launch");
+    if (!x || !qweight || !scales_t || !zeros_t || !out || (ksplit > 1 && !partial)) return fail(err, errlen, "null pointer");
+    if (((uintptr_t)x | (uintptr_t)qweight) & 15) return fail(err, errlen, "x and qweight must be 16-byte aligned");
+    if (M == 0) return 0;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const uint16_t* xt = static_cast<const uint16_t*>(x);
+    const uint16_t* bt = static_cast<const uint16_t*>(bias);
+    uint16_t* ot = static_cast<uint16_t*>(out);
+    const uint32_t* qt = reinterpret_cast<const uint32_t*>(qweight);
+    if (dtype == 1)
+        return run_linear<true>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
+                                (int)ksplit, s, err, errlen);
+    return run_linear<false>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
+                             (int)ksplit, s, err, errlen);
+}
+
+// w (N, K) fp16 (dtype 0) or bf16 (1), 16-byte aligned: the reference's dequantized weight.
+int nq_mma_dequant(const int32_t* qweight, const float* scales_t, const uint8_t* zeros_t, void* w, int64_t N,
+                   int64_t K, int64_t group, int dtype, void* stream, char* err, int errlen) {
+    if (check_shape(N, K, group, dtype, err, errlen)) return 1;
+    if (!qweight || !scales_t || !zeros_t || !w) return fail(err, errlen, "null pointer");
+    if (((uintptr_t)w | (uintptr_t)qweight) & 15) return fail(err, errlen, "w and qweight must be 16-byte aligned");
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const long long total = N * (K / 8);
+    const unsigned blocks = (unsigned)((total + 255) / 256 < 65535LL * 16 ? (total + 255) / 256 : 65535LL * 16);
+    const uint32_t* qt = reinterpret_cast<const uint32_t*>(qweight);
+    uint16_t* wt = static_cast<uint16_t*>(w);
+#ifdef NQ_SIM
+    (void)s;
+    if (dtype == 1) nqsim::launch(dim3(blocks), dim3(256), [&] { mma_dequant_kernel<true>(qt, scales_t, zeros_t, wt, (int)N, (int)K, (int)group); });
+    else nqsim::launch(dim3(blocks), dim3(256), [&] { mma_dequant_kernel<false>(qt, scales_t, zeros_t, wt, (int)N, (int)K, (int)group); });
+#else
+    if (dtype == 1) mma_dequant_kernel<true><<<blocks, 256, 0, s>>>(qt, scales_t, zeros_t, wt, (int)N, (int)K, (int)group);
+    else mma_dequant_kernel<false><<<blocks, 256, 0, s>>>(qt, scales_t, zeros_t, wt, (int)N, (int)K, (int)group);
+#endif
+    return launch_error(err, errlen);
+}
+
+int nq_mma_abi_version(void) { return 1; }
+
+}  // extern "C"
