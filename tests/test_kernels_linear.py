@@ -284,3 +284,17 @@ def test_avx2_build_runs_fp32_activations_on_its_t16_kernel(monkeypatch: pytest.
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     assert _rel(other(x), ref(x)) < 1e-2 and other.q_layout == "rows"
     assert other._prepared["cpu"].plan(other.q, torch.bfloat16).kernel == "torch-int4"
+
+
+def test_layer_prepared_under_inference_mode_still_loads_and_runs_outside() -> None:
+    """Kernel repacks and scratch buffers made under torch.inference_mode are normal tensors: the layer still takes
+    load_state_dict and runs (dense path included) outside it."""
+    qt = _layer(128, 256, 64, True)
+    mod = QuantLinear.from_qtensor(qt, "cpu")
+    cpu_backend._SCRATCH.clear()
+    with torch.inference_mode():
+        mod(torch.randn(600, 256, dtype=torch.bfloat16))  # many tokens: the dense path's scratch buffer
+        mod.prepare("cpu", torch.bfloat16)
+    mod.load_state_dict(QuantLinear.from_qtensor(qt, "cpu").state_dict())
+    x = torch.randn(600, 256, dtype=torch.bfloat16)
+    assert _rel(mod(x), QuantLinear.from_qtensor(qt, "reference")(x)) < 1e-2

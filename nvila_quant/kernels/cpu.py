@@ -306,10 +306,12 @@ CHUNK_MAX_TOKENS = 256
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reused flat buffer (no page faults per call; never handed to autograd)."""
+    """A reused flat buffer (no page faults per call; never handed to autograd). A normal tensor even when first
+    needed under ``torch.inference_mode`` (an inference tensor could not be written to outside it later)."""
     buf = _SCRATCH.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):
+            buf = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 

@@ -142,7 +142,8 @@ class QuantLinear(nn.Module):
 
     def _set_layout(self, layout: str) -> None:
         if layout != self.q_layout:
-            self.q = _PACK[layout](self.nibble_rows())
+            with torch.inference_mode(False):  # a normal buffer even when first prepared under inference_mode
+                self.q = _PACK[layout](self.nibble_rows())
             self.q_layout = layout
             self._prepared.clear()
             self.settings_changed()
