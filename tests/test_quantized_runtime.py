@@ -191,4 +191,6 @@ def test_quantized_model_on_cuda(quantized: dict[str, Path], images: dict) -> No
     with torch.inference_mode():
         a, b = model.llm(input_ids=_ids(model).cuda()).logits.float(), ref.llm(input_ids=_ids(ref).cuda()).logits.float()
     assert float((a - b).norm() / b.norm()) < 1e-2
-    assert isinstance(model.generate_content(["Describe.", images["cat"]], generation_config=GREEDY), str)
+    text = model.generate_content(["Describe.", images["cat"]], generation_config=GREEDY)
+    assert isinstance(text, str) and model._static_decoder.graph is not None  # decode steps replayed a CUDA graph
+    assert {m.q_layout for m in mods.values()} == {"mma"}  # every tiny-model linear takes the tensor-core layout

@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from nvila_quant.errors import PromptError
+from nvila_quant.model.static_decode import static_decoder_for
 from nvila_quant.model.tokenizer import tokenize_conversation
 
 if TYPE_CHECKING:
@@ -262,25 +263,38 @@ class ChatSession:
         generated: list[int] = []
         text_sent = ""
         history = torch.tensor([self.token_ids], device=logits.device)
-        for _ in range(_max_new_tokens(config, prompt_len)):
-            next_id = int(sample_next_token(logits[:, -1], config, history, processors)[0])
-            if next_id in stop:
-                break
-            generated.append(next_id)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # incomplete UTF-8 sequence: wait for the next token
-                delta = ""
-            else:
-                delta, text_sent = text[len(text_sent) :], text
-            start = self.length
-            logits, _ = model.stream_gen(
-                torch.tensor([[next_id]], device=model.device), start_pos=start, logits_to_keep=1
-            )
-            self.token_ids.append(next_id)
-            self.positions.append(start + 1)
-            history = torch.cat([history, history.new_tensor([[next_id]])], dim=1)
-            if delta:
-                yield delta
+        max_new = _max_new_tokens(config, prompt_len)
+        logits = logits[:, -1]
+        decoder = static_decoder_for(model, self.length + max_new, model._stream_mask) if max_new > 1 else None
+        if decoder is not None:
+            decoder.load(model._stream_cache)
+        try:
+            for _ in range(max_new):
+                next_id = int(sample_next_token(logits, config, history, processors)[0])
+                if next_id in stop:
+                    break
+                generated.append(next_id)
+                text = tokenizer.decode(generated, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # incomplete UTF-8 sequence: wait for the next token
+                    delta = ""
+                else:
+                    delta, text_sent = text[len(text_sent) :], text
+                start = self.length
+                token = torch.tensor([[next_id]], device=model.device)
+                if decoder is not None:
+                    logits = decoder.step(token)
+                else:
+                    logits = model.stream_gen(token, start_pos=start, logits_to_keep=1)[0][:, -1]
+                self.token_ids.append(next_id)
+                self.positions.append(start + 1)
+                history = torch.cat([history, history.new_tensor([[next_id]])], dim=1)
+                if delta:
+                    yield delta
+        finally:
+            if decoder is not None and decoder.length > model._stream_mask.shape[1]:  # hand the cache back
+                decoder.store(model._stream_cache)
+                fed = decoder.length - model._stream_mask.shape[1]
+                model._stream_mask = torch.cat([model._stream_mask, model._stream_mask.new_ones(1, fed)], dim=1)
         tail = tokenizer.decode(generated, skip_special_tokens=True)[len(text_sent) :]
         if tail:
             yield tail
@@ -313,13 +327,19 @@ def timed_run(
     next_id = logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t2 = time.perf_counter()
-    embed = llm.get_input_embeddings()
-    for _ in range(max(0, max_new_tokens - 1)):
-        logits = llm_forward(llm, embed(next_id), cache, logits_to_keep=1)
-        next_id = logits[:, -1].argmax(-1, keepdim=True)
+    n_decode = max(0, max_new_tokens - 1)
+    decoder = static_decoder_for(model, int(embeds.shape[1]) + n_decode, mask) if n_decode > 0 else None
+    if decoder is not None:  # a decode step per CUDA graph replay on GPUs
+        decoder.load(cache)
+        for _ in range(n_decode):
+            next_id = decoder.step(next_id).argmax(-1, keepdim=True)
+    else:
+        embed = llm.get_input_embeddings()
+        for _ in range(n_decode):
+            logits = llm_forward(llm, embed(next_id), cache, logits_to_keep=1)
+            next_id = logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t3 = time.perf_counter()
-    n_decode = max(0, max_new_tokens - 1)
     return {
         "vision_encode_ms": (t1 - t0) * 1e3,
         "prefill_ms": (t2 - t1) * 1e3,

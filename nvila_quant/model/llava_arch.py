@@ -38,6 +38,7 @@ from nvila_quant.model.media import (
     load_video_frames,
 )
 from nvila_quant.model.projector import MultimodalProjector
+from nvila_quant.model.static_decode import static_decode_wanted
 from nvila_quant.model.tokenizer import IGNORE_INDEX, MEDIA_TOKENS, tokenize_conversation
 from nvila_quant.model.vision import VisionTower
 
@@ -447,6 +448,9 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
         if generation_config.eos_token_id is None:
             generation_config = copy.deepcopy(generation_config)
             generation_config.eos_token_id = list(self.tokenizer.stop_token_ids)  # type: ignore[attr-defined]
+        if (generation_config.num_beams or 1) == 1 and static_decode_wanted(self):  # decode steps as CUDA graph replays
+            session = generation.ChatSession(self)
+            return "".join(session.stream(input_ids, media, media_config, generation_config)).strip()
         output_ids = self.generate(input_ids, media, media_config, generation_config=generation_config)
         return self.tokenizer.decode(output_ids[0], skip_special_tokens=True).strip()  # type: ignore[attr-defined]
 
