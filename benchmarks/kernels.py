@@ -9,7 +9,9 @@ smallest shape), against a dense bf16 and an fp32 ``F.linear`` with the same wei
 evicted before each timed call (in decode a layer's weights are never cache-resident) unless --warm-cache.
 ``--threads 1 --clock thread`` times this thread's CPU time, which stays meaningful on a shared machine.
 On a GPU: the CUDA kernels vs fp16 cuBLAS, kernel time from CUDA-graph replays with the L2 flushed (host
-dispatch excluded) and eager time per call, and the GEMV's fraction of the measured copy bandwidth.
+dispatch excluded) and eager time per call, and the fraction of the measured copy bandwidth at M = 1; in the same
+run the fused kernel forced where the runtime dequantizes + cuBLAS, and the nibble-row GEMV for M <= 4
+(``--ksplit`` fixes the mma kernel's K slices).
 Writes benchmarks/results/kernels-<cpu|cuda>[-<T>thread][-cputime].json.
 """
 
@@ -32,8 +34,9 @@ from _common import table, write_json  # noqa: E402
 
 from nvila_quant.formats import QTensor  # noqa: E402
 from nvila_quant.kernels import cpu as cpu_backend  # noqa: E402
+from nvila_quant.kernels import cuda as cuda_mod  # noqa: E402
 from nvila_quant.kernels.cpu_native import native_available, native_linear, unpack_nibbles  # noqa: E402
-from nvila_quant.kernels.cuda import GEMV_MAX_TOKENS  # noqa: E402
+from nvila_quant.kernels.cuda import GEMV_MAX_TOKENS, MMA_MAX_TOKENS  # noqa: E402
 from nvila_quant.kernels.linear import QuantLinear  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -218,19 +221,28 @@ def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
     for n, k in SHAPES:
         layer = _layer(n, k, group, "cuda")
         layer.backend = "cuda"
+        layer.prepare("cuda", torch.float16)
         w16 = layer.dequantize_weight(torch.float16)
+        nibble_rows = cuda_mod.prepare_cuda(layer.nibble_rows(), layer.scale, layer.zero, group, k)
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             fns = {"cuda": lambda: layer(x), "cublas_fp16": lambda: F.linear(x, w16)}  # noqa: B023
             kernel = {name: graph_ms(fn) for name, fn in fns.items()}
-            if m > GEMV_MAX_TOKENS:  # the runtime dequantizes + cuBLAS there; the fused GEMM kernel for comparison
+            fused_max = MMA_MAX_TOKENS if layer.q_layout == "mma" else GEMV_MAX_TOKENS
+            if m > fused_max:  # the runtime dequantizes + cuBLAS there; the fused kernel forced, for comparison
                 kernel["cuda_fused_gemm"] = graph_ms(_fused_gemm(layer, x))
+            if m <= GEMV_MAX_TOKENS:  # the nibble-row GEMV (the path before the mma layout), same run
+                out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+                kernel["cuda_rows_gemv"] = graph_ms(
+                    lambda: cuda_mod._launch(x, nibble_rows.qweight, nibble_rows.scales, nibble_rows.zeros, None,  # noqa: B023
+                                             group, out))  # noqa: B023
             eager = interleaved(fns, repeats)
             bytes_moved = n * k // 2 + layer.scale.numel() * 4 + layer.zero.numel() + m * (k + n) * 2
             rows.append({"N": n, "K": k, "M": m, "cuda_ms": kernel["cuda"], "cublas_fp16_ms": kernel["cublas_fp16"],
                          "x_vs_fp16": kernel["cublas_fp16"] / kernel["cuda"],
                          "bandwidth_fraction": bytes_moved / (kernel["cuda"] / 1e3) / 1e9 / bw,
                          "cuda_fused_gemm_ms": kernel.get("cuda_fused_gemm"),
+                         "cuda_rows_gemv_ms": kernel.get("cuda_rows_gemv"), "layout": layer.q_layout,
                          "eager_cuda_ms": eager["cuda"], "eager_cublas_fp16_ms": eager["cublas_fp16"]})
     m1 = [r for r in rows if r["M"] == 1]
     big = [r for r in rows if r["M"] >= 512]
@@ -250,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (interleaved; medians)")
     parser.add_argument("--group-size", type=int, default=128, help="quantization group size")
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU part (when a GPU is present)")
+    parser.add_argument("--ksplit", type=int, default=0,
+                        help="GPU: K slices of the mma kernel (0: chosen from the SM count, as the runtime does)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="do not evict the CPU caches before each timed call (int4 weights of small layers then "
                              "stay in L3, dense ones do not)")
@@ -282,11 +296,14 @@ def main(argv: list[str] | None = None) -> None:
             print("dequantize + dense beats the int4 kernel from M =", payload["cpu"]["dequant_beats_int4_kernel_from_m"])
             print("goals met:", payload["cpu"]["met"])
         if torch.cuda.is_available():
+            cuda_mod.KSPLIT = args.ksplit
             payload["gpu"] = bench_gpu(args.tokens, args.repeats, args.group_size)
+            payload["gpu"]["ksplit"] = args.ksplit or "auto"
             gpu = payload["gpu"]
             print(f"{gpu['device']}: copy bandwidth {gpu['copy_bandwidth_gbs']:.0f} GB/s; {gpu['timing']}")
             print(table(gpu["rows"], ["N", "K", "M", "cuda_ms", "cublas_fp16_ms", "x_vs_fp16", "bandwidth_fraction",
-                                      "cuda_fused_gemm_ms", "eager_cuda_ms", "eager_cublas_fp16_ms"]))
+                                      "cuda_fused_gemm_ms", "cuda_rows_gemv_ms", "eager_cuda_ms",
+                                      "eager_cublas_fp16_ms"]))
             def fmt(v: float | None) -> str:
                 return "not measured (no such M)" if v is None else f"{v:.2f}"
 

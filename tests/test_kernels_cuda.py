@@ -125,11 +125,11 @@ def test_cuda_kernels_match_reference_with_poisoned_outputs() -> None:
         _close(out, ref, case)
         assert torch.equal(torch.ops.nvila_quant.w4a16_dequant(rows.qweight, rows.scales, rows.zeros, group, dtype), w)
         if cw.layout == "mma":  # the tensor-core kernel, with every K split
-            for ksplit in (1, 2, 3):
+            for ksplit, warps in ((1, 8), (2, 16), (3, 8)):
                 if ksplit <= k // 32:
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                    mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, b, group, out, ksplit)
-                    _close(out, ref, (*case, ksplit))
+                    mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, b, group, out, ksplit, warps=warps)
+                    _close(out, ref, (*case, ksplit, warps))
             assert torch.equal(torch.ops.nvila_quant.w4a16_mma_dequant(cw.qweight, cw.scales, cw.zeros, group, dtype), w)
         fused_max = MMA_MAX_TOKENS if cw.layout == "mma" else GEMV_MAX_TOKENS
         if m <= fused_max:

@@ -62,9 +62,9 @@ def test_mma_layout_reasons() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_simulated_mma_kernels_match_reference(dtype: torch.dtype) -> None:
     lib, gen, rng = _sim(), torch.Generator().manual_seed(2), random.Random(3)
-    cases = [(32, 32, 32, 1, 1), (64, 256, 64, 3, 1), (96, 512, 128, 11, 3), (32, 256, 256, 40, 2),
-             (64, 384, 32, 17, 1), (32, 1024, 1024, 8, 4), (64, 320, 64, 70, 2), (32, 96, 32, 16, 3)]
-    for n, k, group, m, ksplit in cases:
+    cases = [(32, 32, 32, 1, 1, 8), (64, 256, 64, 3, 1, 16), (96, 512, 128, 11, 3, 8), (32, 256, 256, 40, 2, 8),
+             (64, 384, 32, 17, 1, 8), (32, 1024, 1024, 8, 4, 16), (64, 320, 64, 70, 2, 8), (32, 96, 32, 16, 3, 16)]
+    for n, k, group, m, ksplit, warps in cases:
         cw, w = _layer(n, k, group, gen)
         assert torch.equal(mma_dequant_into(lib, cw.qweight, cw.scales, cw.zeros, group, torch.empty(n, k, dtype=dtype)),
                            w.to(dtype))
@@ -72,7 +72,7 @@ def test_simulated_mma_kernels_match_reference(dtype: torch.dtype) -> None:
         x = torch.randn(m, k, generator=gen).to(dtype)
         ref = x.float() @ w.T + (0 if bias is None else bias.float())
         out = torch.full((m, n), float("nan"), dtype=dtype)  # unwritten elements stay NaN
-        mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, bias, group, out, ksplit)
+        mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, bias, group, out, ksplit, warps=warps)
         # fp32 sums of exact (q - z) x products, scaled per group in fp32: within one rounding of the output
         tol = (2e-3 if dtype == torch.float16 else 1.6e-2) * ref.abs().max().item()
         assert not out.isnan().any() and (out.float() - ref).abs().max().item() <= tol, (n, k, group, m, ksplit)
@@ -83,6 +83,8 @@ def test_simulated_mma_kernel_refuses_bad_arguments() -> None:
     lib, gen = _sim(), torch.Generator().manual_seed(4)
     cw, _ = _layer(64, 256, 64, gen)
     x, out = torch.randn(2, 256).half(), torch.empty(2, 64).half()
+    with pytest.raises(RuntimeError, match="warps must be 8 or 16"):
+        mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, None, 64, out, 1, warps=4)
     with pytest.raises(RuntimeError, match=r"ksplit must lie in \[1, K / 32\], got 9"):
         mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, None, 64, out, 9)
     with pytest.raises(RuntimeError, match="need N % 32 == 0"):  # the library's own check (Python's skipped)

@@ -54,7 +54,7 @@ MIN_CAPABILITY = (8, 0)
 # Up to this many tokens the mma-layout kernel runs (weights read once per 32 tokens); above, dequantize + cuBLAS.
 MMA_MAX_TOKENS = int(os.environ.get("NVILA_QUANT_CUDA_MMA_MAX_TOKENS", "32"))
 KSPLIT = int(os.environ.get("NVILA_QUANT_CUDA_KSPLIT", "0"))  # 0: chosen per call from the SM count
-MMA_WARPS = 8  # per CTA, as in w4a16_mma.cu
+MMA_WARPS = int(os.environ.get("NVILA_QUANT_CUDA_MMA_WARPS", "0"))  # warps per CTA, 8 or 16; 0: 16 up to 16 tokens
 
 
 def nvcc_flags(arch: str) -> list[str]:
@@ -83,8 +83,8 @@ def _library(device_index: int) -> ctypes.CDLL:
 def declare_mma(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Argument types of the mma-layout entry points (the CUDA library and its CPU simulation export the same)."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.nq_mma_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int, ptr,
-                                  ctypes.c_char_p, ctypes.c_int]
+    lib.nq_mma_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int,
+                                  ctypes.c_int, ptr, ctypes.c_char_p, ctypes.c_int]
     lib.nq_mma_linear.restype = ctypes.c_int
     lib.nq_mma_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_char_p, ctypes.c_int]
     lib.nq_mma_dequant.restype = ctypes.c_int
@@ -232,18 +232,25 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         raise RuntimeError(f"w4a16_linear failed: {err.value.decode(errors='replace')}")
 
 
-def mma_ksplit(m: int, n: int, k: int, device: torch.device) -> int:
-    """K slices per output tile for the mma kernel: enough CTAs for ~4 per SM (``NVILA_QUANT_CUDA_KSPLIT`` fixes it),
-    at most one slice per warp's 32-wide chunk and 16 in all."""
+def mma_warps(m: int) -> int:
+    """Warps per CTA of the mma kernel: 16 up to 16 tokens (more loads in flight per 32-row tile), else 8."""
+    return MMA_WARPS if MMA_WARPS in (8, 16) and (MMA_WARPS == 8 or m <= 16) else (16 if m <= 16 else 8)
+
+
+def mma_ksplit(m: int, n: int, k: int, device: torch.device, warps: int = 8) -> int:
+    """K slices for the mma kernel (``NVILA_QUANT_CUDA_KSPLIT`` fixes it): 1 when the 32-row tiles already give
+    three quarters of a CTA per SM (a split costs a second kernel), else enough slices for about one per SM; at
+    most one 32-wide chunk per warp and 16 slices."""
     chunks = k // 32
-    cap = max(1, min(16, chunks // MMA_WARPS))
     if KSPLIT > 0:
         return max(1, min(KSPLIT, chunks))
     if device.type != "cuda":
         return 1
     ctas = (n // 32) * (-(-m // 32) if m > 16 else 1)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(cap, -(-4 * sms // ctas)))
+    if 4 * ctas >= 3 * sms:
+        return 1
+    return max(1, min(16, chunks // warps, -(-sms // ctas)))
 
 
 @functools.cache
@@ -253,20 +260,21 @@ def _sm_count(device_index: int) -> int:
 
 def mma_launch(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales_t: torch.Tensor,
                zeros_t: torch.Tensor, bias: torch.Tensor | None, group: int, out: torch.Tensor,
-               ksplit: int | None = None, weights_checked: bool = False) -> None:
+               ksplit: int | None = None, weights_checked: bool = False, warps: int | None = None) -> None:
     """mma-layout kernel (w4a16_mma.cu) into ``out``; ``lib`` is the CUDA library or its CPU simulation."""
     m, k = x.shape
     n = qweight.shape[0]
     if not weights_checked:
         _check_weights(qweight, scales_t, zeros_t, group, x.device, "mma")
     _check_call(x, qweight, bias, out)
-    ksplit = ksplit or mma_ksplit(m, n, k, x.device)
+    warps = warps or mma_warps(m)
+    ksplit = ksplit or mma_ksplit(m, n, k, x.device, warps)
     partial = torch.empty(ksplit, m, n, dtype=torch.float32, device=x.device) if ksplit > 1 and m else None
     err = _error_buffer()
     rc = lib.nq_mma_linear(
         x.data_ptr(), qweight.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), None if partial is None else partial.data_ptr(),
-        m, n, k, group, ksplit, 0 if x.dtype == torch.float16 else 1, _stream(x), err, len(err))
+        m, n, k, group, ksplit, warps, 0 if x.dtype == torch.float16 else 1, _stream(x), err, len(err))
     if rc != 0:
         raise RuntimeError(f"w4a16_mma_linear failed: {err.value.decode(errors='replace')}")
 
@@ -448,11 +456,12 @@ def mma_self_check(device_index: int) -> str | None:
                                      torch.empty(n, k, dtype=dtype, device=device))
             if not torch.equal(got_w.cpu(), ref_w):
                 return f"self-check: the mma dequantize kernel disagrees with torch ({dtype})"
-            for m, ksplit in ((1, 1), (11, 3), (40, 2)):
+            for m, ksplit, warps in ((1, 1, 16), (3, 2, 8), (11, 3, 16), (40, 2, 8)):
                 x = torch.randn(m, k, generator=gen).to(dtype)
                 ref = x.float() @ w.reshape(n, k).T
                 out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-                mma_launch(lib, x.to(device), weights.qweight, weights.scales, weights.zeros, None, group, out, ksplit)
+                mma_launch(lib, x.to(device), weights.qweight, weights.scales, weights.zeros, None, group, out, ksplit,
+                           warps=warps)
                 err = (out.float().cpu() - ref).abs().max().item()
                 if not err <= 0.02 * ref.abs().max().item():
                     return f"self-check: the mma kernel disagrees with torch (M={m}, {dtype}, max error {err:.3g})"

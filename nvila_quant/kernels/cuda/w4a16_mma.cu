@@ -11,8 +11,8 @@
 // Dequantization: lop3 puts a nibble pair into the mantissas of the half2 M + q (M = 1024 for fp16, 128 for bf16),
 // one fma subtracts M + z: the exact integers q - z in the A fragment. Products and sums are fp32 (the MMA), and
 // the per-group scale is applied in fp32 to per-group partial sums: no weight is ever rounded to 16 bits.
-// Work split: a CTA takes 32 rows (N/32 along grid.x), 8 * TG tokens (grid.z) and 1/ksplit of K (grid.y); its
-// warps split that K range and add their sums through shared memory. ksplit > 1 writes fp32 partial sums that a
+// Work split: a CTA takes 32 rows (N/32 along grid.x), 8 * TG tokens (grid.z) and 1/ksplit of K (grid.y); its W
+// warps (8 or 16) split that K range and add their sums through shared memory. ksplit > 1 writes fp32 partial sums that a
 // second kernel adds up (no atomics, no semaphores, no state to zero: every launch writes all it reads later).
 // Needs N % 32 == 0, K % 32 == 0, G % 32 == 0, G | K, zero points < 128 (bf16 M + z stays exact), sm_80+.
 //
@@ -30,8 +30,6 @@
 
 namespace {
 
-constexpr int WARPS = 8;          // per CTA (K split between them)
-constexpr int UNROLL = 4;         // 32-wide k chunks whose loads a warp issues before using them
 constexpr int MAX_TG = 4;         // token groups of 8 per CTA (up to 32 tokens share one weight load)
 
 // ------------------------------------------------------------------------------------------------ primitives
@@ -100,12 +98,13 @@ template <bool BF16> __device__ __forceinline__ void dequant_word(uint32_t w, ui
 }
 
 // ------------------------------------------------------------------------------------------------ skinny GEMM
-template <bool BF16, int TG>
-__global__ void __launch_bounds__(WARPS * 32) mma_linear_kernel(
+template <bool BF16, int TG, int W>
+__global__ void __launch_bounds__(W * 32) mma_linear_kernel(
     const uint16_t* __restrict__ x, const uint32_t* __restrict__ qweight, const float* __restrict__ scales_t,
     const uint8_t* __restrict__ zeros_t, const uint16_t* __restrict__ bias, uint16_t* __restrict__ out,
     float* __restrict__ partial, int M, int N, int K, int group, int ksplit) {
-    __shared__ float red[WARPS][TG * 8][32];  // per-warp sums: [warp][tg, nt, c-register][lane]
+    static_assert(W * TG * 8 * 32 * sizeof(float) <= 48 * 1024, "per-warp sums must fit 48 KB of static shared memory");
+    __shared__ float red[W][TG * 8][32];  // per-warp sums: [warp][tg, nt, c-register][lane]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int b = blockIdx.x, ks = blockIdx.y, tok0 = blockIdx.z * TG * 8;
@@ -113,7 +112,7 @@ __global__ void __launch_bounds__(WARPS * 32) mma_linear_kernel(
     // this CTA's and this warp's chunk ranges
     const int cta_beg = (int)((long long)chunks * ks / ksplit), cta_end = (int)((long long)chunks * (ks + 1) / ksplit);
     const int span = cta_end - cta_beg;
-    const int cbeg = cta_beg + span * warp / WARPS, cend = cta_beg + span * (warp + 1) / WARPS;
+    const int cbeg = cta_beg + span * warp / W, cend = cta_beg + span * (warp + 1) / W;
     const int n_lo = 32 * b + g;  // rows n_lo + 16 nt (+ 8)
 
     float acc[TG][2][4], gacc[TG][2][4];
@@ -126,6 +125,7 @@ __global__ void __launch_bounds__(WARPS * 32) mma_linear_kernel(
     uint32_t nz[2][2] = {{0u, 0u}, {0u, 0u}};  // -(M + z) for rows (nt, lo/hi)
     const uint4 zero4 = {0u, 0u, 0u, 0u};
     const uint4* qv = reinterpret_cast<const uint4*>(qweight) + (long long)b * chunks * 32 + lane;
+    constexpr int UNROLL = TG == 1 ? 8 : 4;  // 32-wide k chunks whose loads a warp issues before using them
 
     for (int c0 = cbeg; c0 < cend; c0 += UNROLL) {
         uint4 wq[UNROLL], xv[UNROLL][TG];
@@ -198,11 +198,11 @@ __global__ void __launch_bounds__(WARPS * 32) mma_linear_kernel(
             for (int r = 0; r < 4; ++r) red[warp][(i * 2 + nt) * 4 + r][lane] = acc[i][nt][r];
     __syncthreads();
     // c-register r of lane (g, t): token 2 t + (r & 1), row g + 8 (r >> 1) of n-tile nt
-    for (int e = threadIdx.x; e < TG * 8 * 32; e += WARPS * 32) {
+    for (int e = threadIdx.x; e < TG * 8 * 32; e += W * 32) {
         const int v = e >> 5, l = e & 31;
         float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += red[w][v][l];
+        for (int w = 0; w < W; ++w) sum += red[w][v][l];
         const int i = v >> 3, nt = (v >> 2) & 1, r = v & 3;
         const int tok = tok0 + 8 * i + 2 * (l & 3) + (r & 1);
         const int n = 32 * b + 16 * nt + (l >> 2) + 8 * (r >> 1);
@@ -289,25 +289,27 @@ int launch_error(char* err, int errlen) {
 #endif
 }
 
-template <bool BF16, int TG>
+template <bool BF16, int TG, int W>
 void launch_linear(const uint16_t* x, const uint32_t* q, const float* s, const uint8_t* z, const uint16_t* bias,
                    uint16_t* out, float* partial, int M, int N, int K, int group, int ksplit, cudaStream_t stream) {
-    const dim3 grid(N / 32, ksplit, (M + TG * 8 - 1) / (TG * 8)), block(WARPS * 32);
+    const dim3 grid(N / 32, ksplit, (M + TG * 8 - 1) / (TG * 8)), block(W * 32);
 #ifdef NQ_SIM
     (void)stream;
-    nqsim::launch(grid, block, [&] { mma_linear_kernel<BF16, TG>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit); });
+    nqsim::launch(grid, block, [&] { mma_linear_kernel<BF16, TG, W>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit); });
 #else
-    mma_linear_kernel<BF16, TG><<<grid, block, 0, stream>>>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit);
+    mma_linear_kernel<BF16, TG, W><<<grid, block, 0, stream>>>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit);
 #endif
 }
 
 template <bool BF16>
 int run_linear(const uint16_t* x, const uint32_t* q, const float* s, const uint8_t* z, const uint16_t* bias,
-               uint16_t* out, float* partial, int M, int N, int K, int group, int ksplit, cudaStream_t stream,
-               char* err, int errlen) {
-    if (M <= 8) launch_linear<BF16, 1>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
-    else if (M <= 16) launch_linear<BF16, 2>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
-    else launch_linear<BF16, MAX_TG>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
+               uint16_t* out, float* partial, int M, int N, int K, int group, int ksplit, int warps,
+               cudaStream_t stream, char* err, int errlen) {
+    if (M <= 8 && warps == 16) launch_linear<BF16, 1, 16>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
+    else if (M <= 8) launch_linear<BF16, 1, 8>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
+    else if (M <= 16 && warps == 16) launch_linear<BF16, 2, 16>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
+    else if (M <= 16) launch_linear<BF16, 2, 8>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
+    else launch_linear<BF16, MAX_TG, 8>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
     if (launch_error(err, errlen)) return 1;
     if (ksplit > 1) {
         const long long total = (long long)M * N;
@@ -327,12 +329,14 @@ int run_linear(const uint16_t* x, const uint32_t* q, const float* s, const uint8
 extern "C" {
 
 // x (M, K), out (M, N), bias (N,) or NULL: fp16 (dtype 0) or bf16 (1). partial: fp32 (ksplit, M, N) scratch, used
-// (and fully written) only when ksplit > 1. Returns 0, or 1 with a message in err (nothing launched on bad input).
+// (and fully written) only when ksplit > 1. warps: per CTA, 8 or 16 (16 only for M <= 16; more tokens take 8).
+// Returns 0, or 1 with a message in err (nothing launched on bad input).
 int nq_mma_linear(const void* x, const int32_t* qweight, const float* scales_t, const uint8_t* zeros_t,
                   const void* bias, void* out, float* partial, int64_t M, int64_t N, int64_t K, int64_t group,
-                  int64_t ksplit, int dtype, void* stream, char* err, int errlen) {
+                  int64_t ksplit, int warps, int dtype, void* stream, char* err, int errlen) {
     char msg[256];
     if (check_shape(N, K, group, dtype, err, errlen)) return 1;
+    if (warps != 8 && warps != 16) return fail(err, errlen, "warps must be 8 or 16");
     if (M < 0 || M > INT32_MAX) return fail(err, errlen, "bad token count");
     if (ksplit < 1 || ksplit > K / 32 || ksplit > 65535) {
         snprintf(msg, sizeof msg, "ksplit must lie in [1, K / 32], got %lld (K=%lld)", (long long)ksplit, (long long)K);
@@ -349,9 +353,9 @@ int nq_mma_linear(const void* x, const int32_t* qweight, const float* scales_t, 
     const uint32_t* qt = reinterpret_cast<const uint32_t*>(qweight);
     if (dtype == 1)
         return run_linear<true>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
-                                (int)ksplit, s, err, errlen);
+                                (int)ksplit, warps, s, err, errlen);
     return run_linear<false>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
-                             (int)ksplit, s, err, errlen);
+                             (int)ksplit, warps, s, err, errlen);
 }
 
 // w (N, K) fp16 (dtype 0) or bf16 (1), 16-byte aligned: the reference's dequantized weight.
@@ -376,6 +380,6 @@ int nq_mma_dequant(const int32_t* qweight, const float* scales_t, const uint8_t*
     return launch_error(err, errlen);
 }
 
-int nq_mma_abi_version(void) { return 1; }
+int nq_mma_abi_version(void) { return 2; }
 
 }  // extern "C"
