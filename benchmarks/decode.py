@@ -6,7 +6,8 @@ The model is ``make_tiny`` with an LLM whose linears dominate (hidden 2048, inte
 16 heads / 4 KV heads); its LLM and projector are RTN-quantized to 4-bit g128 and written in the chosen format,
 then the float checkpoint (bf16, fp32) and the quantized one (bf16 activations) are timed with
 ``NVILAQwen2.benchmark`` on a text prompt, interleaved. On a GPU the comparison is fp16 float vs the quantized
-model's CUDA kernels (``--spec 7b-stack``: Qwen2-7B-wide layers). Writes benchmarks/results/decode-<cpu|cuda>.json.
+model's CUDA kernels (``--spec 7b-stack``: Qwen2-7B-wide layers), each decoding with one CUDA graph replay per
+token by default (``--decode-mode dynamic`` for the eager loop). Writes benchmarks/results/decode-<cpu|cuda>.json.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
 
-from nvila_quant.model import NVILAQwen2  # noqa: E402
+from nvila_quant.model import NVILAQwen2, static_decode  # noqa: E402
 from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
 from nvila_quant.model.quantized import quantized_modules  # noqa: E402
 from nvila_quant.quant.rtn import write_rtn_checkpoint  # noqa: E402
@@ -41,6 +42,14 @@ def _weights_bytes(model: NVILAQwen2) -> int:
     llm = model.get_llm()
     total = sum(p.numel() * p.element_size() for p in llm.parameters())
     return total + sum(b.numel() * b.element_size() for b in llm.buffers())
+
+
+def _decode_step(model: NVILAQwen2) -> str:
+    """How the timed decode steps ran: one CUDA graph replay, eager on a static cache, or the dynamic-cache loop."""
+    decoder = model.__dict__.get("_static_decoder")
+    if decoder is None:
+        return "dynamic"
+    return "cuda-graph" if decoder.graph is not None else "static-eager"
 
 
 def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Path) -> dict:
@@ -68,7 +77,7 @@ def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Pat
                      "decode_tokens_per_s": tps,
                      "prefill_ms": statistics.median(r["prefill_ms"] for r in runs[name]),
                      "llm_weight_MB": _weights_bytes(model) / 2**20,
-                     "quantized_linears": len(quantized_modules(model))})
+                     "quantized_linears": len(quantized_modules(model)), "decode_step": _decode_step(model)})
     base = {r["model"]: r["decode_tokens_per_s"] for r in rows}
     for r in rows:
         r["x_vs_bf16"] = r["decode_tokens_per_s"] / base["bf16"]
@@ -87,14 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="autoawq", choices=["autoawq", "compressed-tensors", "tinychat"],
                         help="checkpoint format of the quantized model")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
+    parser.add_argument("--decode-mode", choices=static_decode.DECODE_MODES, default=None,
+                        help="decode steps: auto (CUDA graphs on a GPU), graph, static, dynamic (default: "
+                             "$NVILA_QUANT_DECODE or auto)")
     args = parser.parse_args(argv)
+    if args.decode_mode:
+        static_decode.DECODE_MODE = args.decode_mode
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = args.spec or ("7b-stack" if torch.cuda.is_available() else "cpu")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="nvq-decode-") as tmp, torch.inference_mode():
         result = run(spec, args.format, args.decode_tokens, args.repeats, Path(tmp))
-    cols = ["model", "dtype", "decode_tokens_per_s", "prefill_ms", "llm_weight_MB", "quantized_linears", "x_vs_bf16",
+    cols = ["model", "dtype", "decode_step", "decode_tokens_per_s", "prefill_ms", "llm_weight_MB", "quantized_linears",
+            "x_vs_bf16",
             "x_vs_fp16" if torch.cuda.is_available() else "x_vs_fp32"]
     print(table(result["rows"], cols))
     int4 = next(r for r in result["rows"] if r["model"] == "int4")
@@ -108,8 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     result["threads"] = torch.get_num_threads()
     result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print("goal:", result["goal"])
+    result["decode_mode"] = static_decode.DECODE_MODE
     name = "decode-cuda" if torch.cuda.is_available() else "decode-cpu"
-    path = write_json(name + (f"-{args.threads}thread" if args.threads else ""), result)
+    suffix = (f"-{args.threads}thread" if args.threads else "") + (f"-{args.decode_mode}" if args.decode_mode else "")
+    path = write_json(name + suffix, result)
     print(f"wrote {path}")
 
 
