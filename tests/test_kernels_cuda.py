@@ -125,11 +125,11 @@ def test_cuda_kernels_match_reference_with_poisoned_outputs() -> None:
         _close(out, ref, case)
         assert torch.equal(torch.ops.nvila_quant.w4a16_dequant(rows.qweight, rows.scales, rows.zeros, group, dtype), w)
         if cw.layout == "mma":  # the tensor-core kernel, with every K split
-            for ksplit, warps in ((1, 8), (2, 16), (3, 8)):
+            for ksplit, warps, tiled in ((1, 8, False), (2, 16, False), (3, 8, False), (1, None, True), (2, None, True)):
                 if ksplit <= k // 32:
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                    mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, b, group, out, ksplit, warps=warps)
-                    _close(out, ref, (*case, ksplit, warps))
+                    mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, b, group, out, ksplit, warps=warps, tiled=tiled)
+                    _close(out, ref, (*case, ksplit, warps, tiled))
             assert torch.equal(torch.ops.nvila_quant.w4a16_mma_dequant(cw.qweight, cw.scales, cw.zeros, group, dtype), w)
         fused_max = MMA_MAX_TOKENS if cw.layout == "mma" else GEMV_MAX_TOKENS
         if m <= fused_max:
@@ -158,11 +158,11 @@ def test_cuda_unsupported_shapes_fall_back_or_raise() -> None:
 
 
 @pytest.mark.cuda
-def test_cuda_op_in_torch_compile_and_cuda_graph() -> None:
+def test_cuda_op_in_torch_compile_and_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     qt = QTensor.from_float(torch.randn(256, 512), 4, 128, True, bias=torch.randn(256), scale_dtype=torch.bfloat16)
     mod = QuantLinear.from_qtensor(qt, backend="cuda").cuda()
     mod.prepare("cuda")
-    for m in (1, 20, 48):  # the mma kernel (one and two token groups), dequantize + cuBLAS
+    for m in (1, 20, 48):  # the skinny mma kernel (one and two token groups), dequantize + cuBLAS
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         eager = mod(x)
         compiled = torch.compile(mod, fullgraph=True)
@@ -177,3 +177,7 @@ def test_cuda_op_in_torch_compile_and_cuda_graph() -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_y, mod(fresh))
+    monkeypatch.setenv("NVILA_QUANT_CUDA_GEMM", "fused")  # many tokens on the tiled mma GEMM op
+    torch._dynamo.reset()
+    x = torch.randn(150, 512, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(torch.compile(mod, fullgraph=True)(x), mod(x))

@@ -79,6 +79,30 @@ def test_simulated_mma_kernels_match_reference(dtype: torch.dtype) -> None:
 
 
 @needs_cxx
+@pytest.mark.parametrize("deferred", [False, True], ids=["copies-land-at-issue", "copies-land-at-wait"])
+def test_simulated_tiled_gemm_matches_reference(deferred: bool) -> None:
+    """The 128 x 128-tile GEMM with its cp.async pipeline: partial row tiles (N = 96, 160), token tails, K splits,
+    group sizes; copies landing early catch a stage refilled while read, landing late a missing wait."""
+    from nvila_quant.kernels.cuda.sim import set_cp_async_mode
+
+    lib, gen = _sim(), torch.Generator().manual_seed(5)
+    set_cp_async_mode(deferred)
+    try:
+        for n, k, group, m, ksplit, dtype in [(128, 256, 64, 40, 1, torch.float16), (96, 256, 128, 130, 2, torch.bfloat16),
+                                              (160, 320, 32, 7, 1, torch.float16), (32, 512, 512, 129, 3, torch.bfloat16)]:
+            cw, w = _layer(n, k, group, gen)
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            bias = torch.randn(n, generator=gen).to(dtype)
+            ref = x.float() @ w.T + bias.float()
+            out = torch.full((m, n), float("nan"), dtype=dtype)
+            mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, bias, group, out, ksplit, tiled=True)
+            tol = (2e-3 if dtype == torch.float16 else 1.6e-2) * ref.abs().max().item()
+            assert not out.isnan().any() and (out.float() - ref).abs().max().item() <= tol, (n, k, group, m, ksplit)
+    finally:
+        set_cp_async_mode(False)
+
+
+@needs_cxx
 def test_simulated_mma_kernel_refuses_bad_arguments() -> None:
     lib, gen = _sim(), torch.Generator().manual_seed(4)
     cw, _ = _layer(64, 256, 64, gen)
@@ -90,6 +114,8 @@ def test_simulated_mma_kernel_refuses_bad_arguments() -> None:
     with pytest.raises(RuntimeError, match="need N % 32 == 0"):  # the library's own check (Python's skipped)
         mma_launch(lib, x, cw.qweight[:40], cw.scales[:, :40], cw.zeros[:, :40], None, 64, out[:, :40].contiguous(), 1,
                    weights_checked=True)
+    with pytest.raises(RuntimeError, match=r"w4a16_mma_gemm failed: ksplit must lie"):
+        mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, None, 64, out, 9, tiled=True)
     with pytest.raises(ValueError, match="x has K=128"):
         mma_launch(lib, x[:, :128].contiguous(), cw.qweight, cw.scales, cw.zeros, None, 64, out, 1)
     with pytest.raises(ValueError, match="scales must be a contiguous"):

@@ -86,6 +86,9 @@ def declare_mma(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nq_mma_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int,
                                   ctypes.c_int, ptr, ctypes.c_char_p, ctypes.c_int]
     lib.nq_mma_linear.restype = ctypes.c_int
+    lib.nq_mma_gemm.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int, ptr,
+                                ctypes.c_char_p, ctypes.c_int]
+    lib.nq_mma_gemm.restype = ctypes.c_int
     lib.nq_mma_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_char_p, ctypes.c_int]
     lib.nq_mma_dequant.restype = ctypes.c_int
     return lib
@@ -258,25 +261,44 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def mma_gemm_ksplit(m: int, n: int, k: int, device: torch.device) -> int:
+    """K slices for the tiled GEMM (128 x 128 tiles): as :func:`mma_ksplit`, at most one slice per 8 chunks."""
+    if KSPLIT > 0:
+        return max(1, min(KSPLIT, k // 32))
+    if device.type != "cuda":
+        return 1
+    ctas = -(-(n // 32) // 4) * -(-m // 128)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if 4 * ctas >= 3 * sms:
+        return 1
+    return max(1, min(16, k // 256, -(-sms // ctas)))
+
+
 def mma_launch(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales_t: torch.Tensor,
                zeros_t: torch.Tensor, bias: torch.Tensor | None, group: int, out: torch.Tensor,
-               ksplit: int | None = None, weights_checked: bool = False, warps: int | None = None) -> None:
-    """mma-layout kernel (w4a16_mma.cu) into ``out``; ``lib`` is the CUDA library or its CPU simulation."""
+               ksplit: int | None = None, weights_checked: bool = False, warps: int | None = None,
+               tiled: bool = False) -> None:
+    """mma-layout kernel (w4a16_mma.cu) into ``out``: the skinny GEMM, or with ``tiled`` the 128 x 128-tile GEMM;
+    ``lib`` is the CUDA library or its CPU simulation."""
     m, k = x.shape
     n = qweight.shape[0]
     if not weights_checked:
         _check_weights(qweight, scales_t, zeros_t, group, x.device, "mma")
     _check_call(x, qweight, bias, out)
-    warps = warps or mma_warps(m)
-    ksplit = ksplit or mma_ksplit(m, n, k, x.device, warps)
+    if tiled:
+        ksplit = ksplit or mma_gemm_ksplit(m, n, k, x.device)
+    else:
+        warps = warps or mma_warps(m)
+        ksplit = ksplit or mma_ksplit(m, n, k, x.device, warps)
     partial = torch.empty(ksplit, m, n, dtype=torch.float32, device=x.device) if ksplit > 1 and m else None
     err = _error_buffer()
-    rc = lib.nq_mma_linear(
-        x.data_ptr(), qweight.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), None if partial is None else partial.data_ptr(),
-        m, n, k, group, ksplit, warps, 0 if x.dtype == torch.float16 else 1, _stream(x), err, len(err))
+    args = (x.data_ptr(), qweight.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), None if partial is None else partial.data_ptr(),
+            m, n, k, group, ksplit)
+    tail = (0 if x.dtype == torch.float16 else 1, _stream(x), err, len(err))
+    rc = lib.nq_mma_gemm(*args, *tail) if tiled else lib.nq_mma_linear(*args, warps, *tail)
     if rc != 0:
-        raise RuntimeError(f"w4a16_mma_linear failed: {err.value.decode(errors='replace')}")
+        raise RuntimeError(f"w4a16_mma_{'gemm' if tiled else 'linear'} failed: {err.value.decode(errors='replace')}")
 
 
 def mma_dequant_into(lib: ctypes.CDLL, qweight: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
@@ -340,6 +362,21 @@ def _(x, qweight, scales_t, zeros_t, bias, group):  # noqa: ANN001, ANN202 (fake
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
+@torch.library.custom_op("nvila_quant::w4a16_mma_gemm", mutates_args=())
+def w4a16_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
+                   bias: torch.Tensor | None, group: int) -> torch.Tensor:
+    """x (M, K) -> (M, N) with mma-layout weights, the tiled GEMM (many tokens)."""
+    x = _aligned(x)
+    out = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+    mma_launch(_device_library(x), x, qweight, scales_t, zeros_t, bias, group, out, tiled=True)
+    return out
+
+
+@w4a16_mma_gemm.register_fake
+def _(x, qweight, scales_t, zeros_t, bias, group):  # noqa: ANN001, ANN202 (fake impl: shapes only)
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 @torch.library.custom_op("nvila_quant::w4a16_mma_dequant", mutates_args=())
 def w4a16_mma_dequant(qweight: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor, group: int,
                       dtype: torch.dtype) -> torch.Tensor:
@@ -390,9 +427,9 @@ def _(qweight, scales, zeros, group, dtype):  # noqa: ANN001, ANN202 (fake impl:
 
 
 def cuda_linear(x: torch.Tensor, weights: CudaWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) fp16/bf16 on CUDA -> (..., N). mma layout: the tensor-core kernel up to MMA_MAX_TOKENS tokens;
-    nibble rows: the fused GEMV up to GEMV_MAX_TOKENS; more tokens: dequantize + cuBLAS
-    (``NVILA_QUANT_CUDA_GEMM=fused`` keeps the fused kernels for every token count). Eager calls launch directly
+    """x (..., K) fp16/bf16 on CUDA -> (..., N). mma layout: the skinny tensor-core kernel up to MMA_MAX_TOKENS
+    tokens; nibble rows: the fused GEMV up to GEMV_MAX_TOKENS; more tokens: dequantize + cuBLAS
+    (``NVILA_QUANT_CUDA_GEMM=fused``: the tiled mma GEMM there, or the wmma GEMM for nibble rows). Eager calls launch directly
     (the weights were checked once when prepared; the custom ops' dispatch costs more than the GEMV at one token);
     under ``torch.compile`` they go through the registered ops."""
     shape = x.shape
@@ -401,7 +438,9 @@ def cuda_linear(x: torch.Tensor, weights: CudaWeights, bias: torch.Tensor | None
     m = x2.shape[0]
     compiling = torch.compiler.is_compiling()  # registered ops then, so the call traces
     mma = weights.layout == "mma"
-    fused = m <= (MMA_MAX_TOKENS if mma else GEMV_MAX_TOKENS) or os.environ.get("NVILA_QUANT_CUDA_GEMM") == "fused"
+    skinny = m <= (MMA_MAX_TOKENS if mma else GEMV_MAX_TOKENS)
+    fused = skinny or os.environ.get("NVILA_QUANT_CUDA_GEMM") == "fused"
+    tiled = mma and not skinny
     ops = torch.ops.nvila_quant
     if not fused:
         if compiling:
@@ -411,14 +450,14 @@ def cuda_linear(x: torch.Tensor, weights: CudaWeights, bias: torch.Tensor | None
             w = _dequantize(weights, x.dtype)
         y = torch.nn.functional.linear(x2, w, b)
     elif compiling:
-        linear = ops.w4a16_mma_linear if mma else ops.w4a16_linear
+        linear = (ops.w4a16_mma_gemm if tiled else ops.w4a16_mma_linear) if mma else ops.w4a16_linear
         y = linear(x2, weights.qweight, weights.scales, weights.zeros, b, weights.group)
     else:
         x2 = _aligned(x2)
         y = torch.empty(m, weights.qweight.shape[0], dtype=x.dtype, device=x.device)
         if mma:
             mma_launch(_device_library(x2), x2, weights.qweight, weights.scales, weights.zeros, b, weights.group, y,
-                       weights_checked=True)
+                       weights_checked=True, tiled=tiled)
         else:
             _launch(x2, weights.qweight, weights.scales, weights.zeros, b, weights.group, y, weights_checked=True)
     return y.reshape(*shape[:-1], y.shape[-1])
@@ -456,15 +495,17 @@ def mma_self_check(device_index: int) -> str | None:
                                      torch.empty(n, k, dtype=dtype, device=device))
             if not torch.equal(got_w.cpu(), ref_w):
                 return f"self-check: the mma dequantize kernel disagrees with torch ({dtype})"
-            for m, ksplit, warps in ((1, 1, 16), (3, 2, 8), (11, 3, 16), (40, 2, 8)):
+            for m, ksplit, warps, tiled in ((1, 1, 16, False), (3, 2, 8, False), (11, 3, 16, False),
+                                            (40, 2, 8, False), (40, 1, None, True), (150, 3, None, True)):
                 x = torch.randn(m, k, generator=gen).to(dtype)
                 ref = x.float() @ w.reshape(n, k).T
                 out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
                 mma_launch(lib, x.to(device), weights.qweight, weights.scales, weights.zeros, None, group, out, ksplit,
-                           warps=warps)
+                           warps=warps, tiled=tiled)
                 err = (out.float().cpu() - ref).abs().max().item()
                 if not err <= 0.02 * ref.abs().max().item():
-                    return f"self-check: the mma kernel disagrees with torch (M={m}, {dtype}, max error {err:.3g})"
+                    kind = "tiled GEMM" if tiled else "skinny kernel"
+                    return f"self-check: the mma {kind} disagrees with torch (M={m}, {dtype}, max error {err:.3g})"
         torch.cuda.synchronize(device)
     except (RuntimeError, ValueError) as e:
         return f"self-check failed: {e}"

@@ -24,6 +24,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 { unsigned x = 0, y = 0, z = 0; };
 struct dim3 {
@@ -118,6 +119,32 @@ template <bool BF16> inline uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
     return d;
 }
 
+// cp.async: with mode 0 each copy lands when issued (shows reads of a stage that is being refilled), with mode 1
+// only when a cp.async.wait_group retires its group (shows reads of data not yet waited for). Tests run both.
+inline int cp_async_mode = 0;
+struct PendingCopy { void* dst; const void* src; bool valid; };
+inline thread_local std::vector<PendingCopy> open_group;
+inline thread_local std::vector<std::vector<PendingCopy>> committed;
+
+inline void do_copy(const PendingCopy& c) {
+    if (c.valid) std::memcpy(c.dst, c.src, 16);
+    else std::memset(c.dst, 0, 16);
+}
+inline void cp_async16(void* smem, const void* gmem, bool valid) {
+    if (cp_async_mode == 0) do_copy({smem, gmem, valid});
+    else open_group.push_back({smem, gmem, valid});
+}
+inline void cp_async_commit() {
+    committed.push_back(std::move(open_group));
+    open_group.clear();
+}
+template <int N> inline void cp_async_wait() {
+    while (committed.size() > (size_t)N) {
+        for (const auto& c : committed.front()) do_copy(c);
+        committed.erase(committed.begin());
+    }
+}
+
 // c (16x8 fp32) += A @ B for the whole warp (every lane must call it, as with mma.sync)
 template <bool BF16> inline void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     const int tid = (int)threadIdx.x, lane = tid & 31;
@@ -161,6 +188,8 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
                         threadIdx.z = (unsigned)i / (block.x * block.y);
                         blockIdx.x = bx, blockIdx.y = by, blockIdx.z = bz;
                         body();
+                        open_group.clear();
+                        committed.clear();  // (a kernel waits for its copies before it exits)
                         blk.warps[i >> 5]->bar.arrive_and_drop();
                         blk.bar.arrive_and_drop();
                     });
@@ -172,3 +201,5 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
 }  // namespace nqsim
 
 #define __syncthreads() nqsim::syncthreads()
+
+extern "C" void nq_sim_set_cp_async_mode(int mode) { nqsim::cp_async_mode = mode; }

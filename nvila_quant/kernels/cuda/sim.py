@@ -12,7 +12,7 @@ from pathlib import Path
 from nvila_quant.kernels.build import BuildError, build_shared_library
 from nvila_quant.kernels.cuda import declare_mma
 
-__all__ = ["SIM_HEADER", "sim_library"]
+__all__ = ["SIM_HEADER", "set_cp_async_mode", "sim_library"]
 
 SIM_HEADER = Path(__file__).parent / "cuda_sim.h"
 SIM_SOURCE = Path(__file__).parent / "w4a16_mma.cu"
@@ -26,4 +26,11 @@ def sim_library() -> ctypes.CDLL:
         raise BuildError("no C++ compiler (g++, c++ or clang++) on PATH")
     flags = ["-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", "-DNQ_SIM", "-Wno-unknown-pragmas", "-x", "c++"]
     path = build_shared_library("nq_w4a16_mma_sim", [SIM_SOURCE], cxx, flags, "cpu-sim", depends=[SIM_HEADER])
-    return declare_mma(ctypes.CDLL(str(path)))
+    lib = declare_mma(ctypes.CDLL(str(path)))
+    lib.nq_sim_set_cp_async_mode.argtypes = [ctypes.c_int]
+    return lib
+
+
+def set_cp_async_mode(deferred: bool) -> None:
+    """Simulated cp.async copies land when issued (False) or only when waited for (True): see cuda_sim.h."""
+    sim_library().nq_sim_set_cp_async_mode(1 if deferred else 0)

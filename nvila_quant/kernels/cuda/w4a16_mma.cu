@@ -58,6 +58,14 @@ template <bool BF16> __device__ __forceinline__ void mma16816(float c[4], const 
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// 16-byte global -> shared copy, asynchronous; zero-fills (reads nothing) when !valid
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 template <bool BF16> __device__ __forceinline__ float to_f(uint16_t v) {
     if constexpr (BF16) return __bfloat162float(__ushort_as_bfloat16(v));
     else return __half2float(__ushort_as_half(v));
@@ -72,6 +80,9 @@ using nqsim::fma2;
 using nqsim::mma16816;
 using nqsim::to_f;
 using nqsim::from_f;
+using nqsim::cp_async16;
+using nqsim::cp_async_commit;
+using nqsim::cp_async_wait;
 #endif
 
 template <bool BF16> struct Magic {
@@ -216,6 +227,146 @@ __global__ void __launch_bounds__(W * 32) mma_linear_kernel(
     }
 }
 
+// ------------------------------------------------------------------------------------------------ GEMM
+// Many tokens: a CTA computes 128 rows (4 blocks of 32) x 128 tokens; 8 warps as 2 (rows) x 4 (tokens), each 64 rows
+// x 32 tokens (4 n-tiles x 4 token groups: 32 mma per 32-wide k chunk). Weights and activations of a chunk go to
+// shared memory through a 4-stage cp.async pipeline (2 KB + 8 KB per stage); A fragments come from the weight words
+// as in the skinny kernel (exact q - z, scales applied per group in fp32), B fragments are one 16-byte shared load
+// per token group (the same k order). ksplit > 1: fp32 partial sums and the reduce kernel, as above.
+constexpr int G_ROWS = 128, G_TOKENS = 128, G_STAGES = 4, G_THREADS = 256;
+
+struct GemmStage {
+    uint4 w[G_ROWS / 32][32];  // [block][lane]: 16 bytes of packed weights per lane, as in global memory
+    uint4 x[G_TOKENS][4];      // [token][k / 8]: 32 activations per token
+};
+
+template <bool BF16>
+__global__ void __launch_bounds__(G_THREADS) mma_gemm_kernel(
+    const uint16_t* __restrict__ x, const uint32_t* __restrict__ qweight, const float* __restrict__ scales_t,
+    const uint8_t* __restrict__ zeros_t, const uint16_t* __restrict__ bias, uint16_t* __restrict__ out,
+    float* __restrict__ partial, int M, int N, int K, int group, int ksplit) {
+    __shared__ __align__(16) GemmStage st[G_STAGES];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int warp_n = warp >> 2, warp_m = warp & 3;  // rows 64 warp_n .. +63, tokens 32 warp_m .. +31 of the tile
+    const int nblocks = N >> 5, chunks = K >> 5, gch = group >> 5;
+    const int b0 = blockIdx.x * (G_ROWS / 32), m0 = blockIdx.y * G_TOKENS, ks = blockIdx.z;
+    const int cbeg = (int)((long long)chunks * ks / ksplit), cend = (int)((long long)chunks * (ks + 1) / ksplit);
+    const int nch = cend - cbeg;
+    const uint4* qv = reinterpret_cast<const uint4*>(qweight);
+
+    auto load_stage = [&](int stage, int c) {
+#pragma unroll
+        for (int r = 0; r < (G_TOKENS * 4) / G_THREADS; ++r) {  // activations: 512 copies of 16 bytes
+            const int idx = tid + r * G_THREADS, row = idx >> 2, col = idx & 3;
+            const int tok = m0 + row;
+            const bool valid = tok < M;
+            cp_async16(&st[stage].x[row][col], x + (long long)(valid ? tok : 0) * K + 32 * c + 8 * col, valid);
+        }
+        if (tid < (G_ROWS / 32) * 32) {  // weights: 128 copies of 16 bytes
+            const int i = tid >> 5, l = tid & 31, b = b0 + i;
+            const bool valid = b < nblocks;
+            cp_async16(&st[stage].w[i][l], qv + ((long long)(valid ? b : 0) * chunks + c) * 32 + l, valid);
+        }
+    };
+
+    float acc[4][4][4], gacc[4][4][4];  // [2 * block + nt][token group][c-register]
+#pragma unroll
+    for (int f = 0; f < 4; ++f)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[f][i][r] = gacc[f][i][r] = 0.f;
+    uint32_t nz[4][2];  // -(M + z) for rows (2 * block + nt, lo/hi)
+    int rows[4][2];     // those rows (N when the block lies past the weights: nothing loaded or written there)
+#pragma unroll
+    for (int f = 0; f < 4; ++f) {
+        const int b = b0 + 2 * warp_n + (f >> 1);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) rows[f][h] = b < nblocks ? 32 * b + 16 * (f & 1) + g + 8 * h : N;
+        nz[f][0] = nz[f][1] = 0u;
+    }
+
+#pragma unroll
+    for (int s = 0; s < G_STAGES - 1; ++s) {
+        if (s < nch) load_stage(s, cbeg + s);
+        cp_async_commit();
+    }
+    for (int it = 0; it < nch; ++it) {
+        cp_async_wait<G_STAGES - 2>();  // this thread's copies of chunk it have landed
+        __syncthreads();                // everyone's have, and stage (it - 1) % S is no longer read
+        if (it + G_STAGES - 1 < nch) load_stage((it + G_STAGES - 1) % G_STAGES, cbeg + it + G_STAGES - 1);
+        cp_async_commit();
+        const GemmStage& cur = st[it % G_STAGES];
+        const int c = cbeg + it, grp = c / gch;
+        if (it == 0 || c % gch == 0) {
+#pragma unroll
+            for (int f = 0; f < 4; ++f)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    nz[f][h] = rows[f][h] < N ? neg_zero2<BF16>(zeros_t[(long long)grp * N + rows[f][h]]) : 0u;
+        }
+        uint4 xv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[i] = cur.x[32 * warp_m + 8 * i + g][t];
+#pragma unroll
+        for (int blk = 0; blk < 2; ++blk) {
+            const uint4 wq = cur.w[2 * warp_n + blk][lane];
+            const uint32_t words[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const int f = 2 * blk + nt;
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    uint32_t a[4];
+                    dequant_word<BF16>(words[2 * nt + j], nz[f][0], nz[f][1], a);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const uint32_t bfrag[2] = {j ? xv[i].z : xv[i].x, j ? xv[i].w : xv[i].y};
+                        mma16816<BF16>(gacc[f][i], a, bfrag);
+                    }
+                }
+            }
+        }
+        if ((c + 1) % gch == 0 || c + 1 == cend) {  // the group (or this CTA's share of it) is done: scale it
+#pragma unroll
+            for (int f = 0; f < 4; ++f) {
+                const float s_lo = rows[f][0] < N ? scales_t[(long long)grp * N + rows[f][0]] : 0.f;
+                const float s_hi = rows[f][1] < N ? scales_t[(long long)grp * N + rows[f][1]] : 0.f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    acc[f][i][0] += s_lo * gacc[f][i][0];
+                    acc[f][i][1] += s_lo * gacc[f][i][1];
+                    acc[f][i][2] += s_hi * gacc[f][i][2];
+                    acc[f][i][3] += s_hi * gacc[f][i][3];
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) gacc[f][i][r] = 0.f;
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+
+    // c-register r: token 2 t + (r & 1) of token group i, row rows[f][r >> 1]
+#pragma unroll
+    for (int f = 0; f < 4; ++f) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int tok = m0 + 32 * warp_m + 8 * i + 2 * t + (r & 1), n = rows[f][r >> 1];
+                if (tok >= M || n >= N) continue;
+                if (ksplit > 1) {
+                    partial[((long long)ks * M + tok) * N + n] = acc[f][i][r];
+                } else {
+                    const float bv = bias ? to_f<BF16>(bias[n]) : 0.f;
+                    out[(long long)tok * N + n] = from_f<BF16>(acc[f][i][r] + bv);
+                }
+            }
+        }
+    }
+}
+
 // out[m][n] = T(sum_s partial[s][m][n] + bias[n])
 template <bool BF16>
 __global__ void reduce_kernel(const float* __restrict__ partial, const uint16_t* __restrict__ bias,
@@ -302,6 +453,20 @@ void launch_linear(const uint16_t* x, const uint32_t* q, const float* s, const u
 }
 
 template <bool BF16>
+int run_reduce(const float* partial, const uint16_t* bias, uint16_t* out, int M, int N, int ksplit, cudaStream_t stream,
+               char* err, int errlen) {
+    const long long total = (long long)M * N;
+    const unsigned blocks = (unsigned)((total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096);
+#ifdef NQ_SIM
+    (void)stream;
+    nqsim::launch(dim3(blocks), dim3(256), [&] { reduce_kernel<BF16>(partial, bias, out, M, N, ksplit); });
+#else
+    reduce_kernel<BF16><<<blocks, 256, 0, stream>>>(partial, bias, out, M, N, ksplit);
+#endif
+    return launch_error(err, errlen);
+}
+
+template <bool BF16>
 int run_linear(const uint16_t* x, const uint32_t* q, const float* s, const uint8_t* z, const uint16_t* bias,
                uint16_t* out, float* partial, int M, int N, int K, int group, int ksplit, int warps,
                cudaStream_t stream, char* err, int errlen) {
@@ -311,17 +476,22 @@ int run_linear(const uint16_t* x, const uint32_t* q, const float* s, const uint8
     else if (M <= 16) launch_linear<BF16, 2, 8>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
     else launch_linear<BF16, MAX_TG, 8>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit, stream);
     if (launch_error(err, errlen)) return 1;
-    if (ksplit > 1) {
-        const long long total = (long long)M * N;
-        const unsigned blocks = (unsigned)((total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096);
+    return ksplit > 1 ? run_reduce<BF16>(partial, bias, out, M, N, ksplit, stream, err, errlen) : 0;
+}
+
+template <bool BF16>
+int run_gemm(const uint16_t* x, const uint32_t* q, const float* s, const uint8_t* z, const uint16_t* bias,
+             uint16_t* out, float* partial, int M, int N, int K, int group, int ksplit, cudaStream_t stream,
+             char* err, int errlen) {
+    const dim3 grid((N / 32 + G_ROWS / 32 - 1) / (G_ROWS / 32), (M + G_TOKENS - 1) / G_TOKENS, ksplit);
 #ifdef NQ_SIM
-        nqsim::launch(dim3(blocks), dim3(256), [&] { reduce_kernel<BF16>(partial, bias, out, M, N, ksplit); });
+    (void)stream;
+    nqsim::launch(grid, dim3(G_THREADS), [&] { mma_gemm_kernel<BF16>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit); });
 #else
-        reduce_kernel<BF16><<<blocks, 256, 0, stream>>>(partial, bias, out, M, N, ksplit);
+    mma_gemm_kernel<BF16><<<grid, G_THREADS, 0, stream>>>(x, q, s, z, bias, out, partial, M, N, K, group, ksplit);
 #endif
-        if (launch_error(err, errlen)) return 1;
-    }
-    return 0;
+    if (launch_error(err, errlen)) return 1;
+    return ksplit > 1 ? run_reduce<BF16>(partial, bias, out, M, N, ksplit, stream, err, errlen) : 0;
 }
 
 }  // namespace
@@ -358,6 +528,33 @@ int nq_mma_linear(const void* x, const int32_t* qweight, const float* scales_t, 
                              (int)ksplit, warps, s, err, errlen);
 }
 
+// The tiled GEMM for many tokens; arguments as nq_mma_linear (no warps: 8 per CTA).
+int nq_mma_gemm(const void* x, const int32_t* qweight, const float* scales_t, const uint8_t* zeros_t,
+                const void* bias, void* out, float* partial, int64_t M, int64_t N, int64_t K, int64_t group,
+                int64_t ksplit, int dtype, void* stream, char* err, int errlen) {
+    char msg[256];
+    if (check_shape(N, K, group, dtype, err, errlen)) return 1;
+    if (M < 0 || M > INT32_MAX) return fail(err, errlen, "bad token count");
+    if (ksplit < 1 || ksplit > K / 32 || ksplit > 65535) {
+        snprintf(msg, sizeof msg, "ksplit must lie in [1, K / 32], got %lld (K=%lld)", (long long)ksplit, (long long)K);
+        return fail(err, errlen, msg);
+    }
+    if ((M + G_TOKENS - 1) / G_TOKENS > 65535) return fail(err, errlen, "too many tokens for one launch");
+    if (!x || !qweight || !scales_t || !zeros_t || !out || (ksplit > 1 && !partial)) return fail(err, errlen, "null pointer");
+    if (((uintptr_t)x | (uintptr_t)qweight) & 15) return fail(err, errlen, "x and qweight must be 16-byte aligned");
+    if (M == 0) return 0;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const uint16_t* xt = static_cast<const uint16_t*>(x);
+    const uint16_t* bt = static_cast<const uint16_t*>(bias);
+    uint16_t* ot = static_cast<uint16_t*>(out);
+    const uint32_t* qt = reinterpret_cast<const uint32_t*>(qweight);
+    if (dtype == 1)
+        return run_gemm<true>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
+                              (int)ksplit, s, err, errlen);
+    return run_gemm<false>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
+                           (int)ksplit, s, err, errlen);
+}
+
 // w (N, K) fp16 (dtype 0) or bf16 (1), 16-byte aligned: the reference's dequantized weight.
 int nq_mma_dequant(const int32_t* qweight, const float* scales_t, const uint8_t* zeros_t, void* w, int64_t N,
                    int64_t K, int64_t group, int dtype, void* stream, char* err, int errlen) {
@@ -380,6 +577,6 @@ int nq_mma_dequant(const int32_t* qweight, const float* scales_t, const uint8_t*
     return launch_error(err, errlen);
 }
 
-int nq_mma_abi_version(void) { return 2; }
+int nq_mma_abi_version(void) { return 3; }
 
 }  // extern "C"
