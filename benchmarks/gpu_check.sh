@@ -4,7 +4,8 @@
 # 1. the GPU tests (`pytest -m cuda`: kernels vs the reference with poisoned outputs, the known-answer self-check,
 #    torch.compile / CUDA-graph capture, CUDA-graph decode, the quantized model end to end);
 # 2. benchmarks/kernels.py --skip-cpu (GEMV/GEMM vs fp16 cuBLAS, bandwidth fraction, nibble-row GEMV, same run);
-# 3. benchmarks/decode.py --spec 7b-stack (int4 vs fp16 decode, CUDA graphs), then the eager loop for comparison.
+# 3. benchmarks/decode.py --spec 7b-stack (int4 vs fp16 decode, CUDA graphs), then the eager loop for comparison
+#    (WITH_COMPILED=1: also torch.compile-d decode steps).
 # Results JSON go to benchmarks/results/ and, when $OUT is set, are copied there. Kernel builds are cached under
 # $NVILA_QUANT_CACHE (default here: /tmp/nqcache).
 set -u
@@ -18,5 +19,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" benchmarks/kernels.py --skip-cpu --repeats 5 || status=1
 "$PY" benchmarks/decode.py --spec 7b-stack --repeats 3 || status=1
 "$PY" benchmarks/decode.py --spec 7b-stack --repeats 2 --decode-tokens 16 --decode-mode dynamic || status=1
+if [ "${WITH_COMPILED:-0}" = 1 ]; then  # torch.compile-d decode steps (a compile per model: minutes)
+    "$PY" benchmarks/decode.py --spec 7b-stack --repeats 3 --decode-mode compiled || status=1
+fi
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null || true; fi
 exit $status

@@ -70,6 +70,9 @@ def test_cuda_graph_decode_matches_eager(tiny_nvila, images, monkeypatch) -> Non
     monkeypatch.setattr(static_decode, "DECODE_MODE", "graph")
     assert model.generate_content(prompt, GREEDY) == text
     assert model._static_decoder.graph is not None  # captured, not the eager fallback
+    monkeypatch.setattr(static_decode, "DECODE_MODE", "compiled")  # inductor-fused step, then captured
+    assert model.generate_content(prompt, GREEDY) == text
+    assert model._static_decoder.compiled and model._static_decoder.graph is not None
 
 
 def test_static_step_reads_no_tensor_values_on_the_host(tiny_model, monkeypatch) -> None:
@@ -87,3 +90,21 @@ def test_static_step_reads_no_tensor_values_on_the_host(tiny_model, monkeypatch)
     decoder.step(torch.tensor([[5]]))
     monkeypatch.undo()
     assert reads == []
+
+
+def test_compiled_static_decode_matches_and_falls_back(tiny_model, images, monkeypatch, caplog) -> None:
+    """NVILA_QUANT_DECODE=compiled: the step traced whole by torch.compile (aot_eager here: the trace, without
+    inductor's code generation) gives the same text; a backend that fails is logged and the eager step kept."""
+    prompt = [images["cat"], "What is shown?"]
+    monkeypatch.setattr(static_decode, "DECODE_MODE", "dynamic")
+    text = tiny_model.generate_content(prompt, GREEDY)
+    monkeypatch.setattr(static_decode, "DECODE_MODE", "compiled")
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    assert tiny_model.generate_content(prompt, GREEDY) == text
+    assert tiny_model._static_decoder.compiled
+    tiny_model._static_decoder = None
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", "no-such-backend")
+    assert tiny_model.generate_content(prompt, GREEDY) == text
+    assert not tiny_model._static_decoder.compiled and "torch.compile of the decode step failed" in caplog.text
+    tiny_model._static_decoder = None

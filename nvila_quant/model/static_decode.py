@@ -7,9 +7,12 @@ token. The prompt is prefilled as before into a ``DynamicCache``; its keys and v
 cache before decoding and the decoded ones copied back after (:meth:`StaticDecoder.store`), so chat sessions and
 ``stream_gen`` keep their cache semantics.
 
-``NVILA_QUANT_DECODE``: "auto" (default: graphs on CUDA, the dynamic cache elsewhere), "graph", "static" (static
-cache, eager steps: any device), "dynamic" (always the eager dynamic-cache loop). A capture that fails logs the
-reason once and falls back to eager steps on the same static cache.
+``NVILA_QUANT_DECODE``: "auto" (default: graphs on CUDA, the dynamic cache elsewhere), "graph", "compiled" (the
+step compiled with ``torch.compile`` first, so inductor fuses the norms, rotary embeddings and activations between
+the linears, then captured on CUDA; the first decode pays the compile), "static" (static cache, eager steps: any
+device), "dynamic" (always the eager dynamic-cache loop). A compile or capture that fails logs the reason and falls
+back to the eager step on the same static cache. ``NVILA_QUANT_DECODE_COMPILE_BACKEND`` (default "inductor")
+picks the torch.compile backend.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from transformers.cache_utils import StaticLayer
 __all__ = ["DECODE_MODES", "StaticDecoder", "static_decode_wanted", "static_decoder_for"]
 
 logger = logging.getLogger(__name__)
-DECODE_MODES = ("auto", "graph", "static", "dynamic")
+DECODE_MODES = ("auto", "graph", "compiled", "static", "dynamic")
 DECODE_MODE = os.environ.get("NVILA_QUANT_DECODE", "auto")
+COMPILE_BACKEND = os.environ.get("NVILA_QUANT_DECODE_COMPILE_BACKEND", "inductor")
 BUCKET = 256  # static cache lengths are multiples of this (attention reads the whole static cache every step)
 
 
@@ -38,9 +42,10 @@ def _cache_kwarg(llm: torch.nn.Module) -> str:
 
 class StaticDecoder:
     """Single-token decode steps of ``llm`` on a static cache of ``max_len`` positions (batch 1). With
-    ``graph=True`` (CUDA) a step is one CUDA graph replay; otherwise an eager forward on the same static cache."""
+    ``graph=True`` (CUDA) a step is one CUDA graph replay; otherwise a forward on the same static cache. With
+    ``compiled=True`` that forward is ``torch.compile``-d (fullgraph, static shapes) first."""
 
-    def __init__(self, llm: torch.nn.Module, max_len: int, graph: bool) -> None:
+    def __init__(self, llm: torch.nn.Module, max_len: int, graph: bool, compiled: bool = False) -> None:
         self.llm, self.max_len = llm, max_len
         self.device = next(llm.parameters()).device
         self.cache = StaticCache(config=llm.config, max_cache_len=max_len)
@@ -50,12 +55,33 @@ class StaticDecoder:
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # (1, 1): its position
         self.length = 0  # positions in the cache
         self.want_graph = graph
+        self.cache_kwarg = _cache_kwarg(llm)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (1, V), rewritten by every step
+        self.asked = (graph, compiled)  # what it was built for (kept when a capture or compile falls back)
+        self.want_compile = compiled
+        self.compiled = False  # whether the step is the compiled one (set by the first step)
+        self._step = self._forward
+
+    def _run(self) -> torch.Tensor:
+        """One forward through the step; the first one compiles it when asked (a compile that fails is logged and
+        the eager step kept)."""
+        if not self.want_compile or self.compiled:
+            return self._step()
+        try:
+            step = torch.compile(self._forward, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+            out = step()
+            self._step, self.compiled = step, True
+            return out
+        except Exception as e:  # noqa: BLE001 (any compile failure: the eager step still works)
+            logger.warning("torch.compile of the decode step failed (%s); decoding with the eager step", e)
+            self._step = self._forward
+            self.want_compile = False
+            return self._step()
 
     def _forward(self) -> torch.Tensor:
         out = self.llm(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
-                       **{_cache_kwarg(self.llm): self.cache})
+                       **{self.cache_kwarg: self.cache})
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -87,12 +113,12 @@ class StaticDecoder:
             with torch.cuda.stream(side):
                 for _ in range(2):
                     self.pos.fill_(n)
-                    self._forward()
+                    self._run()
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             self.pos.fill_(n)
             with torch.cuda.graph(graph):
-                self.logits = self._forward()
+                self.logits = self._step()
             self.graph = graph
         except Exception as e:  # noqa: BLE001 (any capture failure: eager steps still work)
             logger.warning("CUDA graph capture of the decode step failed (%s); decoding with eager steps", e)
@@ -112,7 +138,7 @@ class StaticDecoder:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.logits = self._forward()
+            self.logits = self._run()
         self.length += 1
         return self.logits
 
@@ -143,16 +169,17 @@ def static_decoder_for(model: Any, needed: int, mask: torch.Tensor | None = None
     mode, device = DECODE_MODE, model.device
     if mask is not None and (mask.shape[0] != 1 or not bool(mask.all())):
         return None  # batched or padded: positions are not cache indices
-    graph = mode in ("auto", "graph") and device.type == "cuda"
+    graph = mode in ("auto", "graph", "compiled") and device.type == "cuda"
+    compiled = mode == "compiled"
     decoder: StaticDecoder | None = model.__dict__.get("_static_decoder")
-    if decoder is not None and decoder.max_len >= needed and decoder.want_graph == graph:
+    if decoder is not None and decoder.max_len >= needed and decoder.asked == (graph, compiled):
         return decoder
     max_len = -(-needed // BUCKET) * BUCKET
     if decoder is not None:
         max_len = max(max_len, 2 * decoder.max_len)  # grow geometrically: few re-captures
     model._static_decoder = None  # free the old one first
     try:
-        model._static_decoder = StaticDecoder(model.get_llm(), max_len, graph)
+        model._static_decoder = StaticDecoder(model.get_llm(), max_len, graph, compiled)
     except ValueError as e:
         logger.warning("static decode unavailable (%s); decoding with the dynamic cache", e)
         return None
