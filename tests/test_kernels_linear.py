@@ -131,7 +131,7 @@ def test_from_linear_and_grad_through_input() -> None:
 
 def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
     """A compile error must not hide behind the torch fallback: on an AVX-512 BF16 CPU the native library loads."""
-    from nvila_quant.kernels.cpu_native import CAP_BF16, CAP_F32, CAP_T16_F32, native_caps
+    from nvila_quant.kernels.cpu_native import CAP_AMX, CAP_BF16, CAP_F32, CAP_T16_F32, native_caps
 
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
@@ -139,7 +139,45 @@ def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
         pytest.skip("this CPU has no AVX-512 BF16")
     if shutil.which("cc") is None:
         pytest.skip("no C compiler (cc) on PATH")
-    assert native_caps() == CAP_F32 | CAP_BF16 | CAP_T16_F32
+    amx = CAP_AMX if {"amx_tile", "amx_bf16"} <= flags else 0
+    assert native_caps() == CAP_F32 | CAP_BF16 | CAP_T16_F32 | amx
+
+
+def test_amx_t16_kernel_matches_the_avx512_one() -> None:
+    """On AMX CPUs the bf16 T16 kernel runs on tiles from a few tokens: token tails of every 16-token block and
+    64-token pass, group sizes, scale dtypes and bias, against the AVX-512 kernel and the oracle (NaN-poisoned)."""
+    from nvila_quant.kernels import cpu_native
+
+    if not cpu_native.amx_active():
+        pytest.skip("no AMX tiles here (or the OS refused AMX state)")
+    rng = torch.Generator().manual_seed(7)
+    cases = [(16, 64, 64, 2), (32, 128, 128, 15), (48, 256, 64, 16), (64, 256, 256, 17), (32, 192, 64, 33),
+             (16, 128, 128, 64), (32, 128, 64, 65), (48, 128, 128, 130)]
+    for i, (n, k, group, m) in enumerate(cases):
+        scale_dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
+        qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
+                                bias=torch.randn(n, generator=rng) if i % 2 else None, scale_dtype=scale_dtype)
+        fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+        fast.prepare("cpu", torch.bfloat16)
+        state = fast._prepared["cpu"]
+        assert fast.q_layout == "t16"
+        x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
+        lib = cpu_native._library()
+        outs = {}
+        for name, fn in (("amx", lib.nq_t16_bf16_amx), ("avx512", lib.nq_t16_bf16)):
+            old = cpu_native.set_amx_min_tokens(0) if name == "avx512" else None
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+            bias = state.bias
+            rc = fn(x.data_ptr(), fast.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(),
+                    None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, group, 2,
+                    cpu_native.SCALE_KINDS[state.scale.dtype])
+            if old is not None:
+                cpu_native.set_amx_min_tokens(old)
+            assert rc == 0 and not out.isnan().any(), (name, n, k, group, m)
+            outs[name] = out.float()
+        assert _rel(outs["amx"], outs["avx512"]) < 1e-2, (n, k, group, m)
+        assert _rel(outs["amx"], ref(x).float()) < 1e-2, (n, k, group, m)
+        assert _rel(fast(x), ref(x)) < 1e-2  # the module path (AMX from AMX_MIN_TOKENS tokens)
 
 
 def test_native_dequantize_bit_exact() -> None:

@@ -37,6 +37,7 @@ from nvila_quant.kernels.build import cpu_fingerprint
 from nvila_quant.kernels.cpu_native import (
     SCALE_KINDS,
     NativeLayer,
+    amx_active,
     dequantize_nibbles,
     native_linear,
     native_linear_support,
@@ -74,9 +75,9 @@ TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # runs where the native kernels cannot, and there the dequantization is torch-only (~20x slower), which moves
 # its crossover to ~600 tokens.
 # native-t16 (the T16 kernel) is never slower than the dense path with AVX-512 dense matmuls (1.03-1.09x dense bf16
-# at 128 tokens, 0.97-1.00x at 512). A CPU with AMX tiles (Sapphire Rapids and later) runs oneDNN's dense bf16 GEMM
-# several times faster than any AVX-512 kernel, so there the dense path takes over from 32 tokens (not measured
-# here: this VM has no AMX; NVILA_QUANT_CPU_DENSE_MIN_TOKENS overrides).
+# at 128 tokens, 0.97-1.00x at 512). On a CPU with AMX tiles (Sapphire Rapids and later) the bf16 T16 kernel itself
+# runs on AMX from 2 tokens (cpu_native.AMX_MIN_TOKENS) and keeps every token count; if the OS refuses AMX state,
+# oneDNN's dense AMX GEMM beats the AVX-512 kernel from a few tokens, so the dense path takes over from 32 there.
 _AMX_BF16 = "amx_bf16" in cpu_fingerprint().split()
 # fp32 T16 (fp32 activations): 1.01-1.20x the dense fp32 path at 128 tokens, 0.89-0.91x at 512.
 DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 32 if _AMX_BF16 else 1 << 62,
@@ -186,7 +187,11 @@ def cpu_support(bits: int, group: int, out_features: int, in_features: int,
 
 def cpu_dense_min_tokens(kernel: str = "native-bf16") -> int:
     """Token count from which the dense path runs (``SETTINGS.dense_min_tokens`` overrides)."""
-    return DENSE_MIN_TOKENS[kernel] if SETTINGS.dense_min_tokens is None else SETTINGS.dense_min_tokens
+    if SETTINGS.dense_min_tokens is not None:
+        return SETTINGS.dense_min_tokens
+    if kernel == "native-t16" and amx_active():
+        return 1 << 62
+    return DENSE_MIN_TOKENS[kernel]
 
 
 @dataclass

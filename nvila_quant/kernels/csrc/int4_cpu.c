@@ -15,8 +15,10 @@
 //                      fp32 x with FMA. Tokens go in blocks of up to 8 per pass over a weight row.
 //   nq_linear_bf16_64  the bf16 kernel for K and group multiples of 64: 4 weight rows at a time, tokens in passes
 //                      of 6 (rows_bf16_64); nq_layer_bf16 is the same with the weights bound once in an nq_layer.
-//   nq_t16_bf16 / nq_t16_f32  the kernels on the T16 layout (below), every token count.
+//   nq_t16_bf16 / nq_t16_f32  the kernels on the T16 layout (below), every token count; nq_t16_bf16_amx the bf16
+//                      one on AMX tiles (after nq_amx_init).
 // Return codes: 0 ok, -1 bad arguments, -2 not compiled for this CPU (no AVX-512 F/BW/BF16), -3 out of memory.
+#define _GNU_SOURCE  // syscall() (AMX permission)
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +35,15 @@
 #define NQ_HAVE_BF16 1
 #else
 #define NQ_HAVE_BF16 0
+#endif
+#if NQ_HAVE_BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define NQ_HAVE_AMX 1  // the T16 kernel on AMX tiles (Sapphire Rapids and later)
+#include <sys/syscall.h>
+#include <unistd.h>
+static int amx_state;  // defined with the AMX kernel (below)
+static int64_t amx_min_tokens;
+#else
+#define NQ_HAVE_AMX 0
 #endif
 
 static inline uint16_t f32_to_bf16(float f) {
@@ -77,6 +88,9 @@ int nq_caps(void) {
 #endif
 #if (defined(__AVX512F__) && defined(__AVX512BW__)) || NQ_T16_AVX2
     caps |= 4;  // the fp32 T16 kernel
+#endif
+#if NQ_HAVE_AMX
+    caps |= 8;  // the AMX T16 kernel is compiled in (usable after nq_amx_init)
 #endif
     return caps;
 }
@@ -773,11 +787,19 @@ static inline __attribute__((always_inline)) void t16_tile_bf16(
         default: NQ_T16_CASE(6, NN, U); break;       \
     }
 
-// y (M, N) bf16 = x (M, K) bf16 @ w^T + bias, w in T16 layout; scale / zero transposed (K/G, N).
+int nq_t16_bf16_amx(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+                    uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind);
+
+// y (M, N) bf16 = x (M, K) bf16 @ w^T + bias, w in T16 layout; scale / zero transposed (K/G, N). On AMX (after
+// nq_amx_init) calls with nq_set_amx_min_tokens' count of tokens or more go to nq_t16_bf16_amx.
 int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                 uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
     if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
         return -1;
+#if NQ_HAVE_AMX
+    if (amx_state == 1 && m_tokens >= amx_min_tokens)
+        return nq_t16_bf16_amx(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
+#endif
     if (m_tokens == 0 || n == 0) return 0;
     const nq_meta meta = {scale_t, zero_t, scale_kind};
     const int64_t ng = k / group;
@@ -810,6 +832,188 @@ int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, cons
 #else
 int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                 uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+    (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
+    (void)group; (void)nthreads; (void)scale_kind;
+    return -2;
+}
+#endif
+
+#if NQ_HAVE_AMX
+// ------------------------------------------------------------------------------------------------ AMX
+// The T16 kernel on AMX tiles for bf16 x. One T16 row of 32 bytes (16 weight rows, k pair 2u and 32 + 2u of a
+// 64-wide chunk) widened to words and OR-ed into 0x4300 is exactly row u of two VNNI B tiles (16 columns = weight
+// rows, pairs of k): B_lo for k in [64c, 64c + 32) from the low nibbles and B_hi for [64c + 32, 64c + 64) from the
+// high ones. Activations are A tiles straight from x (16 tokens x 32 k, stride K). Per group, C tiles (16 tokens x
+// 16 rows, fp32) hold sum_k x (128 + q) exactly as the AVX-512 T16 kernel's accumulators do, and are folded into
+// the output sums with the same per-group correction: tot += acc * s - (128 + z) * s * sum_k x.
+// Tiles: 0..3 C (4 blocks of 16 tokens per pass), 4 A, 5 B_lo, 6 B_hi, 7 A of a partial last token block.
+#define NQ_AMX_PASS 64  // tokens per pass over a weight unit
+
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} nq_amx_cfg;
+
+static int amx_state = 0;  // 0 not asked yet, 1 granted, -1 refused
+static int64_t amx_min_tokens = INT64_MAX;  // nq_t16_bf16 hands calls with this many tokens or more to the AMX kernel
+
+// Linux hands AMX tile state to a process only on request; 0 when granted (once per process).
+int nq_amx_init(void) {
+    if (amx_state == 0) amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return amx_state == 1 ? 0 : -2;
+}
+
+// From how many tokens nq_t16_bf16 runs on AMX (after nq_amx_init; < 1: never). Returns the previous value.
+int64_t nq_set_amx_min_tokens(int64_t m) {
+    const int64_t old = amx_min_tokens;
+    amx_min_tokens = m < 1 ? INT64_MAX : m;
+    return old < INT64_MAX ? old : 0;
+}
+
+static void amx_configure(int nmb, int last_rows) {
+    nq_amx_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < nmb; ++t) {
+        c.rows[t] = (uint8_t)(t == nmb - 1 ? last_rows : 16);
+        c.colsb[t] = 64;
+    }
+    for (int t = 4; t < 7; ++t) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    c.rows[7] = (uint8_t)last_rows;
+    c.colsb[7] = 64;
+    _tile_loadconfig(&c);
+}
+
+#define NQ_AMX_DP(T)                                                          \
+    do {                                                                      \
+        if (full) {                                                           \
+            _tile_loadd(4, a, stride);                                        \
+            _tile_dpbf16ps(T, 4, 5);                                          \
+            _tile_loadd(4, a + 32, stride);                                   \
+            _tile_dpbf16ps(T, 4, 6);                                          \
+        } else {                                                              \
+            _tile_loadd(7, a, stride);                                        \
+            _tile_dpbf16ps(T, 7, 5);                                          \
+            _tile_loadd(7, a + 32, stride);                                   \
+            _tile_dpbf16ps(T, 7, 6);                                          \
+        }                                                                     \
+    } while (0)
+
+// Tokens [m0, m0 + mt) (mt <= NQ_AMX_PASS, tiles configured for it) x the 16 rows of T16 unit `unit`, whole K.
+static void amx_unit_pass(const uint16_t* x, const float* xsum, const uint8_t* t16, const nq_meta md, const float* bias,
+                          uint16_t* out, int64_t n, int64_t k, int64_t group, int64_t unit, int64_t m0, int mt,
+                          uint8_t* bbuf, float* cbuf, float* tot) {
+    const int64_t nc = k / 64, ng = k / group, cpg = group / 64, stride = k * 2;
+    const int nmb = (mt + 15) / 16, last = mt - 16 * (nmb - 1);
+    const __m512i low = _mm512_set1_epi16(0x0F), one28 = _mm512_set1_epi16(0x4300);
+    for (int i = 0; i < mt; ++i) _mm512_storeu_ps(tot + 16 * i, _mm512_setzero_ps());
+    for (int64_t g = 0; g < ng; ++g) {
+        _tile_zero(0);
+        if (nmb > 1) _tile_zero(1);
+        if (nmb > 2) _tile_zero(2);
+        if (nmb > 3) _tile_zero(3);
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+            const uint8_t* p = t16 + (unit * nc + c) * 512;  // 16 rows of 32 bytes
+            _mm_prefetch((const char*)p + 2048, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2048 + 64 * 4, _MM_HINT_T0);
+            for (int u = 0; u < 16; ++u) {
+                const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 32 * u)));
+                _mm512_store_si512((__m512i*)(bbuf + 64 * u), _mm512_ternarylogic_epi32(w, low, one28, 0xEA));
+                _mm512_store_si512((__m512i*)(bbuf + 1024 + 64 * u), _mm512_or_si512(_mm512_srli_epi16(w, 4), one28));
+            }
+            _tile_loadd(5, bbuf, 64);
+            _tile_loadd(6, bbuf + 1024, 64);
+            for (int mb = 0; mb < nmb; ++mb) {
+                const uint16_t* a = x + (m0 + 16 * mb) * k + 64 * c;
+                const int full = mb < nmb - 1 || last == 16;
+                switch (mb) {
+                    case 0: NQ_AMX_DP(0); break;
+                    case 1: NQ_AMX_DP(1); break;
+                    case 2: NQ_AMX_DP(2); break;
+                    default: NQ_AMX_DP(3); break;
+                }
+            }
+        }
+        const int64_t at = g * n + unit * 16;
+        const __m512 s = t16_scales(md, at);
+        const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(md.z + at))));
+        const __m512 cz = _mm512_mul_ps(_mm512_add_ps(z, _mm512_set1_ps(128.f)), s);
+        for (int mb = 0; mb < nmb; ++mb) {
+            switch (mb) {
+                case 0: _tile_stored(0, cbuf, 64); break;
+                case 1: _tile_stored(1, cbuf, 64); break;
+                case 2: _tile_stored(2, cbuf, 64); break;
+                default: _tile_stored(3, cbuf, 64); break;
+            }
+            const int rows = mb == nmb - 1 ? last : 16;
+            for (int r = 0; r < rows; ++r) {
+                const int m = 16 * mb + r;
+                __m512 t = _mm512_loadu_ps(tot + 16 * m);
+                t = _mm512_fmadd_ps(_mm512_load_ps(cbuf + 16 * r), s, t);
+                t = _mm512_fnmadd_ps(cz, _mm512_set1_ps(xsum[(m0 + m) * ng + g]), t);
+                _mm512_storeu_ps(tot + 16 * m, t);
+            }
+        }
+    }
+    const __m512 b = bias ? _mm512_loadu_ps(bias + unit * 16) : _mm512_setzero_ps();
+    for (int m = 0; m < mt; ++m) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(tot + 16 * m), b));
+        _mm256_storeu_si256((__m256i*)(out + (m0 + m) * n + unit * 16), (__m256i)h);
+    }
+}
+#undef NQ_AMX_DP
+
+// y (M, N) bf16 = x (M, K) bf16 @ w^T + bias on AMX, w in T16 layout; same arguments and results as nq_t16_bf16
+// (-2 when the process was not granted AMX state: call nq_amx_init first).
+int nq_t16_bf16_amx(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+                    uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+    if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
+        return -1;
+    if (amx_state != 1) return -2;
+    if (m_tokens == 0 || n == 0) return 0;
+    const nq_meta meta = {scale_t, zero_t, scale_kind};
+    float* xsum = group_sums(x, m_tokens, k, group);  // (M, K/G) per-group sums of x
+    if (!xsum) return -3;
+    const int64_t units = n / 16;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint8_t bbuf[2048] __attribute__((aligned(64)));  // B_lo, B_hi
+        float cbuf[256] __attribute__((aligned(64)));     // one C tile
+        float tot[NQ_AMX_PASS * 16] __attribute__((aligned(64)));
+        int configured = -1;  // tokens of the pass the tiles are configured for
+        // passes outside, units inside: a pass's activations (64 tokens x K) stay in L2 while every unit streams by
+        for (int64_t m0 = 0; m0 < m_tokens; m0 += NQ_AMX_PASS) {
+            const int mt = (int)(m_tokens - m0 < NQ_AMX_PASS ? m_tokens - m0 : NQ_AMX_PASS);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t unit = 0; unit < units; ++unit) {
+                if (mt != configured) {
+                    amx_configure((mt + 15) / 16, mt - 16 * ((mt + 15) / 16 - 1));
+                    configured = mt;
+                }
+                amx_unit_pass(x, xsum, t16, meta, bias, out, n, k, group, unit, m0, mt, bbuf, cbuf, tot);
+            }
+        }
+        if (configured != -1) _tile_release();
+    }
+    free(xsum);
+    return 0;
+}
+
+#else
+int nq_amx_init(void) { return -2; }
+
+int64_t nq_set_amx_min_tokens(int64_t m) {
+    (void)m;
+    return 0;
+}
+
+int nq_t16_bf16_amx(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+                    uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
     (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
     (void)group; (void)nthreads; (void)scale_kind;
     return -2;
