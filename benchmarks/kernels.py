@@ -34,6 +34,7 @@ from _common import table, write_json  # noqa: E402
 
 from nvila_quant.formats import QTensor  # noqa: E402
 from nvila_quant.kernels import cpu as cpu_backend  # noqa: E402
+from nvila_quant.kernels import cpu_native  # noqa: E402
 from nvila_quant.kernels import cuda as cuda_mod  # noqa: E402
 from nvila_quant.kernels.cpu_native import native_available, native_linear, unpack_nibbles  # noqa: E402
 from nvila_quant.kernels.cuda import GEMV_MAX_TOKENS, MMA_MAX_TOKENS  # noqa: E402
@@ -109,6 +110,14 @@ def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w1
         "dense_bf16": lambda: F.linear(x16, w16),
         "dense_fp32": lambda: F.linear(x32, w32),
     }
+    if plan.bound is not None and cpu_native.amx_active():  # the same kernel with AMX off: AVX-512 at every M
+        def avx512_only() -> object:
+            old = cpu_native.set_amx_min_tokens(0)
+            try:
+                return plan.bound(x16)
+            finally:
+                cpu_native.set_amx_min_tokens(old)
+        fns["cpu_t16_avx512"] = avx512_only
     if torch_w is not None:
         fns["torch_int4_kernel"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x16, torch_w.packed, torch_w.group, torch_w.scales_and_zeros)
@@ -289,9 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_cpu:
             print(f"CPU ({torch.get_num_threads()} threads): int4 'cpu' backend vs dense F.linear, same run")
             rows = bench_cpu(args.tokens, args.repeats, args.group_size)
-            payload["cpu"] = {"rows": rows, "dequant_beats_int4_kernel_from_m": crossover(rows), **check_cpu_goals(rows)}
-            cols = ["N", "K", "M", "path", "cpu_ms", "cpu_int4_kernel_ms", "torch_int4_kernel_ms", "cpu_dequant_dense_ms",
-                    "dense_bf16_ms", "dense_fp32_ms", "x_vs_bf16", "x_vs_fp32"]
+            payload["cpu"] = {"rows": rows, "dequant_beats_int4_kernel_from_m": crossover(rows), **check_cpu_goals(rows),
+                              "amx": cpu_native.amx_active(), "amx_min_tokens": cpu_native.AMX_MIN_TOKENS}
+            cols = ["N", "K", "M", "path", "cpu_ms", "cpu_int4_kernel_ms", "cpu_t16_avx512_ms", "torch_int4_kernel_ms",
+                    "cpu_dequant_dense_ms", "dense_bf16_ms", "dense_fp32_ms", "x_vs_bf16", "x_vs_fp32"]
             print(table(rows, cols))
             print("dequantize + dense beats the int4 kernel from M =", payload["cpu"]["dequant_beats_int4_kernel_from_m"])
             print("goals met:", payload["cpu"]["met"])
