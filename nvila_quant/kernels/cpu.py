@@ -5,7 +5,8 @@ cannot run, dequantize + dense matmul where that is faster.
   (16 output rows interleaved, built when the layer is prepared; QuantLinear converts back for anything else) and
   one kernel serves every token count, accumulating 16 output rows per vector on broadcast activations: bf16 / fp16
   activations with vdpbf16ps (as fast as a dense bf16 GEMM from ~128 tokens, up to ~5-9x faster for few), fp32
-  ones (and bf16 ones on AVX-512 CPUs without BF16) with the exact fp32 weights and FMA.
+  ones (and bf16 ones on AVX-512 CPUs without BF16) with the exact fp32 weights and FMA. On CPUs with AMX tiles the
+  bf16 kernel runs on tiles from ``cpu_native.AMX_MIN_TOKENS`` tokens (the T16 rows are AMX B tiles as they are).
 * other layers, few tokens: kernels on nibble rows (K % 32); many tokens: dequantize (native, bit exact) blocks of
   output rows into a reused cache-sized buffer and run a dense bf16 / fp32 matmul per block.
 * CPUs with AVX2 but no AVX-512: the fp32 T16 kernel (8-lane) for fp32 activations; bf16 ones take torch's op.
