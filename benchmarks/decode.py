@@ -45,11 +45,13 @@ def _weights_bytes(model: NVILAQwen2) -> int:
 
 
 def _decode_step(model: NVILAQwen2) -> str:
-    """How the timed decode steps ran: one CUDA graph replay, eager on a static cache, or the dynamic-cache loop."""
+    """How the timed decode steps ran: a CUDA graph replay or a static-cache step (torch.compile-d or eager), or the
+    dynamic-cache loop."""
     decoder = model.__dict__.get("_static_decoder")
     if decoder is None:
         return "dynamic"
-    return "cuda-graph" if decoder.graph is not None else "static-eager"
+    step = "cuda-graph" if decoder.graph is not None else "static"
+    return step + ("+compiled" if decoder.compiled else "" if decoder.graph is not None else "-eager")
 
 
 def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Path) -> dict:
