@@ -240,38 +240,29 @@ def mma_warps(m: int) -> int:
     return MMA_WARPS if MMA_WARPS in (8, 16) and (MMA_WARPS == 8 or m <= 16) else (16 if m <= 16 else 8)
 
 
-def mma_ksplit(m: int, n: int, k: int, device: torch.device, warps: int = 8) -> int:
-    """K slices for the mma kernel (``NVILA_QUANT_CUDA_KSPLIT`` fixes it): 1 when the 32-row tiles already give
-    three quarters of a CTA per SM (a split costs a second kernel), else enough slices for about one per SM; at
-    most one 32-wide chunk per warp and 16 slices."""
+def mma_ksplit(m: int, n: int, k: int, device: torch.device, warps: int = 8, tiled: bool = False) -> int:
+    """K slices for the skinny kernel (32-row CTAs of ``warps`` warps) or the tiled GEMM (128 x 128 tiles)
+    (``NVILA_QUANT_CUDA_KSPLIT`` fixes it): 1 when the CTAs already give three quarters of one per SM (a split costs
+    a second kernel), else enough slices for about one per SM; at most 16 slices, and at least one 32-wide chunk per
+    warp (skinny) or 8 chunks per slice (tiled)."""
     chunks = k // 32
     if KSPLIT > 0:
         return max(1, min(KSPLIT, chunks))
     if device.type != "cuda":
         return 1
-    ctas = (n // 32) * (-(-m // 32) if m > 16 else 1)
+    if tiled:
+        ctas, per_slice = -(-(n // 32) // 4) * -(-m // 128), 8
+    else:
+        ctas, per_slice = (n // 32) * (-(-m // 32) if m > 16 else 1), warps
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if 4 * ctas >= 3 * sms:
         return 1
-    return max(1, min(16, chunks // warps, -(-sms // ctas)))
+    return max(1, min(16, chunks // per_slice, -(-sms // ctas)))
 
 
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def mma_gemm_ksplit(m: int, n: int, k: int, device: torch.device) -> int:
-    """K slices for the tiled GEMM (128 x 128 tiles): as :func:`mma_ksplit`, at most one slice per 8 chunks."""
-    if KSPLIT > 0:
-        return max(1, min(KSPLIT, k // 32))
-    if device.type != "cuda":
-        return 1
-    ctas = -(-(n // 32) // 4) * -(-m // 128)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if 4 * ctas >= 3 * sms:
-        return 1
-    return max(1, min(16, k // 256, -(-sms // ctas)))
 
 
 def mma_launch(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales_t: torch.Tensor,
@@ -285,11 +276,9 @@ def mma_launch(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales_
     if not weights_checked:
         _check_weights(qweight, scales_t, zeros_t, group, x.device, "mma")
     _check_call(x, qweight, bias, out)
-    if tiled:
-        ksplit = ksplit or mma_gemm_ksplit(m, n, k, x.device)
-    else:
+    if not tiled:
         warps = warps or mma_warps(m)
-        ksplit = ksplit or mma_ksplit(m, n, k, x.device, warps)
+    ksplit = ksplit or mma_ksplit(m, n, k, x.device, warps or 8, tiled)
     partial = torch.empty(ksplit, m, n, dtype=torch.float32, device=x.device) if ksplit > 1 and m else None
     err = _error_buffer()
     args = (x.data_ptr(), qweight.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(),

@@ -494,6 +494,35 @@ int run_gemm(const uint16_t* x, const uint32_t* q, const float* s, const uint8_t
     return ksplit > 1 ? run_reduce<BF16>(partial, bias, out, M, N, ksplit, stream, err, errlen) : 0;
 }
 
+// The checks and dispatch shared by nq_mma_linear (warps 8 / 16: the skinny kernel) and nq_mma_gemm (warps 0: tiled).
+int mma_entry(const void* x, const int32_t* qweight, const float* scales_t, const uint8_t* zeros_t, const void* bias,
+              void* out, float* partial, int64_t M, int64_t N, int64_t K, int64_t group, int64_t ksplit, int warps,
+              int dtype, void* stream, char* err, int errlen) {
+    char msg[256];
+    if (check_shape(N, K, group, dtype, err, errlen)) return 1;
+    if (M < 0 || M > INT32_MAX) return fail(err, errlen, "bad token count");
+    if (ksplit < 1 || ksplit > K / 32 || ksplit > 65535) {
+        snprintf(msg, sizeof msg, "ksplit must lie in [1, K / 32], got %lld (K=%lld)", (long long)ksplit, (long long)K);
+        return fail(err, errlen, msg);
+    }
+    const int64_t per_cta = warps ? 8 * MAX_TG : G_TOKENS;  // tokens per CTA along grid.y / grid.z
+    if ((M + per_cta - 1) / per_cta > 65535) return fail(err, errlen, "too many tokens for one launch");
+    if (!x || !qweight || !scales_t || !zeros_t || !out || (ksplit > 1 && !partial)) return fail(err, errlen, "null pointer");
+    if (((uintptr_t)x | (uintptr_t)qweight) & 15) return fail(err, errlen, "x and qweight must be 16-byte aligned");
+    if (M == 0) return 0;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const uint16_t* xt = static_cast<const uint16_t*>(x);
+    const uint16_t* bt = static_cast<const uint16_t*>(bias);
+    uint16_t* ot = static_cast<uint16_t*>(out);
+    const uint32_t* qt = reinterpret_cast<const uint32_t*>(qweight);
+    const int m = (int)M, n = (int)N, k = (int)K, g = (int)group, ks = (int)ksplit;
+    if (!warps)
+        return dtype == 1 ? run_gemm<true>(xt, qt, scales_t, zeros_t, bt, ot, partial, m, n, k, g, ks, s, err, errlen)
+                          : run_gemm<false>(xt, qt, scales_t, zeros_t, bt, ot, partial, m, n, k, g, ks, s, err, errlen);
+    return dtype == 1 ? run_linear<true>(xt, qt, scales_t, zeros_t, bt, ot, partial, m, n, k, g, ks, warps, s, err, errlen)
+                      : run_linear<false>(xt, qt, scales_t, zeros_t, bt, ot, partial, m, n, k, g, ks, warps, s, err, errlen);
+}
+
 }  // namespace
 
 extern "C" {
@@ -504,55 +533,17 @@ extern "C" {
 int nq_mma_linear(const void* x, const int32_t* qweight, const float* scales_t, const uint8_t* zeros_t,
                   const void* bias, void* out, float* partial, int64_t M, int64_t N, int64_t K, int64_t group,
                   int64_t ksplit, int warps, int dtype, void* stream, char* err, int errlen) {
-    char msg[256];
-    if (check_shape(N, K, group, dtype, err, errlen)) return 1;
     if (warps != 8 && warps != 16) return fail(err, errlen, "warps must be 8 or 16");
-    if (M < 0 || M > INT32_MAX) return fail(err, errlen, "bad token count");
-    if (ksplit < 1 || ksplit > K / 32 || ksplit > 65535) {
-        snprintf(msg, sizeof msg, "ksplit must lie in [1, K / 32], got %lld (K=%lld)", (long long)ksplit, (long long)K);
-        return fail(err, errlen, msg);
-    }
-    if ((M + 8 * MAX_TG - 1) / (8 * MAX_TG) > 65535) return fail(err, errlen, "too many tokens for one launch");
-    if (!x || !qweight || !scales_t || !zeros_t || !out || (ksplit > 1 && !partial)) return fail(err, errlen, "null pointer");
-    if (((uintptr_t)x | (uintptr_t)qweight) & 15) return fail(err, errlen, "x and qweight must be 16-byte aligned");
-    if (M == 0) return 0;
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const uint16_t* xt = static_cast<const uint16_t*>(x);
-    const uint16_t* bt = static_cast<const uint16_t*>(bias);
-    uint16_t* ot = static_cast<uint16_t*>(out);
-    const uint32_t* qt = reinterpret_cast<const uint32_t*>(qweight);
-    if (dtype == 1)
-        return run_linear<true>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
-                                (int)ksplit, warps, s, err, errlen);
-    return run_linear<false>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
-                             (int)ksplit, warps, s, err, errlen);
+    return mma_entry(x, qweight, scales_t, zeros_t, bias, out, partial, M, N, K, group, ksplit, warps, dtype, stream,
+                     err, errlen);
 }
 
 // The tiled GEMM for many tokens; arguments as nq_mma_linear (no warps: 8 per CTA).
 int nq_mma_gemm(const void* x, const int32_t* qweight, const float* scales_t, const uint8_t* zeros_t,
                 const void* bias, void* out, float* partial, int64_t M, int64_t N, int64_t K, int64_t group,
                 int64_t ksplit, int dtype, void* stream, char* err, int errlen) {
-    char msg[256];
-    if (check_shape(N, K, group, dtype, err, errlen)) return 1;
-    if (M < 0 || M > INT32_MAX) return fail(err, errlen, "bad token count");
-    if (ksplit < 1 || ksplit > K / 32 || ksplit > 65535) {
-        snprintf(msg, sizeof msg, "ksplit must lie in [1, K / 32], got %lld (K=%lld)", (long long)ksplit, (long long)K);
-        return fail(err, errlen, msg);
-    }
-    if ((M + G_TOKENS - 1) / G_TOKENS > 65535) return fail(err, errlen, "too many tokens for one launch");
-    if (!x || !qweight || !scales_t || !zeros_t || !out || (ksplit > 1 && !partial)) return fail(err, errlen, "null pointer");
-    if (((uintptr_t)x | (uintptr_t)qweight) & 15) return fail(err, errlen, "x and qweight must be 16-byte aligned");
-    if (M == 0) return 0;
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const uint16_t* xt = static_cast<const uint16_t*>(x);
-    const uint16_t* bt = static_cast<const uint16_t*>(bias);
-    uint16_t* ot = static_cast<uint16_t*>(out);
-    const uint32_t* qt = reinterpret_cast<const uint32_t*>(qweight);
-    if (dtype == 1)
-        return run_gemm<true>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
-                              (int)ksplit, s, err, errlen);
-    return run_gemm<false>(xt, qt, scales_t, zeros_t, bt, ot, partial, (int)M, (int)N, (int)K, (int)group,
-                           (int)ksplit, s, err, errlen);
+    return mma_entry(x, qweight, scales_t, zeros_t, bias, out, partial, M, N, K, group, ksplit, 0, dtype, stream, err,
+                     errlen);
 }
 
 // w (N, K) fp16 (dtype 0) or bf16 (1), 16-byte aligned: the reference's dequantized weight.
