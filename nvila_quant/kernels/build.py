@@ -17,13 +17,24 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["BuildError", "build_shared_library", "cache_dir", "cpu_fingerprint"]
+__all__ = ["BuildError", "build_shared_library", "cache_dir", "cpu_fingerprint", "env_number"]
 
 logger = logging.getLogger(__name__)
 
 
 class BuildError(RuntimeError):
     """A native library could not be compiled (compiler missing or failing)."""
+
+
+def env_number(name: str, default: float | None = None) -> float | None:
+    """A numeric tuning knob from the environment (``default`` when unset); a clear error when it is not a number."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 def cache_dir() -> Path:

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nvila_quant.kernels.build import cpu_fingerprint
+from nvila_quant.kernels.build import cpu_fingerprint, env_number
 from nvila_quant.kernels.cpu_native import (
     SCALE_KINDS,
     NativeLayer,
@@ -85,16 +85,6 @@ DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "na
                     "native-t16-f32": 256}
 
 
-def _env_number(name: str) -> float | None:
-    value = os.environ.get(name)
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-
 # Objects that cache decisions taken under SETTINGS (QuantLinear's bound fast path): reset when SETTINGS change.
 SETTINGS_USERS: weakref.WeakSet = weakref.WeakSet()
 
@@ -115,7 +105,7 @@ class CpuSettings:
 
     @classmethod
     def from_env(cls) -> CpuSettings:
-        tokens, chunk = _env_number("NVILA_QUANT_CPU_DENSE_MIN_TOKENS"), _env_number("NVILA_QUANT_CPU_CHUNK_MB")
+        tokens, chunk = env_number("NVILA_QUANT_CPU_DENSE_MIN_TOKENS"), env_number("NVILA_QUANT_CPU_CHUNK_MB")
         return cls(os.environ.get("NVILA_QUANT_CPU_KERNEL") or None, None if tokens is None else int(tokens), chunk)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nvila_quant.kernels.build import BuildError, build_shared_library, cpu_fingerprint
+from nvila_quant.kernels.build import BuildError, build_shared_library, cpu_fingerprint, env_number
 from nvila_quant.quant.primitives import dequantize
 
 __all__ = [
@@ -42,7 +42,7 @@ CAP_F32, CAP_BF16, CAP_T16_F32, CAP_AMX = 1, 2, 4, 8
 # From this many tokens the bf16 T16 kernel runs on AMX tiles where the CPU has them (Sapphire Rapids and later).
 # Measured with 4096x4096 g128 on a 2-core Xeon (Emerald Rapids) VM: 1 token 0.38 ms AVX-512 vs 0.46 ms AMX; 2 tokens
 # 0.56 vs 0.44; 8 tokens 1.92 vs 0.48 (dense bf16 1.93). NVILA_QUANT_CPU_AMX_MIN_TOKENS overrides (0: never).
-AMX_MIN_TOKENS = int(os.environ.get("NVILA_QUANT_CPU_AMX_MIN_TOKENS", "2"))
+AMX_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_MIN_TOKENS", 2))
 
 
 def load_library(march: str = "native") -> ctypes.CDLL:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from nvila_quant.kernels.build import BuildError, build_shared_library
+from nvila_quant.kernels.build import BuildError, build_shared_library, env_number
 from nvila_quant.kernels.cuda.layout import mma_layout_reason
 
 __all__ = [
@@ -52,9 +52,9 @@ __all__ = [
 CUDA_SOURCES = [Path(__file__).parent / "w4a16.cu", Path(__file__).parent / "w4a16_mma.cu"]
 MIN_CAPABILITY = (8, 0)
 # Up to this many tokens the mma-layout kernel runs (weights read once per 32 tokens); above, dequantize + cuBLAS.
-MMA_MAX_TOKENS = int(os.environ.get("NVILA_QUANT_CUDA_MMA_MAX_TOKENS", "32"))
-KSPLIT = int(os.environ.get("NVILA_QUANT_CUDA_KSPLIT", "0"))  # 0: chosen per call from the SM count
-MMA_WARPS = int(os.environ.get("NVILA_QUANT_CUDA_MMA_WARPS", "0"))  # warps per CTA, 8 or 16; 0: 16 up to 16 tokens
+MMA_MAX_TOKENS = int(env_number("NVILA_QUANT_CUDA_MMA_MAX_TOKENS", 32))
+KSPLIT = int(env_number("NVILA_QUANT_CUDA_KSPLIT", 0))  # 0: chosen per call from the SM count
+MMA_WARPS = int(env_number("NVILA_QUANT_CUDA_MMA_WARPS", 0))  # warps per CTA, 8 or 16; 0: 16 up to 16 tokens
 
 
 def nvcc_flags(arch: str) -> list[str]:
