@@ -112,11 +112,8 @@ def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w1
     }
     if plan.bound is not None and cpu_native.amx_active():  # the same kernel with AMX off: AVX-512 at every M
         def avx512_only() -> object:
-            old = cpu_native.set_amx_min_tokens(0)
-            try:
+            with cpu_native.amx_disabled():
                 return plan.bound(x16)
-            finally:
-                cpu_native.set_amx_min_tokens(old)
         fns["cpu_t16_avx512"] = avx512_only
     if torch_w is not None:
         fns["torch_int4_kernel"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -299,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"CPU ({torch.get_num_threads()} threads): int4 'cpu' backend vs dense F.linear, same run")
             rows = bench_cpu(args.tokens, args.repeats, args.group_size)
             payload["cpu"] = {"rows": rows, "dequant_beats_int4_kernel_from_m": crossover(rows), **check_cpu_goals(rows),
-                              "amx": cpu_native.amx_active(), "amx_min_tokens": cpu_native.AMX_MIN_TOKENS}
+                              "amx": cpu_native.amx_active(), "amx_min_tokens": cpu_native.AMX_MIN_TOKENS,
+                              "amx_gemm_min_tokens": cpu_native.AMX_GEMM_MIN_TOKENS}
             cols = ["N", "K", "M", "path", "cpu_ms", "cpu_int4_kernel_ms", "cpu_t16_avx512_ms", "torch_int4_kernel_ms",
                     "cpu_dequant_dense_ms", "dense_bf16_ms", "dense_fp32_ms", "x_vs_bf16", "x_vs_fp32"]
             print(table(rows, cols))

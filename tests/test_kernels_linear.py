@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -143,16 +144,20 @@ def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
     assert native_caps() == CAP_F32 | CAP_BF16 | CAP_T16_F32 | amx
 
 
-def test_amx_t16_kernel_matches_the_avx512_one() -> None:
-    """On AMX CPUs the bf16 T16 kernel runs on tiles from a few tokens: token tails of every 16-token block and
-    64-token pass, group sizes, scale dtypes and bias, against the AVX-512 kernel and the oracle (NaN-poisoned)."""
+def test_amx_t16_kernels_match_the_avx512_one() -> None:
+    """On AMX CPUs the bf16 T16 kernel runs on tiles from a few tokens, and as a tiled GEMM on bf16-rounded weights
+    from more: token tails of every 16-token block, 64-token pass and 512-token work item, K blocks with a tail,
+    weight-row blocks with an odd unit, group sizes (one straddling a K block), scale dtypes and bias, against the
+    AVX-512 kernel and the oracle (NaN-poisoned)."""
     from nvila_quant.kernels import cpu_native
 
     if not cpu_native.amx_active():
         pytest.skip("no AMX tiles here (or the OS refused AMX state)")
     rng = torch.Generator().manual_seed(7)
     cases = [(16, 64, 64, 2), (32, 128, 128, 15), (48, 256, 64, 16), (64, 256, 256, 17), (32, 192, 64, 33),
-             (16, 128, 128, 64), (32, 128, 64, 65), (48, 128, 128, 130)]
+             (16, 128, 128, 64), (32, 128, 64, 65), (48, 128, 128, 130), (272, 640, 64, 47), (48, 768, 192, 530)]
+    lib = cpu_native._library()
+    kernels = {"amx": lib.nq_t16_bf16_amx, "gemm": lib.nq_t16_bf16_amx_gemm, "avx512": lib.nq_t16_bf16}
     for i, (n, k, group, m) in enumerate(cases):
         scale_dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
         qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
@@ -162,22 +167,24 @@ def test_amx_t16_kernel_matches_the_avx512_one() -> None:
         state = fast._prepared["cpu"]
         assert fast.q_layout == "t16"
         x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
-        lib = cpu_native._library()
         outs = {}
-        for name, fn in (("amx", lib.nq_t16_bf16_amx), ("avx512", lib.nq_t16_bf16)):
-            old = cpu_native.set_amx_min_tokens(0) if name == "avx512" else None
+        for name, fn in kernels.items():
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
             bias = state.bias
-            rc = fn(x.data_ptr(), fast.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(),
-                    None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, group, 2,
-                    cpu_native.SCALE_KINDS[state.scale.dtype])
-            if old is not None:
-                cpu_native.set_amx_min_tokens(old)
+            with cpu_native.amx_disabled() if name == "avx512" else contextlib.nullcontext():
+                rc = fn(x.data_ptr(), fast.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(),
+                        None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, group, 2,
+                        cpu_native.SCALE_KINDS[state.scale.dtype])
             assert rc == 0 and not out.isnan().any(), (name, n, k, group, m)
             outs[name] = out.float()
-        assert _rel(outs["amx"], outs["avx512"]) < 1e-2, (n, k, group, m)
-        assert _rel(outs["amx"], ref(x).float()) < 1e-2, (n, k, group, m)
-        assert _rel(fast(x), ref(x)) < 1e-2  # the module path (AMX from AMX_MIN_TOKENS tokens)
+        expect = ref(x).float()
+        for name in ("amx", "gemm"):
+            assert _rel(outs[name], outs["avx512"]) < 1e-2, (name, n, k, group, m)
+            assert _rel(outs[name], expect) < 1e-2, (name, n, k, group, m)
+        # the GEMM multiplies the dense path's bf16 weights: it matches that product up to the bf16 output
+        dense = F.linear(x.float(), ref.dequantize_weight(torch.bfloat16).float(), None if ref.bias is None else ref.bias.float())
+        assert _rel(outs["gemm"], dense) < 5e-3, (n, k, group, m)
+        assert _rel(fast(x), expect) < 1e-2  # the module path (AMX from AMX_MIN_TOKENS tokens)
 
 
 def test_native_dequantize_bit_exact() -> None:

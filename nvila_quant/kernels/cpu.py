@@ -6,7 +6,8 @@ cannot run, dequantize + dense matmul where that is faster.
   one kernel serves every token count, accumulating 16 output rows per vector on broadcast activations: bf16 / fp16
   activations with vdpbf16ps (as fast as a dense bf16 GEMM from ~128 tokens, up to ~5-9x faster for few), fp32
   ones (and bf16 ones on AVX-512 CPUs without BF16) with the exact fp32 weights and FMA. On CPUs with AMX tiles the
-  bf16 kernel runs on tiles from ``cpu_native.AMX_MIN_TOKENS`` tokens (the T16 rows are AMX B tiles as they are).
+  bf16 kernel runs on tiles from ``cpu_native.AMX_MIN_TOKENS`` tokens (the T16 rows are AMX B tiles as they are), and
+  from ``cpu_native.AMX_GEMM_MIN_TOKENS`` as a tiled GEMM on weights dequantized to bf16 once per call.
 * other layers, few tokens: kernels on nibble rows (K % 32); many tokens: dequantize (native, bit exact) blocks of
   output rows into a reused cache-sized buffer and run a dense bf16 / fp32 matmul per block.
 * CPUs with AVX2 but no AVX-512: the fp32 T16 kernel (8-lane) for fp32 activations; bf16 ones take torch's op.
@@ -77,7 +78,8 @@ TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # its crossover to ~600 tokens.
 # native-t16 (the T16 kernel) is never slower than the dense path with AVX-512 dense matmuls (1.03-1.09x dense bf16
 # at 128 tokens, 0.97-1.00x at 512). On a CPU with AMX tiles (Sapphire Rapids and later) the bf16 T16 kernel itself
-# runs on AMX from 2 tokens (cpu_native.AMX_MIN_TOKENS) and keeps every token count; if the OS refuses AMX state,
+# runs on AMX from 2 tokens (cpu_native.AMX_MIN_TOKENS; a tiled GEMM from AMX_GEMM_MIN_TOKENS: 1.3-1.4x faster than
+# dense bf16 at 128-512 tokens) and keeps every token count; if the OS refuses AMX state,
 # oneDNN's dense AMX GEMM beats the AVX-512 kernel from a few tokens, so the dense path takes over from 32 there.
 _AMX_BF16 = "amx_bf16" in cpu_fingerprint().split()
 # fp32 T16 (fp32 activations): 1.01-1.20x the dense fp32 path at 128 tokens, 0.89-0.91x at 512.

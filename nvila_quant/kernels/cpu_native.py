@@ -8,10 +8,12 @@ disables it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +45,10 @@ CAP_F32, CAP_BF16, CAP_T16_F32, CAP_AMX = 1, 2, 4, 8
 # Measured with 4096x4096 g128 on a 2-core Xeon (Emerald Rapids) VM: 1 token 0.38 ms AVX-512 vs 0.46 ms AMX; 2 tokens
 # 0.56 vs 0.44; 8 tokens 1.92 vs 0.48 (dense bf16 1.93). NVILA_QUANT_CPU_AMX_MIN_TOKENS overrides (0: never).
 AMX_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_MIN_TOKENS", 2))
+# From this many tokens it runs as a tiled GEMM on weights dequantized once per call to bf16 (the dense path's
+# numerics; no per-group step). Same VM, 4096x4096: 64 tokens 2.8 ms vs 3.5 ms GEMM, 96 tokens 3.75 vs 3.23, 128 tokens 3.96 vs 2.84 (dense
+# bf16 3.98), 512 tokens 16.4 vs 9.1 (dense 11.95). NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS overrides (0: never).
+AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
 
 
 def load_library(march: str = "native") -> ctypes.CDLL:
@@ -56,13 +62,15 @@ def load_library(march: str = "native") -> ctypes.CDLL:
     lib.nq_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint, cint]
     lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint, cint]
     lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
-    lib.nq_t16_bf16.argtypes = lib.nq_t16_f32.argtypes = lib.nq_t16_bf16_amx.argtypes = [
+    lib.nq_t16_bf16.argtypes = lib.nq_t16_f32.argtypes = lib.nq_t16_bf16_amx.argtypes = lib.nq_t16_bf16_amx_gemm.argtypes = [
         ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
     lib.nq_amx_init.restype = cint
-    lib.nq_set_amx_min_tokens.argtypes, lib.nq_set_amx_min_tokens.restype = [i64], i64
+    for fn in ("nq_set_amx_min_tokens", "nq_set_amx_gemm_min_tokens"):
+        getattr(lib, fn).argtypes, getattr(lib, fn).restype = [i64], i64
     lib.nq_layer_bf16.argtypes = lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
-    for fn in ("nq_dequant", "nq_linear", "nq_linear_bf16_64", "nq_t16_bf16", "nq_t16_f32", "nq_t16_bf16_amx", "nq_layer_bf16",
+    for fn in ("nq_dequant", "nq_linear", "nq_linear_bf16_64", "nq_t16_bf16", "nq_t16_f32", "nq_t16_bf16_amx", "nq_t16_bf16_amx_gemm",
+               "nq_layer_bf16",
                "nq_layer_t16_bf16", "nq_layer_t16_f32", "nq_t16_pack", "nq_t16_unpack"):
         getattr(lib, fn).restype = cint
     return lib
@@ -79,6 +87,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     if lib.nq_caps() & CAP_AMX and lib.nq_amx_init() == 0:  # the OS grants AMX tile state to this process
         lib.nq_set_amx_min_tokens(AMX_MIN_TOKENS)
+        lib.nq_set_amx_gemm_min_tokens(AMX_GEMM_MIN_TOKENS)
     return lib
 
 
@@ -92,10 +101,33 @@ def set_amx_min_tokens(tokens: int) -> int:
     """Change from how many tokens the AMX kernel runs (0: never); returns the previous value."""
     global AMX_MIN_TOKENS
     old, AMX_MIN_TOKENS = AMX_MIN_TOKENS, tokens
+    _set_threshold("nq_set_amx_min_tokens", tokens)
+    return old
+
+
+def set_amx_gemm_min_tokens(tokens: int) -> int:
+    """Change from how many tokens the AMX GEMM (bf16-rounded weights) runs (0: never); returns the previous value."""
+    global AMX_GEMM_MIN_TOKENS
+    old, AMX_GEMM_MIN_TOKENS = AMX_GEMM_MIN_TOKENS, tokens
+    _set_threshold("nq_set_amx_gemm_min_tokens", tokens)
+    return old
+
+
+@contextlib.contextmanager
+def amx_disabled() -> Iterator[None]:
+    """Within the block the bf16 T16 kernel runs on AVX-512 at every token count (benchmarks and tests compare)."""
+    old = set_amx_min_tokens(0), set_amx_gemm_min_tokens(0)
+    try:
+        yield
+    finally:
+        set_amx_min_tokens(old[0])
+        set_amx_gemm_min_tokens(old[1])
+
+
+def _set_threshold(setter: str, tokens: int) -> None:
     lib = _library()
     if lib is not None and lib.nq_caps() & CAP_AMX:
-        lib.nq_set_amx_min_tokens(tokens)
-    return old
+        getattr(lib, setter)(tokens)
 
 
 @functools.lru_cache(maxsize=1)

@@ -41,7 +41,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 static int amx_state;  // defined with the AMX kernel (below)
-static int64_t amx_min_tokens;
+static int64_t amx_min_tokens, amx_gemm_min_tokens;
+int nq_t16_bf16_amx_gemm(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t,
+                         const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
+                         int nthreads, int scale_kind);
 #else
 #define NQ_HAVE_AMX 0
 #endif
@@ -791,12 +794,15 @@ int nq_t16_bf16_amx(const uint16_t* x, const uint8_t* t16, const void* scale_t, 
                     uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind);
 
 // y (M, N) bf16 = x (M, K) bf16 @ w^T + bias, w in T16 layout; scale / zero transposed (K/G, N). On AMX (after
-// nq_amx_init) calls with nq_set_amx_min_tokens' count of tokens or more go to nq_t16_bf16_amx.
+// nq_amx_init) calls with nq_set_amx_min_tokens' count of tokens or more go to nq_t16_bf16_amx, and from
+// nq_set_amx_gemm_min_tokens' count to nq_t16_bf16_amx_gemm.
 int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                 uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
     if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
         return -1;
 #if NQ_HAVE_AMX
+    if (amx_state == 1 && m_tokens >= amx_gemm_min_tokens)
+        return nq_t16_bf16_amx_gemm(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
     if (amx_state == 1 && m_tokens >= amx_min_tokens)
         return nq_t16_bf16_amx(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
 #endif
@@ -858,6 +864,7 @@ typedef struct {
 
 static int amx_state = 0;  // 0 not asked yet, 1 granted, -1 refused
 static int64_t amx_min_tokens = INT64_MAX;  // nq_t16_bf16 hands calls with this many tokens or more to the AMX kernel
+static int64_t amx_gemm_min_tokens = INT64_MAX;  // ... and from this many to the AMX GEMM
 
 // Linux hands AMX tile state to a process only on request; 0 when granted (once per process).
 int nq_amx_init(void) {
@@ -869,6 +876,13 @@ int nq_amx_init(void) {
 int64_t nq_set_amx_min_tokens(int64_t m) {
     const int64_t old = amx_min_tokens;
     amx_min_tokens = m < 1 ? INT64_MAX : m;
+    return old < INT64_MAX ? old : 0;
+}
+
+// From how many tokens nq_t16_bf16 runs the AMX GEMM (bf16-rounded weights; < 1: never). Returns the previous value.
+int64_t nq_set_amx_gemm_min_tokens(int64_t m) {
+    const int64_t old = amx_gemm_min_tokens;
+    amx_gemm_min_tokens = m < 1 ? INT64_MAX : m;
     return old < INT64_MAX ? old : 0;
 }
 
@@ -1004,10 +1018,210 @@ int nq_t16_bf16_amx(const uint16_t* x, const uint8_t* t16, const void* scale_t, 
     return 0;
 }
 
+
+// ------------------------------------------------------------------------------------------------ AMX GEMM
+// Many tokens: the per-group correction above costs as much as the tile products, so instead each weight is
+// dequantized once per call into bf16 B tiles - the reference's (q - z) * s in fp32, rounded once (to nearest even),
+// the very weights the dense path would multiply - and the GEMM runs on tiles without any per-group step:
+// - x is packed once into 16-token x 32-k tiles (1 KB each, contiguous along k; a tile load straight from x with a
+//   K-long stride would put its 16 rows in one cache set), token count padded to 16 with zero rows;
+// - a work item is NQ_AMXG_MC tokens x NQ_AMXG_NC weight rows; per K block of NQ_AMXG_KC the thread dequantizes the
+//   item's weights into B tiles (stay in L2) and runs 2 x 2 tile blocks (32 tokens x 32 rows: 4 C, 2 A, 2 B tiles,
+//   A reused across the item's rows from L1), C tiles spilled to an fp32 block (L2) between K blocks.
+#define NQ_AMXG_MC 512  // tokens per work item
+#define NQ_AMXG_NC 256  // weight rows per work item (16 units)
+#define NQ_AMXG_KC 512  // k per block
+
+static void amxg_configure(void) {
+    nq_amx_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+// B tiles of `units` T16 units from unit u0, 64-wide chunks [c0, c0 + nck): tile (j, 2 (c - c0) + h) at
+// bb + (j * 2 nck + 2 (c - c0) + h) * 512 holds k in [64 c + 32 h, + 32) of rows 16 (u0 + j) .. + 15, VNNI order
+// (row u: k pair 2u, 2u + 1; element 2r + e: weight row r). T16 row u byte 2r + e has k 64c + 2u + e in its low
+// nibble and k 64c + 32 + 2u + e in its high one, so element order carries over as is.
+static void amxg_dequant(const uint8_t* t16, const nq_meta md, int64_t n, int64_t k, int64_t group, int64_t u0,
+                         int units, int64_t c0, int nck, uint16_t* bb) {
+    const int64_t nc = k / 64;
+    const __m512i pair_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i pair_hi = _mm512_add_epi32(pair_lo, _mm512_set1_epi32(8)), low = _mm512_set1_epi32(15);
+    for (int j = 0; j < units; ++j) {
+        int64_t g_at = -1;
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+        __m512i z0 = _mm512_setzero_si512(), z1 = z0;
+        for (int cc = 0; cc < nck; ++cc) {
+            const int64_t c = c0 + cc, g = c * 64 / group;
+            if (g != g_at) {  // weight rows 0-7 and 8-15 of the unit, each scale / zero twice (k pairs)
+                const int64_t at = g * n + (u0 + j) * 16;
+                const __m512 s = t16_scales(md, at);
+                const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(md.z + at)));
+                s0 = _mm512_permutexvar_ps(pair_lo, s);
+                s1 = _mm512_permutexvar_ps(pair_hi, s);
+                z0 = _mm512_permutexvar_epi32(pair_lo, z);
+                z1 = _mm512_permutexvar_epi32(pair_hi, z);
+                g_at = g;
+            }
+            const uint8_t* p = t16 + ((u0 + j) * nc + c) * 512;
+            uint16_t* lo = bb + ((int64_t)j * 2 * nck + 2 * cc) * 512;
+            for (int u = 0; u < 16; ++u) {
+                const __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 32 * u)));
+                const __m512i d1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 32 * u + 16)));
+                const __m512 l0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d0, low), z0)), s0);
+                const __m512 l1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(d1, low), z1)), s1);
+                const __m512 h0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d0, 4), z0)), s0);
+                const __m512 h1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(d1, 4), z1)), s1);
+                _mm512_store_si512((__m512i*)(lo + 32 * u), (__m512i)_mm512_cvtne2ps_pbh(l1, l0));
+                _mm512_store_si512((__m512i*)(lo + 512 + 32 * u), (__m512i)_mm512_cvtne2ps_pbh(h1, h0));
+            }
+        }
+    }
+}
+
+// C tiles (TM token blocks x TN units) += A (a0, a1: `steps` consecutive tiles) x B (b0, b1: same); C tiles at
+// c[i][j] (fp32 16 x 16, 1 KB), zero instead of loaded when `first`.
+static inline __attribute__((always_inline)) void amxg_block(const uint16_t* a0, const uint16_t* a1, const uint16_t* b0,
+                                                             const uint16_t* b1, float* c00, float* c01, float* c10,
+                                                             float* c11, int steps, int first, const int TM, const int TN) {
+    if (first) {
+        _tile_zero(0);
+        if (TN > 1) _tile_zero(1);
+        if (TM > 1) _tile_zero(2);
+        if (TM > 1 && TN > 1) _tile_zero(3);
+    } else {
+        _tile_loadd(0, c00, 64);
+        if (TN > 1) _tile_loadd(1, c01, 64);
+        if (TM > 1) _tile_loadd(2, c10, 64);
+        if (TM > 1 && TN > 1) _tile_loadd(3, c11, 64);
+    }
+    for (int s = 0; s < steps; ++s) {
+        _tile_loadd(4, a0 + 512 * s, 64);
+        _tile_loadd(6, b0 + 512 * s, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (TN > 1) {
+            _tile_loadd(7, b1 + 512 * s, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (TM > 1) {
+            _tile_loadd(5, a1 + 512 * s, 64);
+            _tile_dpbf16ps(2, 5, 6);
+            if (TN > 1) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c00, 64);
+    if (TN > 1) _tile_stored(1, c01, 64);
+    if (TM > 1) _tile_stored(2, c10, 64);
+    if (TM > 1 && TN > 1) _tile_stored(3, c11, 64);
+}
+
+#define NQ_AMXG_BLOCK(TM, TN)                                                                                    \
+    amxg_block(at + (i * k32 + pc / 32) * 512, at + ((i + 1) * k32 + pc / 32) * 512, bb + j * 2 * nck * 512,     \
+               bb + (j + 1) * 2 * nck * 512, cb + (i * units + j) * 256, cb + (i * units + j + 1) * 256,         \
+               cb + ((i + 1) * units + j) * 256, cb + ((i + 1) * units + j + 1) * 256, 2 * nck, pc == 0, TM, TN)
+
+// One work item: token blocks [i0, i0 + mblocks) of the packed x `at` x units [u0, u0 + units), whole K.
+static void amxg_item(const uint16_t* at, const uint8_t* t16, const nq_meta md, const float* bias, uint16_t* out,
+                      int64_t m_tokens, int64_t n, int64_t k, int64_t group, int64_t i0, int mblocks, int64_t u0,
+                      int units, uint16_t* bb, float* cb) {
+    const int64_t k32 = k / 32;
+    at += i0 * k32 * 512;
+    for (int64_t pc = 0; pc < k; pc += NQ_AMXG_KC) {
+        const int nck = (int)((k - pc < NQ_AMXG_KC ? k - pc : NQ_AMXG_KC) / 64);
+        amxg_dequant(t16, md, n, k, group, u0, units, pc / 64, nck, bb);
+        for (int i = 0; i < mblocks; i += 2) {
+            int j = 0;
+            if (i + 1 < mblocks) {
+                for (; j + 1 < units; j += 2) NQ_AMXG_BLOCK(2, 2);
+                if (j < units) NQ_AMXG_BLOCK(2, 1);
+            } else {
+                for (; j + 1 < units; j += 2) NQ_AMXG_BLOCK(1, 2);
+                if (j < units) NQ_AMXG_BLOCK(1, 1);
+            }
+        }
+    }
+    for (int i = 0; i < mblocks; ++i)
+        for (int r = 0; r < 16 && (i0 + i) * 16 + r < m_tokens; ++r) {
+            uint16_t* o = out + ((i0 + i) * 16 + r) * n + u0 * 16;
+            for (int j = 0; j < units; ++j) {
+                __m512 v = _mm512_load_ps(cb + (i * units + j) * 256 + 16 * r);
+                if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + (u0 + j) * 16));
+                _mm256_storeu_si256((__m256i*)(o + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
+            }
+        }
+}
+#undef NQ_AMXG_BLOCK
+
+// y (M, N) bf16 = x (M, K) bf16 @ w^T + bias on AMX with bf16-rounded weights (the dense path's numerics); same
+// arguments as nq_t16_bf16; -2 without AMX state, -3 out of memory.
+int nq_t16_bf16_amx_gemm(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t,
+                         const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
+                         int nthreads, int scale_kind) {
+    if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
+        return -1;
+    if (amx_state != 1) return -2;
+    if (m_tokens == 0 || n == 0) return 0;
+    const nq_meta meta = {scale_t, zero_t, scale_kind};
+    const int64_t k32 = k / 32, mblocks = (m_tokens + 15) / 16, units = n / 16;
+    const int64_t ub = NQ_AMXG_NC / 16, mb = NQ_AMXG_MC / 16, items_n = (units + ub - 1) / ub;
+    const int64_t items = items_n * ((mblocks + mb - 1) / mb);
+    uint16_t* at = (uint16_t*)aligned_alloc(64, (size_t)(mblocks * k32) * 1024);  // (M/16, K/32) tiles of 16 x 32
+    if (!at) return -3;
+    int oom = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < mblocks; ++i)
+            for (int r = 0; r < 16; ++r) {
+                const int64_t m = i * 16 + r;
+                uint16_t* dst = at + i * k32 * 512 + 32 * r;
+                if (m < m_tokens)
+                    for (int64_t kk = 0; kk < k32; ++kk)
+                        _mm512_store_si512((__m512i*)(dst + kk * 512), _mm512_loadu_si512(x + m * k + 32 * kk));
+                else
+                    for (int64_t kk = 0; kk < k32; ++kk) _mm512_store_si512((__m512i*)(dst + kk * 512), _mm512_setzero_si512());
+            }
+        // B tiles of one K block (L2) and the item's fp32 C tiles
+        uint16_t* bb = (uint16_t*)aligned_alloc(64, (size_t)ub * (NQ_AMXG_KC / 32) * 1024);
+        float* cb = (float*)aligned_alloc(64, (size_t)ub * mb * 1024);
+        if (!bb || !cb) {
+#pragma omp atomic write
+            oom = 1;
+        }
+        int configured = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; ++it) {
+            if (!bb || !cb) continue;
+            if (!configured) {
+                amxg_configure();
+                configured = 1;
+            }
+            const int64_t i0 = (it / items_n) * mb, u0 = (it % items_n) * ub;
+            amxg_item(at, t16, meta, bias, out, m_tokens, n, k, group, i0, (int)(mblocks - i0 < mb ? mblocks - i0 : mb),
+                      u0, (int)(units - u0 < ub ? units - u0 : ub), bb, cb);
+        }
+        if (configured) _tile_release();
+        free(bb);
+        free(cb);
+    }
+    free(at);
+    return oom ? -3 : 0;
+}
+
 #else
 int nq_amx_init(void) { return -2; }
 
 int64_t nq_set_amx_min_tokens(int64_t m) {
+    (void)m;
+    return 0;
+}
+
+int64_t nq_set_amx_gemm_min_tokens(int64_t m) {
     (void)m;
     return 0;
 }
@@ -1017,6 +1231,11 @@ int nq_t16_bf16_amx(const uint16_t* x, const uint8_t* t16, const void* scale_t, 
     (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
     (void)group; (void)nthreads; (void)scale_kind;
     return -2;
+}
+int nq_t16_bf16_amx_gemm(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t,
+                         const float* bias, uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group,
+                         int nthreads, int scale_kind) {
+    return nq_t16_bf16_amx(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
 }
 #endif
 
