@@ -112,7 +112,7 @@ def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w1
     }
     if plan.bound is not None and cpu_native.amx_active():  # the same kernel with AMX off: AVX-512 at every M
         def avx512_only() -> object:
-            with cpu_native.amx_disabled():
+            with cpu_native.avx512_bf16_only():
                 return plan.bound(x16)
         fns["cpu_t16_avx512"] = avx512_only
     if torch_w is not None:

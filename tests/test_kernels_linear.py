@@ -132,7 +132,7 @@ def test_from_linear_and_grad_through_input() -> None:
 
 def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
     """A compile error must not hide behind the torch fallback: on an AVX-512 BF16 CPU the native library loads."""
-    from nvila_quant.kernels.cpu_native import CAP_AMX, CAP_BF16, CAP_F32, CAP_T16_F32, native_caps
+    from nvila_quant.kernels.cpu_native import CAP_AMX, CAP_BF16, CAP_F32, CAP_T16_F32, CAP_VNNI, native_caps
 
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
@@ -141,7 +141,23 @@ def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
     if shutil.which("cc") is None:
         pytest.skip("no C compiler (cc) on PATH")
     amx = CAP_AMX if {"amx_tile", "amx_bf16"} <= flags else 0
-    assert native_caps() == CAP_F32 | CAP_BF16 | CAP_T16_F32 | amx
+    vnni = CAP_VNNI if "avx512_vnni" in flags else 0
+    assert native_caps() == CAP_F32 | CAP_BF16 | CAP_T16_F32 | amx | vnni
+
+
+def _t16_call(fn, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (a ctypes function)
+    """One of the native bf16 T16 kernels called directly on a CPU-prepared layer; output NaN-poisoned first."""
+    from nvila_quant.kernels import cpu_native
+
+    state = layer._prepared["cpu"]
+    m, k = x.shape
+    n = layer.q.shape[0]
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    rc = fn(x.data_ptr(), layer.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(),
+            None if state.bias is None else state.bias.data_ptr(), out.data_ptr(), m, n, k, state.group, 2,
+            cpu_native.SCALE_KINDS[state.scale.dtype])
+    assert rc == 0, (fn, m, n, k)
+    return out.float()
 
 
 def test_amx_t16_kernels_match_the_avx512_one() -> None:
@@ -164,19 +180,13 @@ def test_amx_t16_kernels_match_the_avx512_one() -> None:
                                 bias=torch.randn(n, generator=rng) if i % 2 else None, scale_dtype=scale_dtype)
         fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
         fast.prepare("cpu", torch.bfloat16)
-        state = fast._prepared["cpu"]
         assert fast.q_layout == "t16"
         x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
         outs = {}
         for name, fn in kernels.items():
-            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
-            bias = state.bias
-            with cpu_native.amx_disabled() if name == "avx512" else contextlib.nullcontext():
-                rc = fn(x.data_ptr(), fast.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(),
-                        None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, group, 2,
-                        cpu_native.SCALE_KINDS[state.scale.dtype])
-            assert rc == 0 and not out.isnan().any(), (name, n, k, group, m)
-            outs[name] = out.float()
+            with cpu_native.avx512_bf16_only() if name == "avx512" else contextlib.nullcontext():
+                outs[name] = _t16_call(fn, fast, x)
+            assert not outs[name].isnan().any(), (name, n, k, group, m)
         expect = ref(x).float()
         for name in ("amx", "gemm"):
             assert _rel(outs[name], outs["avx512"]) < 1e-2, (name, n, k, group, m)
@@ -185,6 +195,47 @@ def test_amx_t16_kernels_match_the_avx512_one() -> None:
         dense = F.linear(x.float(), ref.dequantize_weight(torch.bfloat16).float(), None if ref.bias is None else ref.bias.float())
         assert _rel(outs["gemm"], dense) < 5e-3, (n, k, group, m)
         assert _rel(fast(x), expect) < 1e-2  # the module path (AMX from AMX_MIN_TOKENS tokens)
+
+
+def test_vnni_t16_kernel_matches_the_bf16_one() -> None:
+    """The int16 (VNNI) T16 kernel for few tokens: token counts through every pass shape, single-unit tails, group
+    sizes, scale dtypes, bias and activations with 1000x outlier channels agree with the vdpbf16ps kernel and the oracle
+    to the bf16 output's rounding; a NaN or infinity in x gives non-finite outputs as in the reference, zeros zeros;
+    the module path takes it up to VNNI_MAX_TOKENS tokens."""
+    from nvila_quant.kernels import cpu_native
+
+    if not cpu_native.native_caps() & cpu_native.CAP_VNNI:
+        pytest.skip("no AVX-512 VNNI + BF16 here")
+    rng = torch.Generator().manual_seed(11)
+    lib = cpu_native._library()
+    cases = [(16, 64, 64, 1), (80, 128, 128, 2), (64, 256, 64, 3), (48, 192, 192, 4), (96, 256, 256, 5),
+             (64, 512, 128, 7)]
+    for i, (n, k, group, m) in enumerate(cases):
+        qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
+                                bias=torch.randn(n, generator=rng) if i % 2 else None,
+                                scale_dtype=(torch.float32, torch.bfloat16, torch.float16)[i % 3])
+        fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+        fast.prepare("cpu", torch.bfloat16)
+        outlier = torch.where(torch.rand(k, generator=rng) < 0.02, 1000.0, 1.0)
+        x = (torch.randn(m, k, generator=rng) * outlier).to(torch.bfloat16)
+        got = _t16_call(lib.nq_t16_bf16_vnni, fast, x)
+        with cpu_native.avx512_bf16_only():
+            bf16 = _t16_call(lib.nq_t16_bf16, fast, x)
+        expect = F.linear(x.float(), ref.dequantize_weight(torch.float32), None if ref.bias is None else ref.bias.float())
+        assert not got.isnan().any()
+        assert _rel(got, expect) < 4e-3 and _rel(got, bf16) < 6e-3, (n, k, group, m)
+        assert _rel(fast(x), ref(x)) < 1e-2
+    special = torch.ones(3, k).bfloat16()
+    special[0, 3], special[1, k - 1], special[2] = float("nan"), float("inf"), 0.0
+    out = _t16_call(lib.nq_t16_bf16_vnni, fast, special)
+    bias = fast._prepared["cpu"].bias
+    assert not out[:2].isfinite().any() and (out[2] == (0 if bias is None else bias.bfloat16().float())).all()
+    old = cpu_native.set_vnni_max_tokens(8)
+    try:  # the dispatcher: nq_t16_bf16 takes it up to the threshold
+        x = torch.randn(8, k, generator=rng).bfloat16()
+        assert torch.equal(_t16_call(lib.nq_t16_bf16, fast, x), _t16_call(lib.nq_t16_bf16_vnni, fast, x))
+    finally:
+        cpu_native.set_vnni_max_tokens(old)
 
 
 def test_native_dequantize_bit_exact() -> None:

@@ -40,7 +40,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.c"
-CAP_F32, CAP_BF16, CAP_T16_F32, CAP_AMX = 1, 2, 4, 8
+CAP_F32, CAP_BF16, CAP_T16_F32, CAP_AMX, CAP_VNNI = 1, 2, 4, 8, 16
 # From this many tokens the bf16 T16 kernel runs on AMX tiles where the CPU has them (Sapphire Rapids and later).
 # Measured with 4096x4096 g128 on a 2-core Xeon (Emerald Rapids) VM: 1 token 0.38 ms AVX-512 vs 0.46 ms AMX; 2 tokens
 # 0.56 vs 0.44; 8 tokens 1.92 vs 0.48 (dense bf16 1.93). NVILA_QUANT_CPU_AMX_MIN_TOKENS overrides (0: never).
@@ -49,6 +49,11 @@ AMX_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_MIN_TOKENS", 2))
 # numerics; no per-group step). Same VM, 4096x4096: 64 tokens 2.8 ms vs 3.5 ms GEMM, 96 tokens 3.75 vs 3.23, 128 tokens 3.96 vs 2.84 (dense
 # bf16 3.98), 512 tokens 16.4 vs 9.1 (dense 11.95). NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS overrides (0: never).
 AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
+# Up to this many tokens the bf16 T16 kernel multiplies int16 activations (one scale per 64 k, 15-bit mantissa) with
+# vpdpwssd instead of bf16 with vdpbf16ps, which costs ~1.7 cycles per instruction on Sapphire / Emerald Rapids (vs 0.5
+# for vpdpwssd): same VM, 4096x4096, 1 token 0.38 ms vs 0.53, 2 tokens 0.35 vs 0.57 (AMX); errors equal to the bf16
+# output's rounding. On by default where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides (0: never).
+VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 2 if "amx_bf16" in cpu_fingerprint().split() else 0))
 
 
 def load_library(march: str = "native") -> ctypes.CDLL:
@@ -62,16 +67,16 @@ def load_library(march: str = "native") -> ctypes.CDLL:
     lib.nq_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint, cint]
     lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint, cint]
     lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
-    lib.nq_t16_bf16.argtypes = lib.nq_t16_f32.argtypes = lib.nq_t16_bf16_amx.argtypes = lib.nq_t16_bf16_amx_gemm.argtypes = [
-        ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
+    t16_kernels = ("nq_t16_bf16", "nq_t16_f32", "nq_t16_bf16_amx", "nq_t16_bf16_amx_gemm", "nq_t16_bf16_vnni")
+    for fn in t16_kernels:
+        getattr(lib, fn).argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
     lib.nq_amx_init.restype = cint
-    for fn in ("nq_set_amx_min_tokens", "nq_set_amx_gemm_min_tokens"):
+    for fn in ("nq_set_amx_min_tokens", "nq_set_amx_gemm_min_tokens", "nq_set_vnni_max_tokens"):
         getattr(lib, fn).argtypes, getattr(lib, fn).restype = [i64], i64
     lib.nq_layer_bf16.argtypes = lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
-    for fn in ("nq_dequant", "nq_linear", "nq_linear_bf16_64", "nq_t16_bf16", "nq_t16_f32", "nq_t16_bf16_amx", "nq_t16_bf16_amx_gemm",
-               "nq_layer_bf16",
-               "nq_layer_t16_bf16", "nq_layer_t16_f32", "nq_t16_pack", "nq_t16_unpack"):
+    for fn in ("nq_dequant", "nq_linear", "nq_linear_bf16_64", *t16_kernels, "nq_layer_bf16", "nq_layer_t16_bf16",
+               "nq_layer_t16_f32", "nq_t16_pack", "nq_t16_unpack"):
         getattr(lib, fn).restype = cint
     return lib
 
@@ -85,6 +90,7 @@ def _library() -> ctypes.CDLL | None:
     except (BuildError, OSError) as e:
         logger.info("native CPU int4 kernels unavailable (%s); using torch ops", e)
         return None
+    lib.nq_set_vnni_max_tokens(VNNI_MAX_TOKENS)
     if lib.nq_caps() & CAP_AMX and lib.nq_amx_init() == 0:  # the OS grants AMX tile state to this process
         lib.nq_set_amx_min_tokens(AMX_MIN_TOKENS)
         lib.nq_set_amx_gemm_min_tokens(AMX_GEMM_MIN_TOKENS)
@@ -113,15 +119,27 @@ def set_amx_gemm_min_tokens(tokens: int) -> int:
     return old
 
 
+def set_vnni_max_tokens(tokens: int) -> int:
+    """Change up to how many tokens the int16 VNNI kernel runs (0: never); returns the previous value."""
+    global VNNI_MAX_TOKENS
+    old, VNNI_MAX_TOKENS = VNNI_MAX_TOKENS, tokens
+    lib = _library()
+    if lib is not None:
+        lib.nq_set_vnni_max_tokens(tokens)
+    return old
+
+
 @contextlib.contextmanager
-def amx_disabled() -> Iterator[None]:
-    """Within the block the bf16 T16 kernel runs on AVX-512 at every token count (benchmarks and tests compare)."""
-    old = set_amx_min_tokens(0), set_amx_gemm_min_tokens(0)
+def avx512_bf16_only() -> Iterator[None]:
+    """Within the block the bf16 T16 kernel runs on AVX-512 BF16 (vdpbf16ps) at every token count: no AMX, no VNNI
+    (benchmarks and tests compare)."""
+    old = set_amx_min_tokens(0), set_amx_gemm_min_tokens(0), set_vnni_max_tokens(0)
     try:
         yield
     finally:
         set_amx_min_tokens(old[0])
         set_amx_gemm_min_tokens(old[1])
+        set_vnni_max_tokens(old[2])
 
 
 def _set_threshold(setter: str, tokens: int) -> None:
@@ -133,7 +151,8 @@ def _set_threshold(setter: str, tokens: int) -> None:
 @functools.lru_cache(maxsize=1)
 def native_caps() -> int:
     """Bit 1: fp32 kernels (AVX-512F); bit 2: bf16 kernels (AVX-512 BW + BF16); bit 4: the fp32 T16 kernel
-    (AVX-512 BW, or AVX2 + FMA + F16C); bit 8: the AMX T16 kernel is compiled in; 0 without the library."""
+    (AVX-512 BW, or AVX2 + FMA + F16C); bit 8: the AMX T16 kernels are compiled in; bit 16: the int16 VNNI T16
+    kernel (bf16 ones + AVX-512 VNNI); 0 without the library."""
     lib = _library()
     return 0 if lib is None else int(lib.nq_caps())
 
