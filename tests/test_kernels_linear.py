@@ -146,13 +146,13 @@ def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
 
 
 def _t16_call(fn, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (a ctypes function)
-    """One of the native bf16 T16 kernels called directly on a CPU-prepared layer; output NaN-poisoned first."""
+    """One of the native T16 kernels called directly on a CPU-prepared layer (output in x's dtype, NaN-poisoned)."""
     from nvila_quant.kernels import cpu_native
 
     state = layer._prepared["cpu"]
     m, k = x.shape
     n = layer.q.shape[0]
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=x.dtype)
     rc = fn(x.data_ptr(), layer.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(),
             None if state.bias is None else state.bias.data_ptr(), out.data_ptr(), m, n, k, state.group, 2,
             cpu_native.SCALE_KINDS[state.scale.dtype])
@@ -197,11 +197,12 @@ def test_amx_t16_kernels_match_the_avx512_one() -> None:
         assert _rel(fast(x), expect) < 1e-2  # the module path (AMX from AMX_MIN_TOKENS tokens)
 
 
-def test_vnni_t16_kernel_matches_the_bf16_one() -> None:
-    """The int16 (VNNI) T16 kernel for few tokens: token counts through every pass shape, single-unit tails, group
-    sizes, scale dtypes, bias and activations with 1000x outlier channels agree with the vdpbf16ps kernel and the oracle
-    to the bf16 output's rounding; a NaN or infinity in x gives non-finite outputs as in the reference, zeros zeros;
-    the module path takes it up to VNNI_MAX_TOKENS tokens."""
+def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
+    """The int16 (VNNI) T16 kernels for few tokens: token counts through every pass shape, single-unit tails, group
+    sizes, scale dtypes, bias and activations with 1000x outlier channels agree with the vdpbf16ps / FMA kernels and
+    the oracle (bf16: to the output's rounding; fp32 with two parts: within 1e-6 of an fp64 product); a NaN or
+    infinity in x gives non-finite outputs as in the reference, zeros zeros; the dispatchers take them up to their
+    thresholds."""
     from nvila_quant.kernels import cpu_native
 
     if not cpu_native.native_caps() & cpu_native.CAP_VNNI:
@@ -221,21 +222,31 @@ def test_vnni_t16_kernel_matches_the_bf16_one() -> None:
         got = _t16_call(lib.nq_t16_bf16_vnni, fast, x)
         with cpu_native.avx512_bf16_only():
             bf16 = _t16_call(lib.nq_t16_bf16, fast, x)
+            fma32 = _t16_call(lib.nq_t16_f32, fast, x.float())
         expect = F.linear(x.float(), ref.dequantize_weight(torch.float32), None if ref.bias is None else ref.bias.float())
         assert not got.isnan().any()
         assert _rel(got, expect) < 4e-3 and _rel(got, bf16) < 6e-3, (n, k, group, m)
         assert _rel(fast(x), ref(x)) < 1e-2
+        # fp32 activations: two int16 parts, as close to the exact product as the exact-weight FMA kernel
+        expect64 = F.linear(x.double(), ref.dequantize_weight(torch.float64),
+                            None if ref.bias is None else ref.bias.double())
+        got32 = _t16_call(lib.nq_t16_f32_vnni, fast, x.float())
+        assert _rel(got32, expect64) < 1e-6 and _rel(fma32, expect64) < 1e-5, (n, k, group, m)
+        assert _rel(fast(x.float()), ref(x.float())) < 1e-5
     special = torch.ones(3, k).bfloat16()
     special[0, 3], special[1, k - 1], special[2] = float("nan"), float("inf"), 0.0
-    out = _t16_call(lib.nq_t16_bf16_vnni, fast, special)
     bias = fast._prepared["cpu"].bias
-    assert not out[:2].isfinite().any() and (out[2] == (0 if bias is None else bias.bfloat16().float())).all()
-    old = cpu_native.set_vnni_max_tokens(8)
-    try:  # the dispatcher: nq_t16_bf16 takes it up to the threshold
+    for fn, xs in ((lib.nq_t16_bf16_vnni, special), (lib.nq_t16_f32_vnni, special.float())):
+        out = _t16_call(fn, fast, xs)
+        assert not out[:2].isfinite().any() and (out[2] == (0 if bias is None else bias.to(xs.dtype).float())).all()
+    old = cpu_native.set_vnni_max_tokens(8), cpu_native.set_vnni_max_tokens(8, f32=True)
+    try:  # the dispatchers: nq_t16_bf16 / nq_t16_f32 take it up to their thresholds
         x = torch.randn(8, k, generator=rng).bfloat16()
         assert torch.equal(_t16_call(lib.nq_t16_bf16, fast, x), _t16_call(lib.nq_t16_bf16_vnni, fast, x))
+        assert torch.equal(_t16_call(lib.nq_t16_f32, fast, x.float()), _t16_call(lib.nq_t16_f32_vnni, fast, x.float()))
     finally:
-        cpu_native.set_vnni_max_tokens(old)
+        cpu_native.set_vnni_max_tokens(old[0])
+        cpu_native.set_vnni_max_tokens(old[1], f32=True)
 
 
 def test_native_dequantize_bit_exact() -> None:

@@ -54,6 +54,11 @@ AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
 # for vpdpwssd): same VM, 4096x4096, 1 token 0.38 ms vs 0.53, 2 tokens 0.35 vs 0.57 (AMX); errors equal to the bf16
 # output's rounding. On by default where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides (0: never).
 VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 2 if "amx_bf16" in cpu_fingerprint().split() else 0))
+# fp32 activations: two int16 parts (x to within 2^-31 of each 64-k chunk's largest; outputs ~2e-7 from an fp64
+# product, the exact-weight FMA kernel's ~1e-6) instead of that FMA kernel, on every CPU with AVX-512 VNNI: same VM,
+# 1 / 2 tokens 1.8-2.0x / 1.5-1.8x faster than it, even at 4-16. NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS overrides
+# (0: never).
+VNNI_F32_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS", 2))
 
 
 def load_library(march: str = "native") -> ctypes.CDLL:
@@ -67,12 +72,14 @@ def load_library(march: str = "native") -> ctypes.CDLL:
     lib.nq_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint, cint]
     lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint, cint]
     lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
-    t16_kernels = ("nq_t16_bf16", "nq_t16_f32", "nq_t16_bf16_amx", "nq_t16_bf16_amx_gemm", "nq_t16_bf16_vnni")
+    t16_kernels = ("nq_t16_bf16", "nq_t16_f32", "nq_t16_bf16_amx", "nq_t16_bf16_amx_gemm", "nq_t16_bf16_vnni",
+                   "nq_t16_f32_vnni")
     for fn in t16_kernels:
         getattr(lib, fn).argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
     lib.nq_amx_init.restype = cint
-    for fn in ("nq_set_amx_min_tokens", "nq_set_amx_gemm_min_tokens", "nq_set_vnni_max_tokens"):
+    for fn in ("nq_set_amx_min_tokens", "nq_set_amx_gemm_min_tokens"):
         getattr(lib, fn).argtypes, getattr(lib, fn).restype = [i64], i64
+    lib.nq_set_vnni_max_tokens.argtypes, lib.nq_set_vnni_max_tokens.restype = [i64, cint], i64
     lib.nq_layer_bf16.argtypes = lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
     for fn in ("nq_dequant", "nq_linear", "nq_linear_bf16_64", *t16_kernels, "nq_layer_bf16", "nq_layer_t16_bf16",
@@ -90,7 +97,8 @@ def _library() -> ctypes.CDLL | None:
     except (BuildError, OSError) as e:
         logger.info("native CPU int4 kernels unavailable (%s); using torch ops", e)
         return None
-    lib.nq_set_vnni_max_tokens(VNNI_MAX_TOKENS)
+    lib.nq_set_vnni_max_tokens(VNNI_MAX_TOKENS, 0)
+    lib.nq_set_vnni_max_tokens(VNNI_F32_MAX_TOKENS, 1)
     if lib.nq_caps() & CAP_AMX and lib.nq_amx_init() == 0:  # the OS grants AMX tile state to this process
         lib.nq_set_amx_min_tokens(AMX_MIN_TOKENS)
         lib.nq_set_amx_gemm_min_tokens(AMX_GEMM_MIN_TOKENS)
@@ -119,27 +127,33 @@ def set_amx_gemm_min_tokens(tokens: int) -> int:
     return old
 
 
-def set_vnni_max_tokens(tokens: int) -> int:
-    """Change up to how many tokens the int16 VNNI kernel runs (0: never); returns the previous value."""
-    global VNNI_MAX_TOKENS
-    old, VNNI_MAX_TOKENS = VNNI_MAX_TOKENS, tokens
+def set_vnni_max_tokens(tokens: int, f32: bool = False) -> int:
+    """Change up to how many tokens the int16 VNNI kernel runs for bf16 (``f32``: fp32) activations (0: never);
+    returns the previous value."""
+    global VNNI_MAX_TOKENS, VNNI_F32_MAX_TOKENS
+    old = VNNI_F32_MAX_TOKENS if f32 else VNNI_MAX_TOKENS
+    if f32:
+        VNNI_F32_MAX_TOKENS = tokens
+    else:
+        VNNI_MAX_TOKENS = tokens
     lib = _library()
     if lib is not None:
-        lib.nq_set_vnni_max_tokens(tokens)
+        lib.nq_set_vnni_max_tokens(tokens, int(f32))
     return old
 
 
 @contextlib.contextmanager
 def avx512_bf16_only() -> Iterator[None]:
-    """Within the block the bf16 T16 kernel runs on AVX-512 BF16 (vdpbf16ps) at every token count: no AMX, no VNNI
-    (benchmarks and tests compare)."""
-    old = set_amx_min_tokens(0), set_amx_gemm_min_tokens(0), set_vnni_max_tokens(0)
+    """Within the block the T16 kernels run on AVX-512 at every token count (bf16: vdpbf16ps, fp32: FMA): no AMX, no
+    VNNI (benchmarks and tests compare)."""
+    old = set_amx_min_tokens(0), set_amx_gemm_min_tokens(0), set_vnni_max_tokens(0), set_vnni_max_tokens(0, f32=True)
     try:
         yield
     finally:
         set_amx_min_tokens(old[0])
         set_amx_gemm_min_tokens(old[1])
         set_vnni_max_tokens(old[2])
+        set_vnni_max_tokens(old[3], f32=True)
 
 
 def _set_threshold(setter: str, tokens: int) -> None:
