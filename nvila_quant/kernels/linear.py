@@ -71,6 +71,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self._backend_for: dict[tuple[str, torch.dtype], str] = {}  # (device type, x dtype) -> resolved backend
+        self._bound: dict[torch.dtype, object] = {}  # CPU: native kernels bound to this layer per dtype (eager fast path)
         self.backend = backend
         self.nibbles = bits == 4 and in_features % 2 == 0
         cols = in_features // 2 if self.nibbles else in_features
@@ -79,7 +80,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", torch.zeros(out_features, in_features // g, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
         self._prepared: dict[str, object] = {}
-        self._bound = None  # CPU: the native kernel bound to this layer for the last prepared dtype (eager fast path)
         self.q_layout = "rows"  # or "t16" (CPU kernels, bf16/fp16 activations) or "mma" (CUDA kernels)
         self._rows_only = False  # set when T16 weights meet activations no T16 kernel takes: stay in nibble rows
 
@@ -186,14 +186,14 @@ class QuantLinear(nn.Module):
     def __getstate__(self) -> dict:
         """Copies and pickles carry the weights as nibble rows, not the kernel caches (they hold native pointers)."""
         state = self.__dict__.copy()
-        state.update(_prepared={}, _backend_for={}, _bound=None, q_layout="rows")
+        state.update(_prepared={}, _backend_for={}, _bound={}, q_layout="rows")
         state["_buffers"] = {**self._buffers, "q": self.nibble_rows()}
         return state
 
     def settings_changed(self) -> None:
         """Forget the per-(device, dtype) backend choices (re-decided on the next call)."""
         self._backend_for.clear()
-        self._bound = None
+        self._bound.clear()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -256,7 +256,9 @@ class QuantLinear(nn.Module):
     def _remember(self, device_type: str, dtype: torch.dtype, backend: str) -> None:
         self._backend_for[(device_type, dtype)] = backend
         if backend == "cpu" and dtype in (torch.bfloat16, torch.float32):
-            self._bound = self._prepared["cpu"].plan(self.q, dtype).bound
+            bound = self._prepared["cpu"].plan(self.q, dtype).bound
+            if bound is not None:
+                self._bound[dtype] = bound
             cpu_backend.SETTINGS_USERS.add(self)
 
     @torch.compiler.disable
@@ -270,9 +272,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim in_features={self.in_features}, got {tuple(x.shape)}")
-        bound = self._bound  # eager decode on CPU: as little Python as possible (it shows in every layer's time)
-        if (bound is not None and not torch.compiler.is_compiling() and x.dtype == bound.dtype
-                and x.numel() < bound.max_numel and x.is_cpu and x.is_contiguous() and not x.requires_grad):
+        bound = self._bound.get(x.dtype)  # eager decode on CPU: as little Python as possible (it shows in every layer)
+        if (bound is not None and not torch.compiler.is_compiling() and x.numel() < bound.max_numel and x.is_cpu
+                and x.is_contiguous() and not x.requires_grad):
             return bound(x)
         backend = self._backend_for.get((x.device.type, x.dtype)) or self._select(x.device, x.dtype)
         if backend == "cuda":
