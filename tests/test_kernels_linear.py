@@ -370,6 +370,23 @@ def test_used_layers_copy_and_pickle() -> None:
     assert torch.equal(fresh(x), y)
 
 
+def test_layer_keeps_a_bound_kernel_per_dtype() -> None:
+    """A layer called with bf16 and fp32 activations in turn keeps both native kernels bound (the eager fast path),
+    drops them when its weights change, and stays exact against the oracle throughout."""
+    if not native_available():
+        pytest.skip("native kernels did not build on this machine")
+    qt = _layer(64, 256, 64, True)
+    mod, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+    x = torch.randn(1, 256)
+    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):
+        assert _rel(mod(x.to(dtype)), ref(x.to(dtype))) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert set(mod._bound) == {torch.bfloat16, torch.float32}
+    mod.load_qtensor(_layer(64, 256, 64, True, seed=3))
+    assert not mod._bound
+    ref.load_qtensor(_layer(64, 256, 64, True, seed=3))
+    assert _rel(mod(x), ref(x)) < 1e-5
+
+
 def test_avx2_build_runs_fp32_activations_on_its_t16_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU without AVX-512 (here: the library built for x86-64-v3) has only the fp32 T16 kernel: fp32 activations
     run on it at every token count, bf16 ones on torch's int4 op."""
