@@ -209,7 +209,7 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
         pytest.skip("no AVX-512 VNNI + BF16 here")
     rng = torch.Generator().manual_seed(11)
     lib = cpu_native._library()
-    cases = [(16, 64, 64, 1), (80, 128, 128, 2), (64, 256, 64, 3), (48, 192, 192, 4), (96, 256, 256, 5),
+    cases = [(16, 64, 64, 1), (144, 256, 128, 1), (80, 128, 128, 2), (64, 256, 64, 3), (48, 192, 192, 4), (96, 256, 256, 5),
              (64, 512, 128, 7)]
     for i, (n, k, group, m) in enumerate(cases):
         qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
