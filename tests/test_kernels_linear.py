@@ -145,7 +145,7 @@ def test_native_kernels_build_where_the_cpu_has_avx512() -> None:
     assert native_caps() == CAP_F32 | CAP_BF16 | CAP_T16_F32 | amx | vnni
 
 
-def _t16_call(fn, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (a ctypes function)
+def _t16_call(fn, layer: QuantLinear, x: torch.Tensor, threads: int = 2) -> torch.Tensor:  # noqa: ANN001 (ctypes)
     """One of the native T16 kernels called directly on a CPU-prepared layer (output in x's dtype, NaN-poisoned)."""
     from nvila_quant.kernels import cpu_native
 
@@ -154,7 +154,7 @@ def _t16_call(fn, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:  # noqa:
     n = layer.q.shape[0]
     out = torch.full((m, n), float("nan"), dtype=x.dtype)
     rc = fn(x.data_ptr(), layer.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(),
-            None if state.bias is None else state.bias.data_ptr(), out.data_ptr(), m, n, k, state.group, 2,
+            None if state.bias is None else state.bias.data_ptr(), out.data_ptr(), m, n, k, state.group, threads,
             cpu_native.SCALE_KINDS[state.scale.dtype])
     assert rc == 0, (fn, m, n, k)
     return out.float()
@@ -191,6 +191,8 @@ def test_amx_t16_kernels_match_the_avx512_one() -> None:
         for name in ("amx", "gemm"):
             assert _rel(outs[name], outs["avx512"]) < 1e-2, (name, n, k, group, m)
             assert _rel(outs[name], expect) < 1e-2, (name, n, k, group, m)
+        # many threads split the work finer (smaller GEMM items), with the same sums in the same order
+        assert torch.equal(_t16_call(lib.nq_t16_bf16_amx_gemm, fast, x, threads=24), outs["gemm"])
         # the GEMM multiplies the dense path's bf16 weights: it matches that product up to the bf16 output
         dense = F.linear(x.float(), ref.dequantize_weight(torch.bfloat16).float(), None if ref.bias is None else ref.bias.float())
         assert _rel(outs["gemm"], dense) < 5e-3, (n, k, group, m)
@@ -220,6 +222,7 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
         outlier = torch.where(torch.rand(k, generator=rng) < 0.02, 1000.0, 1.0)
         x = (torch.randn(m, k, generator=rng) * outlier).to(torch.bfloat16)
         got = _t16_call(lib.nq_t16_bf16_vnni, fast, x)
+        assert torch.equal(_t16_call(lib.nq_t16_bf16_vnni, fast, x, threads=24), got)  # blocks of 1 unit, same sums
         with cpu_native.avx512_bf16_only():
             bf16 = _t16_call(lib.nq_t16_bf16, fast, x)
             fma32 = _t16_call(lib.nq_t16_f32, fast, x.float())

@@ -963,8 +963,9 @@ static inline __attribute__((always_inline)) void vnni_passes(
     const int16_t* xq, const float* xs, const float* xsum, const uint8_t* t16, const nq_meta meta, const float* bias,
     void* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, const int P, const int f32) {
     const int64_t nc = k / 64, ng = k / group;
-    const int64_t nb = m_tokens == 1 && P == 1 ? 8 : 4;
-    const int64_t units = n / 16, full = units / nb, blocks = full + (units - full * nb);
+    const int64_t units_all = n / 16;  // blocks of 8 units for one token, 4 otherwise; 1 when that leaves threads idle
+    const int64_t nb = m_tokens == 1 && P == 1 && units_all >= 32 * nthreads ? 8 : units_all >= 8 * nthreads ? 4 : 1;
+    const int64_t units = units_all, full = nb > 1 ? units / nb : 0, blocks = full + (units - full * nb);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t blk = 0; blk < blocks; ++blk) {  // full blocks of nb units, then single units
         const int64_t u0 = blk < full ? blk * nb : full * nb + (blk - full);
@@ -1424,8 +1425,12 @@ int nq_t16_bf16_amx_gemm(const uint16_t* x, const uint8_t* t16, const void* scal
     if (m_tokens == 0 || n == 0) return 0;
     const nq_meta meta = {scale_t, zero_t, scale_kind};
     const int64_t k32 = k / 32, mblocks = (m_tokens + 15) / 16, units = n / 16;
-    const int64_t ub = NQ_AMXG_NC / 16, mb = NQ_AMXG_MC / 16, items_n = (units + ub - 1) / ub;
-    const int64_t items = items_n * ((mblocks + mb - 1) / mb);
+    // work items of up to NQ_AMXG_MC tokens x NQ_AMXG_NC rows, smaller while there are fewer than 4 per thread (narrow
+    // layers such as GQA k / v projections, many cores)
+    int64_t ub = NQ_AMXG_NC / 16, mb = NQ_AMXG_MC / 16;
+    while (ub > 2 && (units + ub - 1) / ub * ((mblocks + mb - 1) / mb) < 4 * nthreads) ub /= 2;
+    while (mb > 2 && (units + ub - 1) / ub * ((mblocks + mb - 1) / mb) < 4 * nthreads) mb /= 2;
+    const int64_t items_n = (units + ub - 1) / ub, items = items_n * ((mblocks + mb - 1) / mb);
     uint16_t* at = (uint16_t*)aligned_alloc(64, (size_t)(mblocks * k32) * 1024);  // (M/16, K/32) tiles of 16 x 32
     if (!at) return -3;
     int oom = 0;
