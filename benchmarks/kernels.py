@@ -142,6 +142,8 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
             row = {"N": n, "K": k, "M": m, **{f"{name}_ms": v for name, v in ms.items()}}
             plan = layer._prepared["cpu"].plan(layer.q, torch.bfloat16)
             row["path"] = plan.kernel if plan.kernel and m < plan.dense_from else "dense"
+            if row["path"] == "native-t16":
+                row["path"] = f"t16 {cpu_native.t16_route(torch.bfloat16, m)}"
             row["x_vs_bf16"] = ms["dense_bf16"] / ms["cpu"]
             row["x_vs_fp32"] = ms["dense_fp32"] / ms["cpu"]
             row["fp32_act_x_vs_fp32"] = ms["dense_fp32"] / ms["cpu_fp32_act"]

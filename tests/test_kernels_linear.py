@@ -252,6 +252,27 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
         cpu_native.set_vnni_max_tokens(old[1], f32=True)
 
 
+def test_t16_route_follows_the_thresholds() -> None:
+    """t16_route names the kernel the dispatchers pick, and follows the threshold setters."""
+    from nvila_quant.kernels import cpu_native
+
+    if cpu_native.t16_kernel(torch.bfloat16) != "bf16":
+        pytest.skip("no bf16 T16 kernel here")
+    with cpu_native.avx512_bf16_only():
+        assert cpu_native.t16_route(torch.bfloat16, 1) == cpu_native.t16_route(torch.bfloat16, 512) == "avx512-bf16"
+        assert cpu_native.t16_route(torch.float32, 1) == "avx512-fma"
+    if cpu_native.native_caps() & cpu_native.CAP_VNNI:
+        old = cpu_native.set_vnni_max_tokens(3)
+        try:
+            assert cpu_native.t16_route(torch.bfloat16, 3) == "vnni-int16"
+        finally:
+            cpu_native.set_vnni_max_tokens(old)
+    if cpu_native.amx_active():
+        gemm_from = cpu_native.AMX_GEMM_MIN_TOKENS
+        assert cpu_native.t16_route(torch.bfloat16, gemm_from) == "amx-gemm"
+        assert cpu_native.t16_route(torch.bfloat16, gemm_from - 1) == "amx-tiles"
+
+
 def test_native_dequantize_bit_exact() -> None:
     if not native_available():
         pytest.skip("no C compiler: the torch fallback is used")

@@ -33,6 +33,7 @@ __all__ = [
     "t16_pack",
     "t16_kernel",
     "t16_linear",
+    "t16_route",
     "t16_shape_ok",
     "t16_unpack",
     "unpack_nibbles",
@@ -140,6 +141,27 @@ def set_vnni_max_tokens(tokens: int, f32: bool = False) -> int:
     if lib is not None:
         lib.nq_set_vnni_max_tokens(tokens, int(f32))
     return old
+
+
+def t16_route(x_dtype: torch.dtype, tokens: int) -> str | None:
+    """Which native T16 kernel a call of ``tokens`` rows takes here: "vnni-int16" (bf16 x), "vnni-int16x2" (fp32 x),
+    "amx-tiles", "amx-gemm", "avx512-bf16", "avx512-fma" / "avx2-fma" (fp32 weights), or None (no T16 kernel)."""
+    kernel = t16_kernel(x_dtype)
+    caps = native_caps()
+    if kernel == "bf16":
+        if caps & CAP_VNNI and tokens <= VNNI_MAX_TOKENS:
+            return "vnni-int16"
+        if amx_active():
+            if AMX_GEMM_MIN_TOKENS > 0 and tokens >= AMX_GEMM_MIN_TOKENS:
+                return "amx-gemm"
+            if tokens >= AMX_MIN_TOKENS:
+                return "amx-tiles"
+        return "avx512-bf16"
+    if kernel == "f32":
+        if caps & CAP_VNNI and tokens <= VNNI_F32_MAX_TOKENS:
+            return "vnni-int16x2"
+        return "avx512-fma" if caps & CAP_F32 else "avx2-fma"
+    return None
 
 
 @contextlib.contextmanager
