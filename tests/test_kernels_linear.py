@@ -267,8 +267,8 @@ def test_t16_route_follows_the_thresholds() -> None:
             assert cpu_native.t16_route(torch.bfloat16, 3) == "vnni-int16"
         finally:
             cpu_native.set_vnni_max_tokens(old)
-    if cpu_native.amx_active():
-        gemm_from = cpu_native.AMX_GEMM_MIN_TOKENS
+    gemm_from = cpu_native.AMX_GEMM_MIN_TOKENS
+    if cpu_native.amx_active() and gemm_from - 1 >= max(cpu_native.AMX_MIN_TOKENS, cpu_native.VNNI_MAX_TOKENS + 1):
         assert cpu_native.t16_route(torch.bfloat16, gemm_from) == "amx-gemm"
         assert cpu_native.t16_route(torch.bfloat16, gemm_from - 1) == "amx-tiles"
 
