@@ -1,4 +1,4 @@
-"""Native CPU int4 kernels (``csrc/int4_cpu.c``, AVX-512 + OpenMP) with torch fallbacks.
+"""Native CPU int4 kernels (``csrc/int4_cpu.c``, ``t16_vnni.c``, ``t16_amx.c``; AVX-512 + OpenMP) with torch fallbacks.
 
 Layout ("nibble rows"): q (N, K/2) uint8, byte j of row n = k 2j (low nibble) | k 2j+1 (high nibble).
 The library is compiled on first use with the system C compiler (``-march=native``) and cached per CPU
@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.c"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "int4_cpu.c", _CSRC / "t16_vnni.c", _CSRC / "t16_amx.c"]  # one library; shared int4_cpu.h
 CAP_F32, CAP_BF16, CAP_T16_F32, CAP_AMX, CAP_VNNI = 1, 2, 4, 8, 16
 # From this many tokens the bf16 T16 kernel runs on AMX tiles where the CPU has them (Sapphire Rapids and later).
 # Measured with 4096x4096 g128 on a 2-core Xeon (Emerald Rapids) VM: 1 token 0.38 ms AVX-512 vs 0.46 ms AMX; 2 tokens
@@ -65,8 +66,9 @@ VNNI_F32_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS", 2))
 def load_library(march: str = "native") -> ctypes.CDLL:
     """Build (cached) and load the kernels for ``-march=<march>`` (tests load an AVX2-only build this way)."""
     name = "nq_int4_cpu" if march == "native" else f"nq_int4_cpu_{march.replace('-', '_')}"
-    path = build_shared_library(name, [_SOURCE], "cc", [
-        "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", "-std=c11"], cpu_fingerprint())
+    path = build_shared_library(name, _SOURCES, "cc", [
+        "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", "-std=c11"], cpu_fingerprint(),
+        depends=[_CSRC / "int4_cpu.h"])
     lib = ctypes.CDLL(str(path))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.nq_caps.restype = cint
