@@ -50,7 +50,7 @@ static void vnni_quantize(const void* x, int f32, int parts, int64_t m_tokens, i
                 if (bad) {
                     scale = __builtin_nanf("");
                     inv = 0.f;
-                } else if (mx < 1e-30f) {  // zeros (or values far below anything the outputs resolve)
+                } else if (mx < 1e-33f) {  // zeros, or so small that xs would be subnormal: contribute nothing
                     scale = inv = 0.f;
                 }
                 __m512i sum = _mm512_setzero_si512(), sum2 = sum;
