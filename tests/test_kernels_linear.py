@@ -394,6 +394,34 @@ def test_used_layers_copy_and_pickle() -> None:
     assert torch.equal(fresh(x), y)
 
 
+def test_t16_dequantize_t_is_bit_exact() -> None:
+    """W^T straight from the T16 layout equals the layer's dequantized weight (fp32 and bf16), for any 16-row block,
+    group sizes and scale dtypes; the dense path with it matches the oracle."""
+    from nvila_quant.kernels import cpu_native
+
+    if cpu_native.t16_kernel(torch.float32) is None or not cpu_native.native_caps() & cpu_native.CAP_T16_F32:
+        pytest.skip("no T16 kernels here")
+    for n, k, group, scale_dtype in ((48, 256, 64, torch.bfloat16), (64, 384, 128, torch.float32),
+                                     (32, 192, 192, torch.float16)):
+        mod = QuantLinear.from_qtensor(_layer(n, k, group, True, scale_dtype=scale_dtype), "cpu")
+        mod.prepare("cpu", torch.float32)
+        state = mod._prepared["cpu"]
+        assert state.t16
+        for dtype in (torch.float32, torch.bfloat16):
+            expect = mod.dequantize_weight(dtype)
+            full = cpu_native.t16_dequantize_t(mod.q, state.scale, state.zero, group, dtype, 0, n)
+            if full is None:  # bf16 output without AVX-512 BF16
+                assert dtype == torch.bfloat16
+                continue
+            assert torch.equal(full.t(), expect)
+            assert torch.equal(cpu_native.t16_dequantize_t(mod.q, state.scale, state.zero, group, dtype, 16, 32).t(),
+                               expect[16:32])
+        assert cpu_native.t16_dequantize_t(mod.q, state.scale, state.zero, group, torch.float32, 8, 16) is None
+        x = torch.randn(300, k)  # many tokens: the dense path
+        assert _rel(cpu_backend.dense_chunked(x, mod.q, state, torch.float32), mod.dequantize_weight(torch.float32)
+                    .matmul(x.t()).t() + mod.bias.float()) < 1e-5
+
+
 def test_layer_keeps_a_bound_kernel_per_dtype() -> None:
     """A layer called with bf16 and fp32 activations in turn keeps both native kernels bound (the eager fast path),
     drops them when its weights change, and stays exact against the oracle throughout."""

@@ -43,6 +43,7 @@ from nvila_quant.kernels.cpu_native import (
     dequantize_nibbles,
     native_linear,
     native_linear_support,
+    t16_dequantize_t,
     t16_kernel,
     t16_linear,
     t16_shape_ok,
@@ -82,9 +83,11 @@ TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # dense bf16 at 128-512 tokens) and keeps every token count; if the OS refuses AMX state,
 # oneDNN's dense AMX GEMM beats the AVX-512 kernel from a few tokens, so the dense path takes over from 32 there.
 _AMX_BF16 = "amx_bf16" in cpu_fingerprint().split()
-# fp32 T16 (fp32 activations): 1.01-1.20x the dense fp32 path at 128 tokens, 0.89-0.91x at 512.
+# fp32 T16 (fp32 activations): 1.01-1.20x the dense fp32 path at 128 tokens, 0.89-0.91x at 512 on the Zen 4 VM. On
+# the Emerald Rapids VM (MKL's fp32 GEMM relatively faster; the dense path dequantizes W^T straight from T16) the
+# dense path wins from ~48 tokens: 32 tokens 8.8 ms kernel vs 11.1 dense, 64 tokens 16.9 vs 15.6, 128 34.6 vs 24.4.
 DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 32 if _AMX_BF16 else 1 << 62,
-                    "native-t16-f32": 256}
+                    "native-t16-f32": 48 if _AMX_BF16 else 256}
 
 
 # Objects that cache decisions taken under SETTINGS (QuantLinear's bound fast path): reset when SETTINGS change.
@@ -326,9 +329,15 @@ def dense_chunked(x2: torch.Tensor, qnib: torch.Tensor, state: CpuState, dtype: 
     outs = []
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        scale, zero = _meta_rows(state, r0, r1)
-        w = dequantize_nibbles(_rows(qnib[r0:r1], state), scale, zero, state.group, dtype,
-                               out=buf[: (r1 - r0) * k].view(r1 - r0, k))
+        w = None
+        if state.t16:  # W^T straight from the T16 layout (no unpack to rows); F.linear takes its transpose as is
+            w_t = t16_dequantize_t(qnib, state.scale, state.zero, state.group, dtype, r0, r1,
+                                   out=buf[: (r1 - r0) * k].view(k, r1 - r0))
+            w = None if w_t is None else w_t.t()
+        if w is None:
+            scale, zero = _meta_rows(state, r0, r1)
+            w = dequantize_nibbles(_rows(qnib[r0:r1], state), scale, zero, state.group, dtype,
+                                   out=buf[: (r1 - r0) * k].view(r1 - r0, k))
         outs.append(F.linear(x2, w, None if state.bias is None else state.bias[r0:r1].to(dtype)))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 

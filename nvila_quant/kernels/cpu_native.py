@@ -32,6 +32,7 @@ __all__ = [
     "pack_nibbles",
     "t16_pack",
     "t16_kernel",
+    "t16_dequantize_t",
     "t16_linear",
     "t16_route",
     "t16_shape_ok",
@@ -85,8 +86,9 @@ def load_library(march: str = "native") -> ctypes.CDLL:
     lib.nq_set_vnni_max_tokens.argtypes, lib.nq_set_vnni_max_tokens.restype = [i64, cint], i64
     lib.nq_layer_bf16.argtypes = lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
+    lib.nq_t16_dequant_t.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, cint, cint, cint]
     for fn in ("nq_dequant", "nq_linear", "nq_linear_bf16_64", *t16_kernels, "nq_layer_bf16", "nq_layer_t16_bf16",
-               "nq_layer_t16_f32", "nq_t16_pack", "nq_t16_unpack"):
+               "nq_layer_t16_f32", "nq_t16_pack", "nq_t16_unpack", "nq_t16_dequant_t"):
         getattr(lib, fn).restype = cint
     return lib
 
@@ -274,6 +276,26 @@ def t16_linear(x: torch.Tensor, t16: torch.Tensor, scale_t: torch.Tensor, zero_t
     if rc != 0:
         raise RuntimeError(f"native T16 linear failed with code {rc} for x {tuple(x.shape)}, N={n}, group {group}")
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def t16_dequantize_t(t16: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor, group: int, dtype: torch.dtype,
+                     r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """W^T (K, r1 - r0) in ``dtype`` (fp32 or bf16) for output rows r0:r1 (multiples of 16) of T16 weights (N, K/2)
+    with scale_t / zero_t (K/G, N): (q - z) * s rounded once, bit-identical to :func:`dequantize_nibbles`, read from
+    the T16 layout directly. Written into ``out`` when given; None where the native kernel cannot (the caller unpacks
+    to rows instead)."""
+    n, k = t16.shape[0], t16.shape[1] * 2
+    lib = _library()
+    if (lib is None or not native_caps() & CAP_T16_F32 or dtype not in (torch.float32, torch.bfloat16)
+            or (dtype == torch.bfloat16 and not native_caps() & CAP_BF16) or not _meta_ok(scale_t, zero_t)
+            or r0 % 16 or r1 % 16 or not 0 <= r0 <= r1 <= n):
+        return None
+    if out is None:
+        out = torch.empty(k, r1 - r0, dtype=dtype)
+    rc = lib.nq_t16_dequant_t(t16.data_ptr(), scale_t.data_ptr(), zero_t.data_ptr(), out.data_ptr(), n, k, group,
+                              r0 // 16, (r1 - r0) // 16, int(dtype == torch.bfloat16), torch.get_num_threads(),
+                              SCALE_KINDS[scale_t.dtype])
+    return out if rc == 0 else None
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -459,6 +459,59 @@ int nq_t16_pack(const uint8_t* rows, uint8_t* t16, int64_t n, int64_t k) { retur
 
 int nq_t16_unpack(const uint8_t* t16, uint8_t* rows, int64_t n, int64_t k) { return t16_convert(0, t16, rows, n, k); }
 
+// W^T for the dense path, straight from the T16 layout (no unpack to rows): out (K, 16 units) row-major, element
+// (k, 16 j + r) = (q - z) * s of weight row 16 (u0 + j) + r, computed in fp32 and rounded once to fp32 (bf16 = 0) or
+// bf16 (bf16 = 1, AVX-512 BF16) - bit-identical to nq_dequant's rows. A T16 row (16 weight rows x k pairs 2u, 2u + 1
+// in its low nibbles, 32 + 2u, 33 + 2u in its high ones) is two 16-wide stretches of four rows of W^T.
+int nq_t16_dequant_t(const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, void* out, int64_t n, int64_t k,
+                     int64_t group, int64_t u0, int64_t units, int bf16, int nthreads, int scale_kind) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || u0 < 0 || units < 0 || u0 + units > n / 16 ||
+        scale_kind < 0 || scale_kind > 2)
+        return -1;
+#if !NQ_HAVE_BF16
+    if (bf16) return -2;
+#endif
+    const nq_meta md = {scale_t, zero_t, scale_kind};
+    const int64_t nc = k / 64, ld = 16 * units;
+    // words (r, e) of a widened T16 row -> [e = 0: r 0..15 | e = 1: r 0..15]
+    static const uint16_t order[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    const __m512i split = _mm512_loadu_si512(order);
+    const __m512i low = _mm512_set1_epi16(15);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < nc; ++c)  // 64 rows of W^T per chunk, each written left to right (unit after unit)
+        for (int u = 0; u < 16; ++u)
+            for (int64_t j = 0; j < units; ++j) {
+                const int64_t at = (c * 64 / group) * n + (u0 + j) * 16;
+                const __m512 s = t16_scales(md, at);
+                const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(md.z + at)));
+                const __m512i w = _mm512_cvtepu8_epi16(
+                    _mm256_loadu_si256((const __m256i*)(t16 + ((u0 + j) * nc + c) * 512 + 32 * u)));
+                const __m512i halves[2] = {_mm512_permutexvar_epi16(split, _mm512_and_si512(w, low)),
+                                           _mm512_permutexvar_epi16(split, _mm512_srli_epi16(w, 4))};
+                for (int h = 0; h < 2; ++h)      // low nibbles: k in [64c, 64c + 32); high: the upper half
+                    for (int e = 0; e < 2; ++e) {  // k = 64c + 32h + 2u + e
+                        const __m256i q16 = e ? _mm512_extracti64x4_epi64(halves[h], 1) : _mm512_castsi512_si256(halves[h]);
+                        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu16_epi32(q16), z)), s);
+                        const int64_t row = 64 * c + 32 * h + 2 * u + e;
+#if NQ_HAVE_BF16
+                        if (bf16) {
+                            _mm256_storeu_si256((__m256i*)((uint16_t*)out + row * ld + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
+                            continue;
+                        }
+#endif
+                        _mm512_storeu_ps((float*)out + row * ld + 16 * j, v);
+                    }
+            }
+    return 0;
+#else
+    (void)t16; (void)scale_t; (void)zero_t; (void)out; (void)n; (void)k; (void)group; (void)u0; (void)units; (void)bf16;
+    (void)nthreads; (void)scale_kind;
+    return -2;
+#endif
+}
+
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define NQ_T16F_MB 4  // tokens per pass
