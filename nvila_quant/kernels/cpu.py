@@ -35,8 +35,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nvila_quant.kernels.build import cpu_fingerprint, env_number
+from nvila_quant.kernels.build import env_number
 from nvila_quant.kernels.cpu_native import (
+    AMX_CPU,
     SCALE_KINDS,
     NativeLayer,
     amx_active,
@@ -82,12 +83,11 @@ TORCH_KERNEL_GROUPS = (256, 128, 64, 32)
 # runs on AMX from 2 tokens (cpu_native.AMX_MIN_TOKENS; a tiled GEMM from AMX_GEMM_MIN_TOKENS: 1.3-1.4x faster than
 # dense bf16 at 128-512 tokens) and keeps every token count; if the OS refuses AMX state,
 # oneDNN's dense AMX GEMM beats the AVX-512 kernel from a few tokens, so the dense path takes over from 32 there.
-_AMX_BF16 = "amx_bf16" in cpu_fingerprint().split()
 # fp32 T16 (fp32 activations): 1.01-1.20x the dense fp32 path at 128 tokens, 0.89-0.91x at 512 on the Zen 4 VM. On
 # the Emerald Rapids VM (MKL's fp32 GEMM relatively faster; the dense path dequantizes W^T straight from T16) the
 # dense path wins from ~48 tokens: 32 tokens 8.8 ms kernel vs 11.1 dense, 64 tokens 16.9 vs 15.6, 128 34.6 vs 24.4.
-DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 32 if _AMX_BF16 else 1 << 62,
-                    "native-t16-f32": 48 if _AMX_BF16 else 256}
+DENSE_MIN_TOKENS = {"native-bf16": 64, "native-fp32": 12, "torch-int4": 640, "native-t16": 32 if AMX_CPU else 1 << 62,
+                    "native-t16-f32": 48 if AMX_CPU else 256}
 
 
 # Objects that cache decisions taken under SETTINGS (QuantLinear's bound fast path): reset when SETTINGS change.

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "int4_cpu.c", _CSRC / "t16_vnni.c", _CSRC / "t16_amx.c"]  # one library; shared int4_cpu.h
 CAP_F32, CAP_BF16, CAP_T16_F32, CAP_AMX, CAP_VNNI = 1, 2, 4, 8, 16
+# Intel CPUs with AMX (Sapphire Rapids and later): where the thresholds below were measured, and where vdpbf16ps is slow
+AMX_CPU = "amx_bf16" in cpu_fingerprint().split()
 # From this many tokens the bf16 T16 kernel runs on AMX tiles where the CPU has them (Sapphire Rapids and later).
 # Measured with 4096x4096 g128 on a 2-core Xeon (Emerald Rapids) VM: 1 token 0.38 ms AVX-512 vs 0.46 ms AMX; 2 tokens
 # 0.56 vs 0.44; 8 tokens 1.92 vs 0.48 (dense bf16 1.93). NVILA_QUANT_CPU_AMX_MIN_TOKENS overrides (0: never).
@@ -56,7 +58,7 @@ AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
 # vpdpwssd instead of bf16 with vdpbf16ps, which costs ~1.7 cycles per instruction on Sapphire / Emerald Rapids (vs 0.5
 # for vpdpwssd): same VM, 4096x4096, 1 token 0.38 ms vs 0.53, 2 tokens 0.35 vs 0.57 (AMX); errors equal to the bf16
 # output's rounding. On by default where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides (0: never).
-VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 2 if "amx_bf16" in cpu_fingerprint().split() else 0))
+VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 2 if AMX_CPU else 0))
 # fp32 activations: two int16 parts (x to within 2^-31 of each 64-k chunk's largest; outputs ~2e-7 from an fp64
 # product, the exact-weight FMA kernel's ~1e-6) instead of that FMA kernel, on every CPU with AVX-512 VNNI: same VM,
 # 1 / 2 tokens 1.8-2.0x / 1.5-1.8x faster than it, even at 4-16. NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS overrides
@@ -87,6 +89,7 @@ def load_library(march: str = "native") -> ctypes.CDLL:
     lib.nq_layer_bf16.argtypes = lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
     lib.nq_t16_dequant_t.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, cint, cint, cint]
+    lib.nq_t16_route.argtypes, lib.nq_t16_route.restype = [i64, cint], cint
     for fn in ("nq_dequant", "nq_linear", "nq_linear_bf16_64", *t16_kernels, "nq_layer_bf16", "nq_layer_t16_bf16",
                "nq_layer_t16_f32", "nq_t16_pack", "nq_t16_unpack", "nq_t16_dequant_t"):
         getattr(lib, fn).restype = cint
@@ -147,25 +150,23 @@ def set_vnni_max_tokens(tokens: int, f32: bool = False) -> int:
     return old
 
 
+_ROUTES = {0: None, 1: "vnni-int16", 2: "amx-tiles", 3: "amx-gemm"}  # nq_t16_route's codes (int4_cpu.h)
+
+
 def t16_route(x_dtype: torch.dtype, tokens: int) -> str | None:
-    """Which native T16 kernel a call of ``tokens`` rows takes here: "vnni-int16" (bf16 x), "vnni-int16x2" (fp32 x),
-    "amx-tiles", "amx-gemm", "avx512-bf16", "avx512-fma" / "avx2-fma" (fp32 weights), or None (no T16 kernel)."""
+    """Which native T16 kernel a call of ``tokens`` rows takes here, as the C dispatcher decides: "vnni-int16" (bf16
+    x), "vnni-int16x2" (fp32 x), "amx-tiles", "amx-gemm", "avx512-bf16", "avx512-fma" / "avx2-fma" (fp32 weights), or
+    None (no T16 kernel)."""
     kernel = t16_kernel(x_dtype)
-    caps = native_caps()
-    if kernel == "bf16":
-        if caps & CAP_VNNI and tokens <= VNNI_MAX_TOKENS:
-            return "vnni-int16"
-        if amx_active():
-            if AMX_GEMM_MIN_TOKENS > 0 and tokens >= AMX_GEMM_MIN_TOKENS:
-                return "amx-gemm"
-            if tokens >= AMX_MIN_TOKENS:
-                return "amx-tiles"
+    if kernel is None:
+        return None
+    f32 = kernel == "f32"
+    route = _ROUTES[_library().nq_t16_route(tokens, int(f32))]
+    if route is not None:
+        return route + ("x2" if f32 else "")
+    if not f32:
         return "avx512-bf16"
-    if kernel == "f32":
-        if caps & CAP_VNNI and tokens <= VNNI_F32_MAX_TOKENS:
-            return "vnni-int16x2"
-        return "avx512-fma" if caps & CAP_F32 else "avx2-fma"
-    return None
+    return "avx512-fma" if native_caps() & CAP_F32 else "avx2-fma"
 
 
 @contextlib.contextmanager

@@ -459,6 +459,22 @@ int nq_t16_pack(const uint8_t* rows, uint8_t* t16, int64_t n, int64_t k) { retur
 
 int nq_t16_unpack(const uint8_t* t16, uint8_t* rows, int64_t n, int64_t k) { return t16_convert(0, t16, rows, n, k); }
 
+// Which kernel nq_t16_bf16 (f32 = 0) / nq_t16_f32 (f32 = 1) runs for m_tokens rows, by the nq_set_*_tokens
+// thresholds: NQ_ROUTE_VNNI, NQ_ROUTE_AMX_TILES, NQ_ROUTE_AMX_GEMM (bf16 only, once AMX state is granted) or
+// NQ_ROUTE_PLAIN (vdpbf16ps / FMA). The dispatchers and Python's t16_route both read it.
+int nq_t16_route(int64_t m_tokens, int f32) {
+#if NQ_HAVE_VNNI
+    if (m_tokens <= (f32 ? nq_vnni_f32_max_tokens : nq_vnni_max_tokens)) return NQ_ROUTE_VNNI;
+#endif
+#if NQ_HAVE_AMX
+    if (!f32 && nq_amx_state == 1 && m_tokens >= nq_amx_gemm_min_tokens) return NQ_ROUTE_AMX_GEMM;
+    if (!f32 && nq_amx_state == 1 && m_tokens >= nq_amx_min_tokens) return NQ_ROUTE_AMX_TILES;
+#endif
+    (void)m_tokens;
+    (void)f32;
+    return NQ_ROUTE_PLAIN;
+}
+
 // W^T for the dense path, straight from the T16 layout (no unpack to rows): out (K, 16 units) row-major, element
 // (k, 16 j + r) = (q - z) * s of weight row 16 (u0 + j) + r, computed in fp32 and rounded once to fp32 (bf16 = 0) or
 // bf16 (bf16 = 1, AVX-512 BF16) - bit-identical to nq_dequant's rows. A T16 row (16 weight rows x k pairs 2u, 2u + 1
@@ -578,10 +594,8 @@ int nq_t16_f32(const float* x, const uint8_t* t16, const void* scale_t, const ui
                float* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
     if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
         return -1;
-#if NQ_HAVE_VNNI
-    if (m_tokens <= nq_vnni_f32_max_tokens)
+    if (nq_t16_route(m_tokens, 1) == NQ_ROUTE_VNNI)
         return nq_t16_f32_vnni(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
-#endif
     if (m_tokens == 0 || n == 0) return 0;
     const nq_meta meta = {scale_t, zero_t, scale_kind};
     const int64_t units = n / 16, full = units / NQ_T16F_NB, blocks = full + (units - full * NQ_T16F_NB);
@@ -773,16 +787,16 @@ int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, cons
                 uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
     if (bad_shape(n, k, group) || n % 16 || k % 64 || group % 64 || m_tokens < 0 || scale_kind < 0 || scale_kind > 2)
         return -1;
-#if NQ_HAVE_VNNI
-    if (m_tokens <= nq_vnni_max_tokens)
-        return nq_t16_bf16_vnni(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
-#endif
-#if NQ_HAVE_AMX
-    if (nq_amx_state == 1 && m_tokens >= nq_amx_gemm_min_tokens)
-        return nq_t16_bf16_amx_gemm(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
-    if (nq_amx_state == 1 && m_tokens >= nq_amx_min_tokens)
-        return nq_t16_bf16_amx(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
-#endif
+    switch (nq_t16_route(m_tokens, 0)) {
+        case NQ_ROUTE_VNNI:
+            return nq_t16_bf16_vnni(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
+        case NQ_ROUTE_AMX_GEMM:
+            return nq_t16_bf16_amx_gemm(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
+        case NQ_ROUTE_AMX_TILES:
+            return nq_t16_bf16_amx(x, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
+        default:
+            break;
+    }
     if (m_tokens == 0 || n == 0) return 0;
     const nq_meta meta = {scale_t, zero_t, scale_kind};
     const int64_t ng = k / group;

@@ -98,6 +98,9 @@ static inline float* group_sums(const uint16_t* x, int64_t m_tokens, int64_t k, 
 }
 #endif
 
+enum { NQ_ROUTE_PLAIN = 0, NQ_ROUTE_VNNI = 1, NQ_ROUTE_AMX_TILES = 2, NQ_ROUTE_AMX_GEMM = 3 };  // nq_t16_route
+int nq_t16_route(int64_t m_tokens, int f32);
+
 // Kernels one file calls in another (same arguments as nq_t16_bf16 / nq_t16_f32; -2 where not compiled in).
 int nq_t16_bf16_amx(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                     uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind);
