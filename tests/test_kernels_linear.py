@@ -200,7 +200,7 @@ def test_amx_t16_kernels_match_the_avx512_one() -> None:
 
 
 def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
-    """The int16 (VNNI) T16 kernels for few tokens: token counts through every pass shape, single-unit tails, group
+    """The VNNI T16 kernels for few tokens (bf16 x as int8 parts, fp32 as int16 ones): token counts through every pass shape, single-unit tails, group
     sizes, scale dtypes, bias and activations with 1000x outlier channels agree with the vdpbf16ps / FMA kernels and
     the oracle (bf16: to the output's rounding; fp32 with two parts: within 1e-6 of an fp64 product); a NaN or
     infinity in x gives non-finite outputs as in the reference, zeros zeros; the dispatchers take them up to their
@@ -252,6 +252,25 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
         cpu_native.set_vnni_max_tokens(old[1], f32=True)
 
 
+def test_vnni_kernel_without_vbmi_permutes_words_to_the_same_sums() -> None:
+    """CPUs with AVX-512 VNNI + BF16 but no VBMI (Cooper Lake) pair the T16 rows with vpermw instead of vpermb: the
+    library built for them gives bit-identical outputs here."""
+    from nvila_quant.kernels import cpu_native
+
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if not cpu_native.native_caps() & cpu_native.CAP_VNNI or "avx512vbmi" not in flags:
+        pytest.skip("needs AVX-512 VNNI, BF16 and VBMI here")
+    lib = cpu_native.load_library("cooperlake")
+    assert lib.nq_caps() & cpu_native.CAP_VNNI and not lib.nq_caps() & cpu_native.CAP_AMX
+    rng = torch.Generator().manual_seed(5)
+    for n, k, group, m in ((144, 256, 128, 1), (64, 512, 64, 2), (80, 192, 192, 5)):
+        fast = QuantLinear.from_qtensor(QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True), "cpu")
+        fast.prepare("cpu", torch.bfloat16)
+        x = torch.randn(m, k, generator=rng).bfloat16()
+        native = _t16_call(cpu_native._library().nq_t16_bf16_vnni, fast, x)
+        assert torch.equal(_t16_call(lib.nq_t16_bf16_vnni, fast, x), native), (n, k, group, m)
+
+
 def test_t16_route_follows_the_thresholds() -> None:
     """t16_route names the kernel the dispatchers pick, and follows the threshold setters."""
     from nvila_quant.kernels import cpu_native
@@ -264,7 +283,7 @@ def test_t16_route_follows_the_thresholds() -> None:
     if cpu_native.native_caps() & cpu_native.CAP_VNNI:
         old = cpu_native.set_vnni_max_tokens(3)
         try:
-            assert cpu_native.t16_route(torch.bfloat16, 3) == "vnni-int16"
+            assert cpu_native.t16_route(torch.bfloat16, 3) == "vnni-int8x2"
         finally:
             cpu_native.set_vnni_max_tokens(old)
     gemm_from = cpu_native.AMX_GEMM_MIN_TOKENS
@@ -295,13 +314,43 @@ def test_cpu_prepare_repeats_groups_exactly() -> None:
 
 
 def test_cpu_backend_under_torch_compile() -> None:
-    """Dynamo traces QuantLinear.forward: the eager fast path is skipped, the CPU kernels run as a graph break."""
+    """Dynamo traces QuantLinear (its __call__ shortcut and forward's eager path are skipped): the CPU kernels run as
+    the registered op or a graph break, also after eager calls bound a kernel to the layer."""
     qt = _layer(128, 256, 64, True)
     mod = QuantLinear.from_qtensor(qt, "cpu")
     compiled = torch.compile(mod, backend="aot_eager")
     for m in (1, 5):
         x = torch.randn(m, 256, dtype=torch.bfloat16)
         assert torch.equal(compiled(x), mod(x)), m
+    warm = QuantLinear.from_qtensor(qt, "cpu")
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    eager = warm(x)
+    assert torch.equal(torch.compile(warm, backend="aot_eager")(x), eager)
+
+
+def test_call_shortcut_keeps_hooks_and_errors() -> None:
+    """QuantLinear.__call__ goes straight to the bound kernel only without hooks: module and global forward hooks
+    still fire (and may change inputs and outputs), and a wrong width still gives the clear error."""
+    qt = _layer(128, 256, 64, True)
+    mod = QuantLinear.from_qtensor(qt, "cpu")
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    plain = mod(x)
+    assert torch.equal(mod(x), plain)
+    seen: list[str] = []
+    pre = mod.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    post = mod.register_forward_hook(lambda module, args, out: seen.append("module") or out + 1)
+    assert torch.equal(mod(x), mod.forward(x * 2) + 1) and seen
+    pre.remove()
+    post.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append("global"))
+    try:
+        assert torch.equal(mod(x), plain) and seen[-1] == "global"
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="in_features=256"):
+        mod(torch.randn(1, 255, dtype=torch.bfloat16))
+    x3 = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    assert torch.equal(mod(x3), mod.forward(x3)) and mod(x3).shape == (2, 3, 128)
 
 
 def test_t16_layout_follows_the_activations_and_stays_invisible() -> None:

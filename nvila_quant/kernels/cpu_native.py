@@ -54,10 +54,13 @@ AMX_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_MIN_TOKENS", 2))
 # numerics; no per-group step). Same VM, 4096x4096: 64 tokens 2.8 ms vs 3.5 ms GEMM, 96 tokens 3.75 vs 3.23, 128 tokens 3.96 vs 2.84 (dense
 # bf16 3.98), 512 tokens 16.4 vs 9.1 (dense 11.95). NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS overrides (0: never).
 AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
-# Up to this many tokens the bf16 T16 kernel multiplies int16 activations (one scale per 64 k, 15-bit mantissa) with
-# vpdpwssd instead of bf16 with vdpbf16ps, which costs ~1.7 cycles per instruction on Sapphire / Emerald Rapids (vs 0.5
-# for vpdpwssd): same VM, 4096x4096, 1 token 0.38 ms vs 0.53, 2 tokens 0.35 vs 0.57 (AMX); errors equal to the bf16
-# output's rounding. On by default where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides (0: never).
+# Up to this many tokens the bf16 T16 kernel multiplies integer activations (one scale per 64 k, 15-bit mantissa, as
+# two int8 parts) with vpdpbusd instead of bf16 with vdpbf16ps, which costs ~1.7 cycles per instruction on Sapphire /
+# Emerald Rapids (vs ~0.5 for the VNNI ones): same VM, 4096x4096, 1 token 0.38 ms vs 0.53 (int16 parts with
+# vpdpwssd, the first version: 0.38), 2 tokens 0.35 vs 0.57 (AMX); errors equal to the bf16 output's rounding. The
+# int8 parts take ~30% fewer instructions per weight than int16 ones (no widening to words): 7-17% faster at 1 token
+# on cold caches, the same at 2-8. On by default where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides
+# (0: never).
 VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 2 if AMX_CPU else 0))
 # fp32 activations: two int16 parts (x to within 2^-31 of each 64-k chunk's largest; outputs ~2e-7 from an fp64
 # product, the exact-weight FMA kernel's ~1e-6) instead of that FMA kernel, on every CPU with AVX-512 VNNI: same VM,
@@ -150,20 +153,22 @@ def set_vnni_max_tokens(tokens: int, f32: bool = False) -> int:
     return old
 
 
-_ROUTES = {0: None, 1: "vnni-int16", 2: "amx-tiles", 3: "amx-gemm"}  # nq_t16_route's codes (int4_cpu.h)
+_ROUTES = {0: None, 1: "vnni", 2: "amx-tiles", 3: "amx-gemm"}  # nq_t16_route's codes (int4_cpu.h)
 
 
 def t16_route(x_dtype: torch.dtype, tokens: int) -> str | None:
-    """Which native T16 kernel a call of ``tokens`` rows takes here, as the C dispatcher decides: "vnni-int16" (bf16
-    x), "vnni-int16x2" (fp32 x), "amx-tiles", "amx-gemm", "avx512-bf16", "avx512-fma" / "avx2-fma" (fp32 weights), or
-    None (no T16 kernel)."""
+    """Which native T16 kernel a call of ``tokens`` rows takes here, as the C dispatcher decides: "vnni-int8x2" (bf16
+    x as two int8 parts), "vnni-int16x2" (fp32 x as two int16 parts), "amx-tiles", "amx-gemm", "avx512-bf16",
+    "avx512-fma" / "avx2-fma" (fp32 weights), or None (no T16 kernel)."""
     kernel = t16_kernel(x_dtype)
     if kernel is None:
         return None
     f32 = kernel == "f32"
     route = _ROUTES[_library().nq_t16_route(tokens, int(f32))]
+    if route == "vnni":
+        return "vnni-int16x2" if f32 else "vnni-int8x2"
     if route is not None:
-        return route + ("x2" if f32 else "")
+        return route
     if not f32:
         return "avx512-bf16"
     return "avx512-fma" if native_caps() & CAP_F32 else "avx2-fma"
@@ -192,8 +197,8 @@ def _set_threshold(setter: str, tokens: int) -> None:
 @functools.lru_cache(maxsize=1)
 def native_caps() -> int:
     """Bit 1: fp32 kernels (AVX-512F); bit 2: bf16 kernels (AVX-512 BW + BF16); bit 4: the fp32 T16 kernel
-    (AVX-512 BW, or AVX2 + FMA + F16C); bit 8: the AMX T16 kernels are compiled in; bit 16: the int16 VNNI T16
-    kernel (bf16 ones + AVX-512 VNNI); 0 without the library."""
+    (AVX-512 BW, or AVX2 + FMA + F16C); bit 8: the AMX T16 kernels are compiled in; bit 16: the VNNI T16
+    kernels (bf16 ones + AVX-512 VNNI); 0 without the library."""
     lib = _library()
     return 0 if lib is None else int(lib.nq_caps())
 
@@ -375,7 +380,7 @@ class NativeLayer:
     (:meth:`supports`). ``t16=True``: packed is the T16 layout, scale / zero are transposed (K/G, N), and the kernel
     is :func:`t16_kernel`'s for ``dtype`` ("bf16" needs bf16 activations, "f32" fp32 ones)."""
 
-    __slots__ = ("call", "dtype", "k", "keep", "max_numel", "n", "ptr", "struct")
+    __slots__ = ("call", "dtype", "k", "keep", "max_numel", "n", "outs", "ptr", "struct")
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
                  group: int, t16: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -392,6 +397,13 @@ class NativeLayer:
         lib = _library()
         self.call = (lib.nq_layer_t16_f32 if kernel == "f32" else lib.nq_layer_t16_bf16) if t16 else lib.nq_layer_bf16
         self.max_numel = 0  # inputs with fewer elements take this kernel (set by the CPU backend's plan)
+        self.outs: dict[torch.Size, torch.Tensor] = {}  # input shape -> an output-shaped template (one element, expanded)
+
+    def _output_like(self, shape: torch.Size) -> torch.Tensor:
+        if len(self.outs) >= 16:  # a few shapes in practice (decode, prefill lengths); bounded anyway
+            self.outs.clear()
+        like = self.outs[shape] = torch.empty(1, dtype=self.dtype).expand(*shape[:-1], self.n)
+        return like
 
     @staticmethod
     def supports(in_features: int, group: int) -> bool:
@@ -399,7 +411,10 @@ class NativeLayer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) in ``self.dtype``, contiguous (the caller checks K and dtype) -> (..., N) in ``self.dtype``."""
-        out = x.new_empty((*x.shape[:-1], self.n))  # (cheaper than torch.empty with cold caches)
+        like = self.outs.get(x.shape)
+        if like is None:
+            like = self._output_like(x.shape)
+        out = torch.empty_like(like)  # (on cold caches ~30 us less than new_empty / torch.empty with a size)
         rc = self.call(self.ptr, x.data_ptr(), out.data_ptr(), x.numel() // self.k, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"native int4 linear failed with code {rc} for x {tuple(x.shape)}, N={self.n}")
