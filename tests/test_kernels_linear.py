@@ -329,8 +329,9 @@ def test_cpu_backend_under_torch_compile() -> None:
 
 
 def test_call_shortcut_keeps_hooks_and_errors() -> None:
-    """QuantLinear.__call__ goes straight to the bound kernel only without hooks: module and global forward hooks
-    still fire (and may change inputs and outputs), and a wrong width still gives the clear error."""
+    """QuantLinear.__call__ goes straight to the bound kernel only without hooks and with its own forward: module and
+    global forward hooks still fire (and may change inputs and outputs), a forward replaced on the instance runs, and a
+    wrong width still gives the clear error."""
     qt = _layer(128, 256, 64, True)
     mod = QuantLinear.from_qtensor(qt, "cpu")
     x = torch.randn(1, 256, dtype=torch.bfloat16)
@@ -347,6 +348,11 @@ def test_call_shortcut_keeps_hooks_and_errors() -> None:
         assert torch.equal(mod(x), plain) and seen[-1] == "global"
     finally:
         handle.remove()
+    original = mod.forward
+    mod.forward = lambda inp: original(inp) * 0  # a forward replaced on the instance (as accelerate's hooks do)
+    assert not mod(x).any()
+    del mod.forward
+    assert torch.equal(mod(x=x), plain)
     with pytest.raises(ValueError, match="in_features=256"):
         mod(torch.randn(1, 255, dtype=torch.bfloat16))
     x3 = torch.randn(2, 3, 256, dtype=torch.bfloat16)

@@ -50,8 +50,11 @@ __all__ = ["BACKENDS", "QuantLinear", "log_once"]
 logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 _LOGGED: set[str] = set()
-# QuantLinear.__call__'s shortcut reads nn.Module's global hook registries (private names; without them: no shortcut)
-_FAST_CALL = all(hasattr(_module, f"_global_{kind}_hooks") for kind in ("forward", "forward_pre", "backward", "backward_pre"))
+# nn.Module's global hook registries (private; registering and removing hooks mutates these dicts in place), which
+# QuantLinear.__call__'s shortcut checks; None (no shortcut) where a torch version lacks one.
+_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+_GLOBAL_HOOKS = (tuple(getattr(_module, name) for name in _HOOK_NAMES) if all(hasattr(_module, name) for name in _HOOK_NAMES)
+                 else None)
 
 
 def log_once(message: str) -> None:
@@ -272,19 +275,19 @@ class QuantLinear(nn.Module):
             self._remember(device.type, dtype, backend)
         return backend
 
-    def __call__(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        """``nn.Module.__call__``, straight to the bound native kernel in eager CPU decode when the module has no hooks
-        and is not compiled: one Python frame instead of four, which shows on cold caches in every layer of a decode
-        step. Anything else (hooks, tracing, autograd, other devices and sizes) takes the normal path."""
-        bound = self._bound.get(x.dtype) if _FAST_CALL and not (args or kwargs) else None
+    def __call__(self, x: torch.Tensor, *args: object) -> torch.Tensor:
+        """``nn.Module.__call__``, straight to the bound native kernel in eager CPU decode when the module has no hooks,
+        is not compiled and keeps its own ``forward``: one Python frame instead of four, which shows on cold caches in
+        every layer of a decode step. Anything else (hooks, a replaced forward, tracing, autograd, other devices and
+        sizes) takes the normal path. (No ``**kwargs``: forward takes none, and an empty dict per call shows too.)"""
+        bound = self._bound.get(x.dtype) if _GLOBAL_HOOKS is not None else None
         if (bound is not None and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                                        or self._backward_pre_hooks or self._compiled_call_impl is not None)
-                and not (_module._global_forward_hooks or _module._global_forward_pre_hooks
-                         or _module._global_backward_hooks or _module._global_backward_pre_hooks)
-                and not torch.compiler.is_compiling() and x.shape[-1] == self.in_features
-                and x.numel() < bound.max_numel and x.is_cpu and x.is_contiguous() and not x.requires_grad):
+                and not any(_GLOBAL_HOOKS) and "forward" not in self.__dict__ and not torch.compiler.is_compiling()
+                and x.shape[-1] == self.in_features and x.numel() < bound.max_numel and x.is_cpu and x.is_contiguous()
+                and not x.requires_grad and not args):
             return bound(x)
-        return super().__call__(x, *args, **kwargs)
+        return super().__call__(x, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
