@@ -397,13 +397,15 @@ class NativeLayer:
         lib = _library()
         self.call = (lib.nq_layer_t16_f32 if kernel == "f32" else lib.nq_layer_t16_bf16) if t16 else lib.nq_layer_bf16
         self.max_numel = 0  # inputs with fewer elements take this kernel (set by the CPU backend's plan)
-        self.outs: dict[torch.Size, torch.Tensor] = {}  # input shape -> an output-shaped template (one element, expanded)
+        self.outs: dict[torch.Size, tuple[torch.Tensor, int]] = {}  # input shape -> (output template, tokens)
 
-    def _output_like(self, shape: torch.Size) -> torch.Tensor:
+    def entry(self, shape: torch.Size) -> tuple[torch.Tensor, int]:
+        """(an output-shaped template: one element, expanded; token count) for inputs of ``shape``, kept per shape."""
         if len(self.outs) >= 16:  # a few shapes in practice (decode, prefill lengths); bounded anyway
             self.outs.clear()
-        like = self.outs[shape] = torch.empty(1, dtype=self.dtype).expand(*shape[:-1], self.n)
-        return like
+        tokens = shape.numel() // self.k
+        entry = self.outs[shape] = (torch.empty(1, dtype=self.dtype).expand(*shape[:-1], self.n), tokens)
+        return entry
 
     @staticmethod
     def supports(in_features: int, group: int) -> bool:
@@ -411,11 +413,12 @@ class NativeLayer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) in ``self.dtype``, contiguous (the caller checks K and dtype) -> (..., N) in ``self.dtype``."""
-        like = self.outs.get(x.shape)
-        if like is None:
-            like = self._output_like(x.shape)
-        out = torch.empty_like(like)  # (on cold caches ~30 us less than new_empty / torch.empty with a size)
-        rc = self.call(self.ptr, x.data_ptr(), out.data_ptr(), x.numel() // self.k, torch.get_num_threads())
+        return self.run(x, self.outs.get(x.shape) or self.entry(x.shape))
+
+    def run(self, x: torch.Tensor, entry: tuple[torch.Tensor, int]) -> torch.Tensor:
+        """:meth:`__call__` with x's :meth:`entry` at hand (QuantLinear's shortcut looks it up once)."""
+        out = torch.empty_like(entry[0])  # (on cold caches ~30 us less than new_empty / torch.empty with a size)
+        rc = self.call(self.ptr, x.data_ptr(), out.data_ptr(), entry[1], torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"native int4 linear failed with code {rc} for x {tuple(x.shape)}, N={self.n}")
         return out

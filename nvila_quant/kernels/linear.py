@@ -280,13 +280,15 @@ class QuantLinear(nn.Module):
         is not compiled and keeps its own ``forward``: one Python frame instead of four, which shows on cold caches in
         every layer of a decode step. Anything else (hooks, a replaced forward, tracing, autograd, other devices and
         sizes) takes the normal path. (No ``**kwargs``: forward takes none, and an empty dict per call shows too.)"""
-        bound = self._bound.get(x.dtype) if _GLOBAL_HOOKS is not None else None
+        bound = self._bound.get(x.dtype) if _GLOBAL_HOOKS is not None and not args else None
         if (bound is not None and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                                        or self._backward_pre_hooks or self._compiled_call_impl is not None)
-                and not any(_GLOBAL_HOOKS) and "forward" not in self.__dict__ and not torch.compiler.is_compiling()
-                and x.shape[-1] == self.in_features and x.numel() < bound.max_numel and x.is_cpu and x.is_contiguous()
-                and not x.requires_grad and not args):
-            return bound(x)
+                and not any(_GLOBAL_HOOKS) and "forward" not in self.__dict__ and not torch.compiler.is_compiling()):
+            entry = bound.outs.get(x.shape)  # shapes whose width and size were checked once
+            if entry is None and x.shape[-1] == self.in_features and x.numel() < bound.max_numel:
+                entry = bound.entry(x.shape)
+            if entry is not None and x.is_cpu and x.is_contiguous() and not x.requires_grad:
+                return bound.run(x, entry)
         return super().__call__(x, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
