@@ -277,7 +277,7 @@ class QuantLinear(nn.Module):
 
     def __call__(self, x: torch.Tensor, *args: object) -> torch.Tensor:
         """``nn.Module.__call__``, straight to the bound native kernel in eager CPU decode when the module has no hooks,
-        is not compiled and keeps its own ``forward``: one Python frame instead of four, which shows on cold caches in
+        is not compiled and keeps its own ``forward``: two Python frames instead of five, which shows on cold caches in
         every layer of a decode step. Anything else (hooks, a replaced forward, tracing, autograd, other devices and
         sizes) takes the normal path. (No ``**kwargs``: forward takes none, and an empty dict per call shows too.)"""
         bound = self._bound.get(x.dtype) if _GLOBAL_HOOKS is not None and not args else None
