@@ -200,8 +200,8 @@ def test_amx_t16_kernels_match_the_avx512_one() -> None:
 
 
 def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
-    """The VNNI T16 kernels for few tokens (bf16 x as int8 parts, fp32 as int16 ones): token counts through every pass shape, single-unit tails, group
-    sizes, scale dtypes, bias and activations with 1000x outlier channels agree with the vdpbf16ps / FMA kernels and
+    """The VNNI T16 kernels for few tokens (x as int8 parts: two for bf16, four for fp32): token counts through every
+    pass shape, single-unit tails, group sizes, scale dtypes, bias and activations with 1000x outlier channels agree with the vdpbf16ps / FMA kernels and
     the oracle (bf16: to the output's rounding; fp32 with two parts: within 1e-6 of an fp64 product); a NaN or
     infinity in x gives non-finite outputs as in the reference, zeros zeros; the dispatchers take them up to their
     thresholds."""
@@ -230,7 +230,7 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
         assert not got.isnan().any()
         assert _rel(got, expect) < 4e-3 and _rel(got, bf16) < 6e-3, (n, k, group, m)
         assert _rel(fast(x), ref(x)) < 1e-2
-        # fp32 activations: two int16 parts, as close to the exact product as the exact-weight FMA kernel
+        # fp32 activations: two 15-bit parts, as close to the exact product as the exact-weight FMA kernel
         expect64 = F.linear(x.double(), ref.dequantize_weight(torch.float64),
                             None if ref.bias is None else ref.bias.double())
         got32 = _t16_call(lib.nq_t16_f32_vnni, fast, x.float())
@@ -254,7 +254,7 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
 
 def test_vnni_kernel_without_vbmi_permutes_words_to_the_same_sums() -> None:
     """CPUs with AVX-512 VNNI + BF16 but no VBMI (Cooper Lake) pair the T16 rows with vpermw instead of vpermb: the
-    library built for them gives bit-identical outputs here."""
+    library built for them gives bit-identical outputs here (bf16 and fp32 activations)."""
     from nvila_quant.kernels import cpu_native
 
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
@@ -267,8 +267,9 @@ def test_vnni_kernel_without_vbmi_permutes_words_to_the_same_sums() -> None:
         fast = QuantLinear.from_qtensor(QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True), "cpu")
         fast.prepare("cpu", torch.bfloat16)
         x = torch.randn(m, k, generator=rng).bfloat16()
-        native = _t16_call(cpu_native._library().nq_t16_bf16_vnni, fast, x)
-        assert torch.equal(_t16_call(lib.nq_t16_bf16_vnni, fast, x), native), (n, k, group, m)
+        for name, xs in (("nq_t16_bf16_vnni", x), ("nq_t16_f32_vnni", x.float())):
+            native = _t16_call(getattr(cpu_native._library(), name), fast, xs)
+            assert torch.equal(_t16_call(getattr(lib, name), fast, xs), native), (name, n, k, group, m)
 
 
 def test_t16_route_follows_the_thresholds() -> None:

@@ -62,10 +62,11 @@ AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
 # on cold caches, the same at 2-8. On by default where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides
 # (0: never).
 VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 2 if AMX_CPU else 0))
-# fp32 activations: two int16 parts (x to within 2^-31 of each 64-k chunk's largest; outputs ~2e-7 from an fp64
-# product, the exact-weight FMA kernel's ~1e-6) instead of that FMA kernel, on every CPU with AVX-512 VNNI: same VM,
-# 1 / 2 tokens 1.8-2.0x / 1.5-1.8x faster than it, even at 4-16. NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS overrides
-# (0: never).
+# fp32 activations: two 15-bit integer parts, each as int8 pairs (x to within 2^-31 of each 64-k chunk's largest;
+# outputs ~2e-7 from an fp64 product, the exact-weight FMA kernel's ~1e-6) instead of that FMA kernel, on every CPU
+# with AVX-512 VNNI: same VM, 1 / 2 tokens 1.8-2.0x / 1.5-1.8x faster than it, even at 4-16 (measured with the
+# parts as int16 and vpdpwssd; as int8 pairs the outputs are bit-identical and the time the same).
+# NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS overrides (0: never).
 VNNI_F32_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS", 2))
 
 
@@ -139,7 +140,7 @@ def set_amx_gemm_min_tokens(tokens: int) -> int:
 
 
 def set_vnni_max_tokens(tokens: int, f32: bool = False) -> int:
-    """Change up to how many tokens the int16 VNNI kernel runs for bf16 (``f32``: fp32) activations (0: never);
+    """Change up to how many tokens the VNNI kernel runs for bf16 (``f32``: fp32) activations (0: never);
     returns the previous value."""
     global VNNI_MAX_TOKENS, VNNI_F32_MAX_TOKENS
     old = VNNI_F32_MAX_TOKENS if f32 else VNNI_MAX_TOKENS
@@ -158,7 +159,7 @@ _ROUTES = {0: None, 1: "vnni", 2: "amx-tiles", 3: "amx-gemm"}  # nq_t16_route's 
 
 def t16_route(x_dtype: torch.dtype, tokens: int) -> str | None:
     """Which native T16 kernel a call of ``tokens`` rows takes here, as the C dispatcher decides: "vnni-int8x2" (bf16
-    x as two int8 parts), "vnni-int16x2" (fp32 x as two int16 parts), "amx-tiles", "amx-gemm", "avx512-bf16",
+    x as two int8 parts), "vnni-int8x4" (fp32 x: two 15-bit parts as int8 pairs), "amx-tiles", "amx-gemm", "avx512-bf16",
     "avx512-fma" / "avx2-fma" (fp32 weights), or None (no T16 kernel)."""
     kernel = t16_kernel(x_dtype)
     if kernel is None:
@@ -166,7 +167,7 @@ def t16_route(x_dtype: torch.dtype, tokens: int) -> str | None:
     f32 = kernel == "f32"
     route = _ROUTES[_library().nq_t16_route(tokens, int(f32))]
     if route == "vnni":
-        return "vnni-int16x2" if f32 else "vnni-int8x2"
+        return "vnni-int8x4" if f32 else "vnni-int8x2"
     if route is not None:
         return route
     if not f32:

@@ -1,4 +1,4 @@
-// The int16 (VNNI) kernels on the T16 layout for few tokens; see int4_cpu.c for the layout and return codes.
+// The integer (VNNI) kernels on the T16 layout for few tokens; see int4_cpu.c for the layout and return codes.
 #include "int4_cpu.h"
 
 #if NQ_HAVE_VNNI
@@ -8,15 +8,14 @@
 // multiply integers instead: each 64-wide chunk of a token's x becomes integers with one fp32 scale, x ~ xs * xq,
 // xq = round(x / xs), xs = max|x| / 32639 - block floating point with a 15-bit mantissa, exact for elements within
 // 2^7 of the chunk's largest and the rest to within xs / 2, far below a bf16 output's rounding.
-// - bf16 x: xq = 256 * xh + xl with int8 parts (|xq| <= 32639 keeps xh in [-127, 127], xl in [-128, 127]), and
-//   vpdpbusd sums nibble (u8) x part (s8) products exactly in int32, 4 per dword: a 64-byte pair of T16 rows u, u + 1
-//   permuted so that dword r holds weight row r's four consecutive k (2u .. 2u + 3 in the low nibbles, + 32 in the high
-//   ones). Per chunk acc = 256 * acc_h + acc_l, exact. ~30% fewer vector instructions per weight byte than int16
-//   (no widening to words, one shift per 128 weights instead of per 64): the 1-token kernel overlaps its arithmetic
-//   with the weight stream better.
-// - fp32 x takes a second int16 part for the residual, x ~ xs * (xq + xq2 * 2^-15) (to within max|x| * 2^-31), and
-//   vpdpwssd: a T16 row's bytes widened to words are (k, k + 1) pairs of one weight row per dword, low nibbles k in
-//   [64c, 64c + 32), high nibbles (>> 4) the upper half.
+// - xq = 256 * xh + xl with int8 parts (|xq| <= 32639 keeps xh in [-127, 127], xl in [-128, 127]), and vpdpbusd sums
+//   nibble (u8) x part (s8) products exactly in int32, 4 per dword: a 64-byte pair of T16 rows u, u + 1 permuted so
+//   that dword r holds weight row r's four consecutive k (2u .. 2u + 3 in the low nibbles, + 32 in the high ones). Per
+//   chunk acc = 256 * acc_h + acc_l, exact. ~30% fewer vector instructions per weight byte than int16 parts with
+//   vpdpwssd (no widening to words, one shift per 128 weights instead of per 64): the 1-token kernel overlaps its
+//   arithmetic with the weight stream better.
+// - fp32 x takes a second part for the residual, x ~ xs * (xq + xq2 * 2^-15) (to within max|x| * 2^-31), split the
+//   same way.
 // Per chunk tot += s * xs * acc; per group tot -= s * z * sum_chunks(xs * sum xq).
 int64_t nq_vnni_max_tokens = 0, nq_vnni_f32_max_tokens = 0;  // nq_t16_bf16 / nq_t16_f32 hand calls this small here
 
@@ -31,13 +30,19 @@ int64_t nq_set_vnni_max_tokens(int64_t m, int f32) {
 
 #define NQ_VNNI_XMAX 32639.f  // largest |xq|: 127 * 256 + 127, so that bf16 x splits into two int8 parts
 
-// x (M, K) bf16 or fp32 -> parts == 1: xp (M, 2, K) int8 [xh | xl]; parts == 2: xp (2, M, K) int16 [xq | xq2]; xs
-// (M, K/64) chunk scales (NaN where the chunk holds a NaN or an infinity, so the outputs that read it are NaN as the
-// reference's are), xsum (M, K/G) = sum over the group's chunks of xs * sum(xq + xq2 * 2^-15).
-static void vnni_quantize(const void* x, int f32, int parts, int64_t m_tokens, int64_t k, int64_t group, void* xp,
+// Part q (int32, |q| <= 32639) -> int8 pair at dst: xh = floor((q + 128) / 256) at dst, xl = q - 256 xh at dst + k.
+static inline void vnni_split(int8_t* dst, int64_t k, __m512i q) {
+    const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+    _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(h));
+    _mm_storeu_si128((__m128i*)(dst + k), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(h, 8))));
+}
+
+// x (M, K) bf16 or fp32 -> x8 (P, M, 2, K) int8: part p of token m as [xh | xl] at x8 + (p M + m) 2K (part 1 = xq,
+// part 2 = xq2 with fp32 x); xs (M, K/64) chunk scales (NaN where the chunk holds a NaN or an infinity, so the outputs
+// that read it are NaN as the reference's are), xsum (M, K/G) = sum over the group's chunks of
+// xs * sum(xq + xq2 * 2^-15).
+static void vnni_quantize(const void* x, int f32, int parts, int64_t m_tokens, int64_t k, int64_t group, int8_t* x8,
                           float* xs, float* xsum) {
-    int16_t* xq = (int16_t*)xp;
-    int8_t* x8 = (int8_t*)xp;
     const int64_t nc = k / 64, cpg = group / 64, ng = k / group;
     const __m512 inf = _mm512_set1_ps(__builtin_inff());
     for (int64_t m = 0; m < m_tokens; ++m)
@@ -68,19 +73,12 @@ static void vnni_quantize(const void* x, int f32, int parts, int64_t m_tokens, i
                     const __m512 t = _mm512_mul_ps(v[i], _mm512_set1_ps(inv));
                     const __m512i q = _mm512_cvtps_epi32(t);  // to nearest even
                     sum = _mm512_add_epi32(sum, q);
-                    if (parts == 1) {  // xh = floor((xq + 128) / 256), xl = xq - 256 * xh
-                        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
-                        const __m512i l = _mm512_sub_epi32(q, _mm512_slli_epi32(h, 8));
-                        _mm_storeu_si128((__m128i*)(x8 + 2 * m * k + 64 * c + 16 * i), _mm512_cvtepi32_epi8(h));
-                        _mm_storeu_si128((__m128i*)(x8 + 2 * m * k + k + 64 * c + 16 * i), _mm512_cvtepi32_epi8(l));
-                        continue;
-                    }
-                    _mm256_storeu_si256((__m256i*)(xq + m * k + 64 * c + 16 * i), _mm512_cvtsepi32_epi16(q));
-                    {  // the residual in units of xs * 2^-15 (|t - q| <= 1/2: exact in fp32)
+                    vnni_split(x8 + 2 * m * k + 64 * c + 16 * i, k, q);
+                    if (parts == 2) {  // the residual in units of xs * 2^-15 (|t - q| <= 1/2: exact in fp32)
                         const __m512i q2 = _mm512_cvtps_epi32(
                             _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(q)), _mm512_set1_ps(32768.f)));
                         sum2 = _mm512_add_epi32(sum2, q2);
-                        _mm256_storeu_si256((__m256i*)(xq + (m_tokens + m) * k + 64 * c + 16 * i), _mm512_cvtsepi32_epi16(q2));
+                        vnni_split(x8 + 2 * (m_tokens + m) * k + 64 * c + 16 * i, k, q2);
                     }
                 }
                 xs[m * nc + c] = scale;
@@ -123,64 +121,12 @@ static inline __attribute__((always_inline)) void t16_vnni_store(
     }
 }
 
-// fp32 x as two int16 parts (above): MB tokens x NB units, whole K (part p of token m at xq + (p * xpart + m) * k);
-// fp32 output.
-static inline __attribute__((always_inline)) void t16_tile_vnni16(
-    const int16_t* xq, int64_t xpart, const float* xs, const float* xsum, const uint8_t* t16, const nq_meta md,
-    const float* bias, float* out, int64_t n, int64_t k, int64_t group, int64_t u0, const int MB, const int NB) {
-    const int P = 2;
-    const int64_t nc = k / 64, ng = k / group, cpg = group / 64;
-    const __m512i low = _mm512_set1_epi16(0x0F);
-    __m512 tot[NQ_VNNI_MB][NQ_VNNI_NB];
-    for (int m = 0; m < MB; ++m)
-        for (int j = 0; j < NB; ++j) tot[m][j] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; ++g) {
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-            __m512i acc[2][NQ_VNNI_MB][NQ_VNNI_NB];
-            for (int p = 0; p < P; ++p)
-                for (int m = 0; m < MB; ++m)
-                    for (int j = 0; j < NB; ++j) acc[p][m][j] = _mm512_setzero_si512();
-            for (int u = 0; u < 16; ++u) {
-                __m512i xa[2][NQ_VNNI_MB], xb[2][NQ_VNNI_MB];  // the tokens' (k, k + 1) pairs, low and high halves
-                for (int p = 0; p < P; ++p)
-                    for (int m = 0; m < MB; ++m) {
-                        const int16_t* xr = xq + (p * xpart + m) * k + c * 64 + 2 * u;
-                        int32_t pa, pb;
-                        memcpy(&pa, xr, 4);
-                        memcpy(&pb, xr + 32, 4);
-                        xa[p][m] = _mm512_set1_epi32(pa);
-                        xb[p][m] = _mm512_set1_epi32(pb);
-                    }
-                for (int j = 0; j < NB; ++j) {
-                    const uint8_t* w8 = t16 + (((u0 + j) * nc + c) * 16 + u) * 32;
-                    if (MB <= 2 && !(u & 1)) _mm_prefetch((const char*)w8 + 1024, _MM_HINT_T1);  // 2 chunks ahead
-                    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)w8));
-                    const __m512i wl = _mm512_and_si512(w, low), wh = _mm512_srli_epi16(w, 4);
-                    for (int p = 0; p < P; ++p)
-                        for (int m = 0; m < MB; ++m) {
-                            acc[p][m][j] = _mm512_dpwssd_epi32(acc[p][m][j], wl, xa[p][m]);
-                            acc[p][m][j] = _mm512_dpwssd_epi32(acc[p][m][j], wh, xb[p][m]);
-                        }
-                }
-            }
-            for (int j = 0; j < NB; ++j) {
-                const __m512 s = t16_scales(md, g * n + (u0 + j) * 16);
-                for (int m = 0; m < MB; ++m) {
-                    __m512 a = _mm512_cvtepi32_ps(acc[0][m][j]);
-                    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1][m][j]), _mm512_set1_ps(1.f / 32768.f), a);
-                    tot[m][j] = _mm512_fmadd_ps(a, _mm512_mul_ps(s, _mm512_set1_ps(xs[m * nc + c])), tot[m][j]);
-                }
-            }
-        }
-        t16_vnni_zero_points(tot, md, xsum, n, ng, g, u0, MB, NB);
-    }
-    t16_vnni_store(tot, bias, out, n, u0, MB, NB, 1);
-}
-
-// bf16 x as int8 parts (above): MB tokens x NB units, whole K; x8 (MB, 2, K), bf16 output.
+// MB tokens x NB units, whole K, P parts of x as int8 pairs (part p of token m at x8 + (p xpart + m) 2K: vnni_quantize's
+// layout); output bf16 (P = 1) or fp32 (P = 2).
 static inline __attribute__((always_inline)) void t16_tile_vnni8(
-    const int8_t* x8, const float* xs, const float* xsum, const uint8_t* t16, const nq_meta md, const float* bias,
-    uint16_t* out, int64_t n, int64_t k, int64_t group, int64_t u0, const int MB, const int NB) {
+    const int8_t* x8, int64_t xpart, const float* xs, const float* xsum, const uint8_t* t16, const nq_meta md,
+    const float* bias, void* out, int64_t n, int64_t k, int64_t group, int64_t u0, const int MB, const int NB,
+    const int P) {
     const int64_t nc = k / 64, ng = k / group, cpg = group / 64;
     // words (byte pairs) of rows u, u + 1 -> dword r = (u: word r | u + 1: word r), weight row r's four k
 #if defined(__AVX512VBMI__)  // the same as bytes (order8[i] = 2 order[i / 2] + i % 2): vpermb is faster than vpermw
@@ -202,64 +148,69 @@ static inline __attribute__((always_inline)) void t16_tile_vnni8(
         for (int j = 0; j < NB; ++j) tot[m][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-            __m512i ah[NQ_VNNI_MB][NQ_VNNI_NB], al[NQ_VNNI_MB][NQ_VNNI_NB];
-            for (int m = 0; m < MB; ++m)
-                for (int j = 0; j < NB; ++j) ah[m][j] = al[m][j] = _mm512_setzero_si512();
+            __m512i ah[2][NQ_VNNI_MB][NQ_VNNI_NB], al[2][NQ_VNNI_MB][NQ_VNNI_NB];
+            for (int p = 0; p < 2; ++p)  // (both parts: unused ones compile away; GCC sees no gap)
+                for (int m = 0; m < MB; ++m)
+                    for (int j = 0; j < NB; ++j) ah[p][m][j] = al[p][m][j] = _mm512_setzero_si512();
             for (int u = 0; u < 16; u += 2) {
-                __m512i xlh[NQ_VNNI_MB], xll[NQ_VNNI_MB], xhh[NQ_VNNI_MB], xhl[NQ_VNNI_MB];  // (low / high nibbles, h / l part)
-                for (int m = 0; m < MB; ++m) {
-                    const int8_t* xr = x8 + 2 * m * k + c * 64 + 2 * u;
-                    int32_t t;
-                    memcpy(&t, xr, 4);
-                    xlh[m] = _mm512_set1_epi32(t);
-                    memcpy(&t, xr + k, 4);
-                    xll[m] = _mm512_set1_epi32(t);
-                    memcpy(&t, xr + 32, 4);
-                    xhh[m] = _mm512_set1_epi32(t);
-                    memcpy(&t, xr + 32 + k, 4);
-                    xhl[m] = _mm512_set1_epi32(t);
-                }
+                // the parts' (low / high nibbles, h / l) broadcasts of x's four k
+                __m512i xlh[2][NQ_VNNI_MB], xll[2][NQ_VNNI_MB], xhh[2][NQ_VNNI_MB], xhl[2][NQ_VNNI_MB];
+                for (int p = 0; p < P; ++p)
+                    for (int m = 0; m < MB; ++m) {
+                        const int8_t* xr = x8 + 2 * (p * xpart + m) * k + c * 64 + 2 * u;
+                        int32_t t;
+                        memcpy(&t, xr, 4);
+                        xlh[p][m] = _mm512_set1_epi32(t);
+                        memcpy(&t, xr + k, 4);
+                        xll[p][m] = _mm512_set1_epi32(t);
+                        memcpy(&t, xr + 32, 4);
+                        xhh[p][m] = _mm512_set1_epi32(t);
+                        memcpy(&t, xr + 32 + k, 4);
+                        xhl[p][m] = _mm512_set1_epi32(t);
+                    }
                 for (int j = 0; j < NB; ++j) {
                     const uint8_t* w8 = t16 + (((u0 + j) * nc + c) * 16 + u) * 32;
                     if (MB <= 2) _mm_prefetch((const char*)w8 + 1024, _MM_HINT_T1);  // 2 chunks ahead
                     const __m512i v = NQ_VNNI_PERMUTE(_mm512_loadu_si512((const void*)w8));
                     const __m512i wl = _mm512_and_si512(v, low), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                    for (int m = 0; m < MB; ++m) {
-                        ah[m][j] = _mm512_dpbusd_epi32(ah[m][j], wl, xlh[m]);
-                        al[m][j] = _mm512_dpbusd_epi32(al[m][j], wl, xll[m]);
-                        ah[m][j] = _mm512_dpbusd_epi32(ah[m][j], wh, xhh[m]);
-                        al[m][j] = _mm512_dpbusd_epi32(al[m][j], wh, xhl[m]);
-                    }
+                    for (int p = 0; p < P; ++p)
+                        for (int m = 0; m < MB; ++m) {
+                            ah[p][m][j] = _mm512_dpbusd_epi32(ah[p][m][j], wl, xlh[p][m]);
+                            al[p][m][j] = _mm512_dpbusd_epi32(al[p][m][j], wl, xll[p][m]);
+                            ah[p][m][j] = _mm512_dpbusd_epi32(ah[p][m][j], wh, xhh[p][m]);
+                            al[p][m][j] = _mm512_dpbusd_epi32(al[p][m][j], wh, xhl[p][m]);
+                        }
                 }
             }
             for (int j = 0; j < NB; ++j) {
                 const __m512 s = t16_scales(md, g * n + (u0 + j) * 16);
-                for (int m = 0; m < MB; ++m) {
-                    const __m512 a = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah[m][j], 8), al[m][j]));
+                for (int m = 0; m < MB; ++m) {  // exact in int32: 256 acc_h + acc_l = sum q * xq
+                    __m512 a = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah[0][m][j], 8), al[0][m][j]));
+                    if (P == 2)
+                        a = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah[1][m][j], 8), al[1][m][j])),
+                            _mm512_set1_ps(1.f / 32768.f), a);
                     tot[m][j] = _mm512_fmadd_ps(a, _mm512_mul_ps(s, _mm512_set1_ps(xs[m * nc + c])), tot[m][j]);
                 }
             }
         }
         t16_vnni_zero_points(tot, md, xsum, n, ng, g, u0, MB, NB);
     }
-    t16_vnni_store(tot, bias, out, n, u0, MB, NB, 0);
+    t16_vnni_store(tot, bias, out, n, u0, MB, NB, P == 2);
 }
 #undef NQ_VNNI_PERMUTE
 
-#define NQ_VNNI_CASE(MM, NN, U)                                                                                      \
-    if (P == 1)                                                                                                       \
-        t16_tile_vnni8((const int8_t*)xp + 2 * m0 * k, xs + m0 * nc, xsum + m0 * ng, t16, meta, bias,                 \
-                       (uint16_t*)out + m0 * n, n, k, group, U, MM, NN);                                              \
-    else                                                                                                              \
-        t16_tile_vnni16((const int16_t*)xp + m0 * k, m_tokens, xs + m0 * nc, xsum + m0 * ng, t16, meta, bias,         \
-                        (float*)out + m0 * n, n, k, group, U, MM, NN)
+#define NQ_VNNI_CASE(MM, NN, U)                                                                                     \
+    t16_tile_vnni8(x8 + 2 * m0 * k, m_tokens, xs + m0 * nc, xsum + m0 * ng, t16, meta, bias,                        \
+                   P == 2 ? (void*)((float*)out + m0 * n) : (void*)((uint16_t*)out + m0 * n), n, k, group, U, MM, NN, \
+                   P)
 
-// The VNNI kernel's passes over xp (vnni_quantize's; P = 1: bf16 x and output, P = 2: fp32): one token in blocks of
-// 8 units (4 with 2 parts), more in blocks of 4 units - 2 tokens at a time (2 x 2 units with 2 parts), 4 tokens as
-// 2 + 2 with P = 1 (the second pass reads the block from L2) and 4 x 1 unit with 2 parts, to stay within the 32 vector
-// registers - single units at the tail.
+// The VNNI kernel's passes over x8 (vnni_quantize's; P = 1: bf16 x and output, P = 2: fp32). bf16: one token in
+// blocks of 8 units, more in blocks of 4 units - 2 tokens at a time, 4 as 2 + 2 (the second pass reads the block from
+// L2), to stay within the 32 vector registers. fp32 (4 accumulators per unit and token): blocks of 4 units, one token
+// at a time (the block's later tokens read it from L2). Single units at the tail.
 static inline __attribute__((always_inline)) void vnni_passes(
-    const void* xp, const float* xs, const float* xsum, const uint8_t* t16, const nq_meta meta, const float* bias,
+    const int8_t* x8, const float* xs, const float* xsum, const uint8_t* t16, const nq_meta meta, const float* bias,
     void* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, const int P) {
     const int64_t nc = k / 64, ng = k / group;
     const int64_t units_all = n / 16;  // blocks of 8 units for one token, 4 otherwise; 1 when that leaves threads idle
@@ -270,7 +221,14 @@ static inline __attribute__((always_inline)) void vnni_passes(
         const int64_t u0 = blk < full ? blk * nb : full * nb + (blk - full);
         for (int64_t m0 = 0; m0 < m_tokens;) {
             const int64_t left = m_tokens - m0;
-            if (blk >= full) {  // one unit, up to 4 tokens
+            if (P == 2) {
+                if (blk >= full) {
+                    NQ_VNNI_CASE(1, 1, u0);
+                } else {
+                    NQ_VNNI_CASE(1, 4, u0);
+                }
+                m0 += 1;
+            } else if (blk >= full) {  // one unit, up to 4 tokens
                 switch (left < 4 ? left : 4) {
                     case 1: NQ_VNNI_CASE(1, 1, u0); break;
                     case 2: NQ_VNNI_CASE(2, 1, u0); break;
@@ -284,22 +242,9 @@ static inline __attribute__((always_inline)) void vnni_passes(
             } else if (left == 1) {
                 NQ_VNNI_CASE(1, 4, u0);
                 m0 += 1;
-            } else if (left < 4) {  // 2 tokens x 4 units, or x 2 units twice with 2 parts
-                if (P == 1) {
-                    NQ_VNNI_CASE(2, 4, u0);
-                } else {
-                    NQ_VNNI_CASE(2, 2, u0);
-                    NQ_VNNI_CASE(2, 2, u0 + 2);
-                }
-                m0 += 2;
-            } else if (P == 1) {  // 2 x 2 tokens x 4 units (the second pass reads the block from L2)
+            } else {  // 2 tokens x 4 units
                 NQ_VNNI_CASE(2, 4, u0);
                 m0 += 2;
-                NQ_VNNI_CASE(2, 4, u0);
-                m0 += 2;
-            } else {  // 4 tokens x 1 unit four times (within the 32 vector registers)
-                for (int j = 0; j < 4; ++j) NQ_VNNI_CASE(4, 1, u0 + j);
-                m0 += 4;
             }
         }
     }
@@ -315,17 +260,16 @@ static int t16_vnni(const void* x, int f32, const uint8_t* t16, const void* scal
     const nq_meta meta = {scale_t, zero_t, scale_kind};
     const int parts = f32 ? 2 : 1;
     const int64_t nc = k / 64, ng = k / group;
-    int16_t* xp = (int16_t*)malloc((size_t)(parts * m_tokens * k) * sizeof(int16_t) +  // int8 pairs or int16 parts
-                                   (size_t)(m_tokens * (nc + ng)) * sizeof(float));
-    if (!xp) return -3;
-    float* xs = (float*)(xp + parts * m_tokens * k);
+    int8_t* x8 = (int8_t*)malloc((size_t)(2 * parts * m_tokens * k) + (size_t)(m_tokens * (nc + ng)) * sizeof(float));
+    if (!x8) return -3;
+    float* xs = (float*)(x8 + 2 * parts * m_tokens * k);  // (2 * parts * k bytes per token: a multiple of 128)
     float* xsum = xs + m_tokens * nc;
-    vnni_quantize(x, f32, parts, m_tokens, k, group, xp, xs, xsum);
+    vnni_quantize(x, f32, parts, m_tokens, k, group, x8, xs, xsum);
     if (f32)
-        vnni_passes(xp, xs, xsum, t16, meta, bias, out, m_tokens, n, k, group, nthreads, 2);
+        vnni_passes(x8, xs, xsum, t16, meta, bias, out, m_tokens, n, k, group, nthreads, 2);
     else
-        vnni_passes(xp, xs, xsum, t16, meta, bias, out, m_tokens, n, k, group, nthreads, 1);
-    free(xp);
+        vnni_passes(x8, xs, xsum, t16, meta, bias, out, m_tokens, n, k, group, nthreads, 1);
+    free(x8);
     return 0;
 }
 
