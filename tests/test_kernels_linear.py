@@ -207,7 +207,7 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
     thresholds."""
     from nvila_quant.kernels import cpu_native
 
-    if not cpu_native.native_caps() & cpu_native.CAP_VNNI:
+    if not cpu_native.native_caps() & cpu_native.CAP_VNNI or not cpu_native.native_caps() & cpu_native.CAP_BF16:
         pytest.skip("no AVX-512 VNNI + BF16 here")
     rng = torch.Generator().manual_seed(11)
     lib = cpu_native._library()
@@ -270,6 +270,38 @@ def test_vnni_kernel_without_vbmi_permutes_words_to_the_same_sums() -> None:
         for name, xs in (("nq_t16_bf16_vnni", x), ("nq_t16_f32_vnni", x.float())):
             native = _t16_call(getattr(cpu_native._library(), name), fast, xs)
             assert torch.equal(_t16_call(getattr(lib, name), fast, xs), native), (name, n, k, group, m)
+
+
+def test_vnni_without_bf16_serves_fp32_and_bf16_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVX-512 VNNI CPUs without BF16 (Cascade Lake, Ice Lake; here: the library built for cascadelake) have the
+    integer kernel for fp32 x, which also serves their bf16 activations (converted for the fp32 T16 kernel): up to
+    the fp32 VNNI threshold the dispatcher takes it, bit-identical to this CPU's fp32 VNNI kernel."""
+    from nvila_quant.kernels import cpu_native
+
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags or shutil.which("cc") is None:
+        pytest.skip("needs AVX-512 VNNI and a C compiler")
+    native = cpu_native._library()
+    lib = cpu_native.load_library("cascadelake")
+    caps = lib.nq_caps()
+    assert caps & cpu_native.CAP_VNNI and caps & cpu_native.CAP_T16_F32 and not caps & cpu_native.CAP_BF16
+    lib.nq_set_vnni_max_tokens(2, 1)
+    monkeypatch.setattr(cpu_native, "_library", lambda: lib)
+    monkeypatch.setattr(cpu_native, "native_caps", lambda: int(lib.nq_caps()))
+    qt = _layer(128, 256, 64, True, scale_dtype=torch.bfloat16)
+    fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+    for m in (1, 2, 5):
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
+        assert _rel(fast(x), ref(x)) < 1e-2 and fast.q_layout == "t16", m
+        assert cpu_native.t16_route(torch.bfloat16, m) == ("vnni-int8x4" if m <= 2 else "avx512-fma")
+        got = _t16_call(lib.nq_t16_f32, fast, x.float())
+        if m <= 2:
+            assert torch.equal(got, _t16_call(native.nq_t16_f32_vnni, fast, x.float())), m
+        assert _rel(got, ref(x.float())) < 1e-5, m
+    state, x, out = fast._prepared["cpu"], torch.randn(1, 256, dtype=torch.bfloat16), torch.empty(1, 128, dtype=torch.bfloat16)
+    rc = lib.nq_t16_bf16_vnni(x.data_ptr(), fast.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(), None,
+                              out.data_ptr(), 1, 128, 256, 64, 2, cpu_native.SCALE_KINDS[state.scale.dtype])
+    assert rc == -2  # the bf16 one is not compiled without BF16
 
 
 def test_t16_route_follows_the_thresholds() -> None:

@@ -64,9 +64,10 @@ AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
 VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 2 if AMX_CPU else 0))
 # fp32 activations: two 15-bit integer parts, each as int8 pairs (x to within 2^-31 of each 64-k chunk's largest;
 # outputs ~2e-7 from an fp64 product, the exact-weight FMA kernel's ~1e-6) instead of that FMA kernel, on every CPU
-# with AVX-512 VNNI: same VM, 1 / 2 tokens 1.8-2.0x / 1.5-1.8x faster than it, even at 4-16 (measured with the
-# parts as int16 and vpdpwssd; as int8 pairs the outputs are bit-identical and the time the same).
-# NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS overrides (0: never).
+# with AVX-512 VNNI, BF16 or not (CPUs without BF16 - Ice Lake, Cascade Lake - run bf16 activations on it too): same
+# VM, 1 / 2 tokens 1.8-2.0x / 1.5-1.8x faster than it, even at 4-16 (measured with the parts as int16 and vpdpwssd;
+# as int8 pairs the outputs are bit-identical and the time the same). NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS overrides
+# (0: never).
 VNNI_F32_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS", 2))
 
 

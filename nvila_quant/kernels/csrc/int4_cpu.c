@@ -36,7 +36,7 @@ int nq_caps(void) {
     caps |= 8;  // the AMX T16 kernel is compiled in (usable after nq_amx_init)
 #endif
 #if NQ_HAVE_VNNI
-    caps |= 16;  // the int16 (VNNI) T16 kernel
+    caps |= 16;  // the integer (VNNI) T16 kernels: fp32 activations, and bf16 ones with caps & 2
 #endif
     return caps;
 }

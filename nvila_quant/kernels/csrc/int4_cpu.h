@@ -20,8 +20,8 @@
 #else
 #define NQ_HAVE_BF16 0
 #endif
-#if NQ_HAVE_BF16 && defined(__AVX512VNNI__)
-#define NQ_HAVE_VNNI 1  // the int16 T16 kernels for few tokens (vpdpwssd)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define NQ_HAVE_VNNI 1  // the integer T16 kernels for few tokens (vpdpbusd; the bf16 one also needs NQ_HAVE_BF16)
 extern int64_t nq_vnni_max_tokens, nq_vnni_f32_max_tokens;  // t16_vnni.c: the dispatchers' thresholds
 #else
 #define NQ_HAVE_VNNI 0

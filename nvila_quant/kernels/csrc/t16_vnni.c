@@ -114,8 +114,10 @@ static inline __attribute__((always_inline)) void t16_vnni_store(
             if (F32) {
                 _mm512_storeu_ps((float*)out + m * n + (u0 + j) * 16, v);
             } else {
+#if NQ_HAVE_BF16
                 const __m256bh h = _mm512_cvtneps_pbh(v);
                 _mm256_storeu_si256((__m256i*)((uint16_t*)out + m * n + (u0 + j) * 16), (__m256i)h);
+#endif
             }
         }
     }
@@ -267,8 +269,10 @@ static int t16_vnni(const void* x, int f32, const uint8_t* t16, const void* scal
     vnni_quantize(x, f32, parts, m_tokens, k, group, x8, xs, xsum);
     if (f32)
         vnni_passes(x8, xs, xsum, t16, meta, bias, out, m_tokens, n, k, group, nthreads, 2);
+#if NQ_HAVE_BF16
     else
         vnni_passes(x8, xs, xsum, t16, meta, bias, out, m_tokens, n, k, group, nthreads, 1);
+#endif
     free(x8);
     return 0;
 }
@@ -277,7 +281,13 @@ static int t16_vnni(const void* x, int f32, const uint8_t* t16, const void* scal
 // (bf16 x and y) and nq_t16_f32 (fp32).
 int nq_t16_bf16_vnni(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                      uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+#if NQ_HAVE_BF16
     return t16_vnni(x, 0, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
+#else  // AVX-512 VNNI without BF16 (Ice Lake, Cascade Lake): the fp32 kernel only
+    (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
+    (void)group; (void)nthreads; (void)scale_kind;
+    return -2;
+#endif
 }
 
 int nq_t16_f32_vnni(const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
