@@ -59,9 +59,11 @@ AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
 # Emerald Rapids (vs ~0.5 for the VNNI ones): same VM, 4096x4096, 1 token 0.38 ms vs 0.53 (int16 parts with
 # vpdpwssd, the first version: 0.38), 2 tokens 0.35 vs 0.57 (AMX); errors equal to the bf16 output's rounding. The
 # int8 parts take ~30% fewer instructions per weight than int16 ones (no widening to words): 7-17% faster at 1 token
-# on cold caches, the same at 2-8. On by default where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides
-# (0: never).
-VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 2 if AMX_CPU else 0))
+# on cold caches, the same at 2-8. Against the AMX tile kernel (same VM, cold caches, 4096x4096 / 11008x4096 /
+# 4096x11008): 3 tokens 0.57-0.75 vs 0.71-0.89 ms / 1.94 vs 2.46 / 1.69 vs 2.24, 4 tokens 0.77-0.97 vs 0.82-1.13 /
+# 2.22 vs 2.55 / 1.80 vs 2.24, 6 tokens 0.86-1.23 vs 0.69-1.00 (AMX ahead from there). On by default up to 4 tokens
+# where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides (0: never).
+VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 4 if AMX_CPU else 0))
 # fp32 activations: two 15-bit integer parts, each as int8 pairs (x to within 2^-31 of each 64-k chunk's largest;
 # outputs ~2e-7 from an fp64 product, the exact-weight FMA kernel's ~1e-6) instead of that FMA kernel, on every CPU
 # with AVX-512 VNNI, BF16 or not (CPUs without BF16 - Ice Lake, Cascade Lake - run bf16 activations on it too): same
