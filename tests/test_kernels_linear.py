@@ -390,6 +390,8 @@ def test_call_shortcut_keeps_hooks_and_errors() -> None:
         mod(torch.randn(1, 255, dtype=torch.bfloat16))
     x3 = torch.randn(2, 3, 256, dtype=torch.bfloat16)
     assert torch.equal(mod(x3), mod.forward(x3)) and mod(x3).shape == (2, 3, 128)
+    param = torch.nn.Parameter(x.clone(), requires_grad=False)  # a tensor subclass: the normal path, same numbers
+    assert torch.equal(mod(param), plain)
 
 
 def test_t16_layout_follows_the_activations_and_stays_invisible() -> None:

@@ -280,7 +280,8 @@ class QuantLinear(nn.Module):
         is not compiled and keeps its own ``forward``: two Python frames instead of five, which shows on cold caches in
         every layer of a decode step. Anything else (hooks, a replaced forward, tracing, autograd, other devices and
         sizes) takes the normal path. (No ``**kwargs``: forward takes none, and an empty dict per call shows too.)"""
-        bound = self._bound.get(x.dtype) if _GLOBAL_HOOKS is not None and not args else None
+        # plain tensors only: subclasses (fake / functional tensors, DTensor) and FX proxies take the normal path
+        bound = self._bound.get(x.dtype) if type(x) is torch.Tensor and _GLOBAL_HOOKS is not None and not args else None
         if (bound is not None and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                                        or self._backward_pre_hooks or self._compiled_call_impl is not None)
                 and not any(_GLOBAL_HOOKS) and "forward" not in self.__dict__ and not torch.compiler.is_compiling()):
