@@ -304,6 +304,22 @@ def test_vnni_without_bf16_serves_fp32_and_bf16_activations(monkeypatch: pytest.
     assert rc == -2  # the bf16 one is not compiled without BF16
 
 
+def test_vnni_threshold_covers_the_tokens_amx_would_take_when_the_os_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an AMX-class CPU whose OS refuses AMX the bf16 VNNI kernel takes every count below the dense path (it beats the
+    vdpbf16ps kernel those tokens would fall to); with AMX granted, on other CPUs, or with the variable set: unchanged."""
+    from nvila_quant.kernels import cpu_native
+
+    monkeypatch.delenv("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", raising=False)
+    monkeypatch.setattr(cpu_native, "AMX_CPU", True)
+    assert cpu_native.vnni_max_tokens_default(False, 4) == 64
+    assert cpu_native.vnni_max_tokens_default(True, 4) == 4
+    monkeypatch.setenv("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", "3")
+    assert cpu_native.vnni_max_tokens_default(False, 3) == 3
+    monkeypatch.setattr(cpu_native, "AMX_CPU", False)
+    monkeypatch.delenv("NVILA_QUANT_CPU_VNNI_MAX_TOKENS")
+    assert cpu_native.vnni_max_tokens_default(False, 0) == 0
+
+
 def test_t16_route_follows_the_thresholds() -> None:
     """t16_route names the kernel the dispatchers pick, and follows the threshold setters."""
     from nvila_quant.kernels import cpu_native

@@ -62,7 +62,8 @@ AMX_GEMM_MIN_TOKENS = int(env_number("NVILA_QUANT_CPU_AMX_GEMM_MIN_TOKENS", 80))
 # on cold caches, the same at 2-8. Against the AMX tile kernel (same VM, cold caches, 4096x4096 / 11008x4096 /
 # 4096x11008): 3 tokens 0.57-0.75 vs 0.71-0.89 ms / 1.94 vs 2.46 / 1.69 vs 2.24, 4 tokens 0.77-0.97 vs 0.82-1.13 /
 # 2.22 vs 2.55 / 1.80 vs 2.24, 6 tokens 0.86-1.23 vs 0.69-1.00 (AMX ahead from there). On by default up to 4 tokens
-# where AMX marks such a CPU; NVILA_QUANT_CPU_VNNI_MAX_TOKENS overrides (0: never).
+# where AMX marks such a CPU (64 where the OS refuses AMX: vnni_max_tokens_default); NVILA_QUANT_CPU_VNNI_MAX_TOKENS
+# overrides (0: never).
 VNNI_MAX_TOKENS = int(env_number("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", 4 if AMX_CPU else 0))
 # fp32 activations: two 15-bit integer parts, each as int8 pairs (x to within 2^-31 of each 64-k chunk's largest;
 # outputs ~2e-7 from an fp64 product, the exact-weight FMA kernel's ~1e-6) instead of that FMA kernel, on every CPU
@@ -114,12 +115,25 @@ def _library() -> ctypes.CDLL | None:
     except (BuildError, OSError) as e:
         logger.info("native CPU int4 kernels unavailable (%s); using torch ops", e)
         return None
-    lib.nq_set_vnni_max_tokens(VNNI_MAX_TOKENS, 0)
-    lib.nq_set_vnni_max_tokens(VNNI_F32_MAX_TOKENS, 1)
-    if lib.nq_caps() & CAP_AMX and lib.nq_amx_init() == 0:  # the OS grants AMX tile state to this process
+    amx = bool(lib.nq_caps() & CAP_AMX) and lib.nq_amx_init() == 0  # the OS grants AMX tile state to this process
+    if amx:
         lib.nq_set_amx_min_tokens(AMX_MIN_TOKENS)
         lib.nq_set_amx_gemm_min_tokens(AMX_GEMM_MIN_TOKENS)
+    global VNNI_MAX_TOKENS
+    VNNI_MAX_TOKENS = vnni_max_tokens_default(amx, VNNI_MAX_TOKENS)
+    lib.nq_set_vnni_max_tokens(VNNI_MAX_TOKENS, 0)
+    lib.nq_set_vnni_max_tokens(VNNI_F32_MAX_TOKENS, 1)
     return lib
+
+
+def vnni_max_tokens_default(amx_granted: bool, current: int) -> int:
+    """The bf16 VNNI threshold once it is known whether the OS grants AMX: on an AMX-class CPU where it does not (Linux
+    before 5.16, some hypervisors) the tokens AMX would take fall to the vdpbf16ps kernel, which the VNNI one beats at
+    every count below the dense path (same VM with AMX off, 4096x4096: 8 / 32 / 64 tokens 1.7 vs 2.8 ms / 6.7 vs 10.9
+    / 13.8 vs 21.6): 64 there. ``current`` otherwise, and whenever NVILA_QUANT_CPU_VNNI_MAX_TOKENS is set."""
+    if AMX_CPU and not amx_granted and os.environ.get("NVILA_QUANT_CPU_VNNI_MAX_TOKENS") is None:
+        return 64
+    return current
 
 
 def amx_active() -> bool:
