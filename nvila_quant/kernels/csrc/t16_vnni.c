@@ -279,16 +279,12 @@ static int t16_vnni(const void* x, int f32, const uint8_t* t16, const void* scal
 
 // y (M, N) = x (M, K) @ w^T + bias on the T16 layout with integer activations (above); same arguments as nq_t16_bf16
 // (bf16 x and y) and nq_t16_f32 (fp32).
+#if NQ_HAVE_BF16  // (AVX-512 VNNI without BF16 - Ice Lake, Cascade Lake - has the fp32 kernel only)
 int nq_t16_bf16_vnni(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                      uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
-#if NQ_HAVE_BF16
     return t16_vnni(x, 0, t16, scale_t, zero_t, bias, out, m_tokens, n, k, group, nthreads, scale_kind);
-#else  // AVX-512 VNNI without BF16 (Ice Lake, Cascade Lake): the fp32 kernel only
-    (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
-    (void)group; (void)nthreads; (void)scale_kind;
-    return -2;
-#endif
 }
+#endif
 
 int nq_t16_f32_vnni(const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                     float* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
@@ -303,15 +299,17 @@ int64_t nq_set_vnni_max_tokens(int64_t m, int f32) {
     return 0;
 }
 
-int nq_t16_bf16_vnni(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
-                     uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+int nq_t16_f32_vnni(const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+                    float* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
     (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
     (void)group; (void)nthreads; (void)scale_kind;
     return -2;
 }
+#endif
 
-int nq_t16_f32_vnni(const float* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
-                    float* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
+#if !(NQ_HAVE_VNNI && NQ_HAVE_BF16)
+int nq_t16_bf16_vnni(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
+                     uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
     (void)x; (void)t16; (void)scale_t; (void)zero_t; (void)bias; (void)out; (void)m_tokens; (void)n; (void)k;
     (void)group; (void)nthreads; (void)scale_kind;
     return -2;
