@@ -5,8 +5,13 @@
 For (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008)} and each token count M: the quantized layer with
 each backend ("cpu" as shipped, a module call, with bf16 and with fp32 activations; each CPU path called alone: the fused kernel (T16 on these shapes),
 torch's int4 kernel and the chunked dequantize + dense bf16 path, which locates any threshold; "reference" on the
-smallest shape), against a dense bf16 and an fp32 ``F.linear`` with the same weights. Timings are interleaved medians; CPU caches are
-evicted before each timed call (in decode a layer's weights are never cache-resident) unless --warm-cache.
+smallest shape), against a dense bf16 and an fp32 ``F.linear`` with the same weights. Timings are interleaved medians.
+CPU caches (``--cache``): "decode" (default) reads 128 MB before each timed call, then runs the same function once on a
+twin (the same kind of layer and input, other memory): as in a decode step, the layer's weights, scales and own
+Python objects are cold while the code, the objects every layer shares and the OpenMP threads are warm from the
+previous layer; at M = 1 the shipped path and the dense ones are also timed "cold" (nothing primed: code, interpreter
+and allocator state evicted too, which no decode step after the first layer sees) and reported beside it. "cold"
+times everything that way, "warm" evicts nothing (int4 weights of small layers then stay in L3, dense ones do not).
 ``--threads 1 --clock thread`` times this thread's CPU time, which stays meaningful on a shared machine.
 On a GPU: the CUDA kernels vs fp16 cuBLAS, kernel time from CUDA-graph replays with the L2 flushed (host
 dispatch excluded) and eager time per call, and the fraction of the measured copy bandwidth at M = 1; in the same
@@ -51,16 +56,19 @@ def _sync() -> None:
 
 
 CLOCK = {"fn": time.perf_counter}  # --clock thread: time.thread_time (CPU time of this thread; 1 thread only)
-FLUSH: dict[str, torch.Tensor | None] = {"buf": None}  # written before each timed call: weights start cold
+FLUSH: dict[str, torch.Tensor | None] = {"buf": None}  # read before each timed call: weights start cold
+CACHE = {"mode": "decode"}  # --cache
 
 
 def _flush_caches() -> None:
-    if FLUSH["buf"] is not None:
-        FLUSH["buf"].add_(1)
+    if FLUSH["buf"] is not None:  # read, not written: a decode step's caches hold clean lines (weights), so the
+        FLUSH["buf"].sum()  # timed call should not pay for writing back 128 MB of dirty ones
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds of each fn, run round-robin so background load hits all of them alike."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                primers: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
+    """Median milliseconds of each fn, run round-robin so background load hits all of them alike; ``primers[name]``
+    runs untimed between the cache eviction and the timed call of ``name``."""
     clock = CLOCK["fn"]
     for fn in fns.values():
         for _ in range(warmup):
@@ -69,6 +77,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     for _ in range(repeats):
         for name, fn in fns.items():
             _flush_caches()
+            if primers and name in primers:
+                primers[name]()
             _sync()
             t = clock()
             fn()
@@ -123,22 +133,39 @@ def _cpu_case(layer: QuantLinear, ref: QuantLinear | None, x16: torch.Tensor, w1
     return fns
 
 
+def _cpu_objects(layer: QuantLinear, group: int) -> tuple:
+    """(layer planned for the cpu backend, dense bf16 / fp32 weights, torch's int4 weights or None) of ``layer``."""
+    layer.backend = "cpu"
+    k = layer.in_features
+    w16 = layer.dequantize_weight(torch.bfloat16)
+    w32 = layer.dequantize_weight(torch.float32)
+    torch_w = None
+    if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        torch_w = cpu_backend.prepare_torch_int4(unpack_nibbles(layer.nibble_rows()), layer.scale, layer.zero, group)
+    layer(torch.zeros(1, k, dtype=torch.bfloat16))  # plans the layer (and packs its weights) once
+    return layer, w16, w32, torch_w
+
+
+ALL_COLD = ("cpu", "cpu_fp32_act", "dense_bf16", "dense_fp32")  # also timed with nothing primed at M = 1
+
+
 def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
     rows = []
+    decode = CACHE["mode"] == "decode"
     for n, k in SHAPES:
-        layer = _layer(n, k, group)
-        layer.backend = "cpu"
-        w16 = layer.dequantize_weight(torch.bfloat16)
-        w32 = layer.dequantize_weight(torch.float32)
-        torch_w = None
-        if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            torch_w = cpu_backend.prepare_torch_int4(unpack_nibbles(layer.nibble_rows()), layer.scale, layer.zero, group)
-        layer(torch.zeros(1, k, dtype=torch.bfloat16))  # plans the layer (and packs its weights) once
+        layer, w16, w32, torch_w = _cpu_objects(_layer(n, k, group), group)
+        # the primers' twin: equal values in other memory (the timed layer's data stays cold)
+        twin = _cpu_objects(QuantLinear.from_qtensor(layer.qtensor()), group) if decode else None
         for m in tokens:
             x16 = torch.randn(m, k).bfloat16()
-            ref = QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if (n, k) == SHAPES[0] and m <= 8 else None
+            small = (n, k) == SHAPES[0] and m <= 8
+            ref = QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if small else None
             fns = _cpu_case(layer, ref, x16, w16, w32, torch_w)
-            ms = interleaved(fns, repeats if m <= 128 else max(3, repeats // 2))
+            primers = None
+            if twin is not None:
+                ref2 = QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if small else None
+                primers = _cpu_case(twin[0], ref2, x16.clone(), *twin[1:])
+            ms = interleaved(fns, repeats if m <= 128 else max(3, repeats // 2), primers=primers)
             row = {"N": n, "K": k, "M": m, **{f"{name}_ms": v for name, v in ms.items()}}
             plan = layer._prepared["cpu"].plan(layer.q, torch.bfloat16)
             row["path"] = plan.kernel if plan.kernel and m < plan.dense_from else "dense"
@@ -147,10 +174,17 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
             row["x_vs_bf16"] = ms["dense_bf16"] / ms["cpu"]
             row["x_vs_fp32"] = ms["dense_fp32"] / ms["cpu"]
             row["fp32_act_x_vs_fp32"] = ms["dense_fp32"] / ms["cpu_fp32_act"]
+            cold = ""
+            if decode and m == 1:
+                cms = interleaved({name: fns[name] for name in ALL_COLD}, repeats)
+                row["all_cold"] = {**{f"{name}_ms": v for name, v in cms.items()},
+                                   "x_vs_bf16": cms["dense_bf16"] / cms["cpu"], "x_vs_fp32": cms["dense_fp32"] / cms["cpu"]}
+                cold = (f"; all cold: cpu {cms['cpu']:.2f} ms, {row['all_cold']['x_vs_bf16']:.2f}x / "
+                        f"{row['all_cold']['x_vs_fp32']:.2f}x")
             rows.append(row)
             print(f"  N={n} K={k} M={m}: cpu {ms['cpu']:.2f} ms ({row['path']}), bf16 {ms['dense_bf16']:.2f}, "
                   f"fp32 {ms['dense_fp32']:.2f} -> {row['x_vs_bf16']:.2f}x / {row['x_vs_fp32']:.2f}x; fp32 activations "
-                  f"{ms['cpu_fp32_act']:.2f} ms, {row['fp32_act_x_vs_fp32']:.2f}x fp32", flush=True)
+                  f"{ms['cpu_fp32_act']:.2f} ms, {row['fp32_act_x_vs_fp32']:.2f}x fp32{cold}", flush=True)
     return rows
 
 
@@ -165,9 +199,12 @@ def crossover(rows: list[dict]) -> dict[str, int | None]:
 
 def check_cpu_goals(rows: list[dict]) -> dict:
     m1 = [r for r in rows if r["M"] == 1]
+    cold = [r["all_cold"] for r in m1 if "all_cold" in r]
     return {
         "m1_vs_bf16_min": min(r["x_vs_bf16"] for r in m1) if m1 else None,
         "m1_vs_fp32_min": min(r["x_vs_fp32"] for r in m1) if m1 else None,
+        "m1_all_cold_vs_bf16_min": min(r["x_vs_bf16"] for r in cold) if cold else None,
+        "m1_all_cold_vs_fp32_min": min(r["x_vs_fp32"] for r in cold) if cold else None,
         "worst_slowdown_vs_bf16": max(r["cpu_ms"] / r["dense_bf16_ms"] for r in rows),
         "goals": CPU_GOALS,
         "met": {
@@ -272,9 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU part (when a GPU is present)")
     parser.add_argument("--ksplit", type=int, default=0,
                         help="GPU: K slices of the mma kernel (0: chosen from the SM count, as the runtime does)")
-    parser.add_argument("--warm-cache", action="store_true",
-                        help="do not evict the CPU caches before each timed call (int4 weights of small layers then "
-                             "stay in L3, dense ones do not)")
+    parser.add_argument("--cache", choices=["decode", "cold", "warm"], default="decode",
+                        help="CPU caches before each timed call: 'decode' evicts them, then primes the code on a twin "
+                             "layer (this layer's data cold, as in a decode step); 'cold' evicts them, nothing primed "
+                             "(code cold too); 'warm' evicts nothing (int4 weights of small layers then stay in L3, "
+                             "dense ones do not)")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall time, or this thread's CPU time (robust on a shared machine; needs --threads 1)")
@@ -284,8 +323,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.warm_cache:
-        # 128 MB written before every timed call; with the calls interleaved, several such writes and the other
+    CACHE["mode"] = args.cache
+    if args.cache != "warm":
+        # 128 MB read before every timed call; with the calls interleaved, several such reads and the other
         # functions' weights pass between two calls of one function, so its weights are out of cache even with a
         # larger L3 (the Emerald Rapids VM reports 300 MB)
         FLUSH["buf"] = torch.zeros(128 * 1024**2 // 4)
@@ -296,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     payload: dict = {"group_size": args.group_size, "tokens": args.tokens, "threads": torch.get_num_threads(),
-                     "clock": args.clock, "caches_evicted_before_each_call": not args.warm_cache,
+                     "clock": args.clock, "cache": args.cache,
+                     "caches_evicted_before_each_call": args.cache != "warm", "primed_on_twin": args.cache == "decode",
                      "load_average_start": load,
                      "native_cpu_helpers": native_available(), "cpu_dense_min_tokens": cpu_backend.DENSE_MIN_TOKENS}
     with torch.inference_mode():
@@ -311,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
             print(table(rows, cols))
             print("dequantize + dense beats the int4 kernel from M =", payload["cpu"]["dequant_beats_int4_kernel_from_m"])
             print("goals met:", payload["cpu"]["met"])
+            if payload["cpu"]["m1_all_cold_vs_fp32_min"] is not None:
+                print(f"M=1 with nothing primed (all cold): min {payload['cpu']['m1_all_cold_vs_bf16_min']:.2f}x bf16, "
+                      f"{payload['cpu']['m1_all_cold_vs_fp32_min']:.2f}x fp32")
         if torch.cuda.is_available():
             cuda_mod.KSPLIT = args.ksplit
             payload["gpu"] = bench_gpu(args.tokens, args.repeats, args.group_size)
