@@ -481,6 +481,59 @@ def test_t16_pack_roundtrip() -> None:
         t16_pack(q[:40])
 
 
+def _smaps_field(address: int, field: str) -> int:
+    """``field`` of the /proc/self/smaps entry of the map holding ``address``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            if lo <= address < hi:
+                for entry in lines[i + 1:]:
+                    if entry.startswith(field + ":"):
+                        return int(entry.split()[1])
+    raise AssertionError(f"{field} of {address:#x} not in /proc/self/smaps")
+
+
+def test_t16_weights_on_huge_pages() -> None:
+    """T16 weights of 2 MB or more get a private map of their own, 2 MB aligned and advised for transparent huge
+    pages (Linux); the layer computes, copies, pickles and reloads like any other."""
+    import copy
+    import io
+    import mmap
+
+    if not native_available():
+        pytest.skip("native kernels did not build on this machine")
+    assert cpu_native.empty_huge_pages(4096).numel() == 4096  # small: torch.empty
+    big = cpu_native.empty_huge_pages(5 * cpu_native.HUGE_PAGE + 4096)
+    assert big.dtype == torch.uint8 and big.numel() == 5 * cpu_native.HUGE_PAGE + 4096
+    linux = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS") and Path("/proc/self/smaps").exists()
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if linux:
+        assert big.data_ptr() % cpu_native.HUGE_PAGE == 0
+        if thp.exists() and "[never]" not in thp.read_text():  # (huge pages themselves depend on free memory)
+            assert _smaps_field(big.data_ptr(), "THPeligible") == 1
+    big.fill_(7)
+    del big
+
+    qt = _layer(2560, 2048, 128, True)  # 2.5 MB of nibbles
+    mod = QuantLinear.from_qtensor(qt, "cpu")
+    x = torch.randn(3, 2048, dtype=torch.bfloat16)
+    y = mod(x)
+    assert _rel(y, QuantLinear.from_qtensor(qt, "reference")(x)) < TOL[torch.bfloat16]
+    if mod.q_layout == "t16" and linux:
+        assert mod.q.data_ptr() % cpu_native.HUGE_PAGE == 0
+    clone = copy.deepcopy(mod)
+    assert torch.equal(clone(x), y) and clone.qtensor().equal(qt)
+    buf = io.BytesIO()
+    torch.save(mod.state_dict(), buf)
+    del mod, clone  # the maps go with their tensors
+    buf.seek(0)
+    fresh = QuantLinear.from_qtensor(_layer(2560, 2048, 128, True, seed=1), "cpu")
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), y)
+
+
 def test_used_layers_copy_and_pickle() -> None:
     """deepcopy / torch.save of a layer that has run (native kernels bound, maybe T16 weights) keep its weights."""
     import copy
