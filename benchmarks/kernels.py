@@ -158,13 +158,10 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
         twin = _cpu_objects(QuantLinear.from_qtensor(layer.qtensor()), group) if decode else None
         for m in tokens:
             x16 = torch.randn(m, k).bfloat16()
-            small = (n, k) == SHAPES[0] and m <= 8
-            ref = QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if small else None
+            small = (n, k) == SHAPES[0] and m <= 8  # the reference, and its twin's (other memory)
+            ref, ref2 = (QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if small else None for _ in "ab")
             fns = _cpu_case(layer, ref, x16, w16, w32, torch_w)
-            primers = None
-            if twin is not None:
-                ref2 = QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if small else None
-                primers = _cpu_case(twin[0], ref2, x16.clone(), *twin[1:])
+            primers = None if twin is None else _cpu_case(twin[0], ref2, x16.clone(), *twin[1:])
             ms = interleaved(fns, repeats if m <= 128 else max(3, repeats // 2), primers=primers)
             row = {"N": n, "K": k, "M": m, **{f"{name}_ms": v for name, v in ms.items()}}
             plan = layer._prepared["cpu"].plan(layer.q, torch.bfloat16)
