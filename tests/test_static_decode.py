@@ -8,11 +8,16 @@ import torch
 from transformers import GenerationConfig
 
 from nvila_quant.model import NVILAQwen2, static_decode
-from nvila_quant.model.generation import ChatSession, make_cache
+from nvila_quant.model.generation import ChatSession, _cache_kwarg, make_cache
 from nvila_quant.model.static_decode import StaticDecoder, static_decoder_for
 from nvila_quant.model.tokenizer import tokenize_conversation
 
 GREEDY = GenerationConfig(do_sample=False, max_new_tokens=8)
+
+
+def _with_cache(llm: torch.nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Next-token logits (1, V) of ``ids`` on ``cache`` (the argument's name differs across transformers 5.x)."""
+    return llm(input_ids=ids, use_cache=True, **{_cache_kwarg(type(llm)): cache}).logits[:, -1]
 
 
 def test_static_steps_equal_dynamic_cache_and_store_back(tiny_model) -> None:
@@ -21,7 +26,7 @@ def test_static_steps_equal_dynamic_cache_and_store_back(tiny_model) -> None:
     llm = tiny_model.get_llm()
     with torch.inference_mode():
         dyn = make_cache(llm)
-        logits = llm(input_ids=ids, cache=dyn, use_cache=True).logits[:, -1]
+        logits = _with_cache(llm, ids, dyn)
         n = dyn.get_seq_length()
         decoder = StaticDecoder(llm, 64, graph=False)
         decoder.load(dyn)
@@ -30,17 +35,19 @@ def test_static_steps_equal_dynamic_cache_and_store_back(tiny_model) -> None:
             layer.values[:, :, n:] = -1e3
         token = logits.argmax(-1, keepdim=True)
         for _ in range(6):
-            want = llm(input_ids=token, cache=dyn, use_cache=True).logits[:, -1]
+            want = _with_cache(llm, token, dyn)
             got = decoder.step(token)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             token = want.argmax(-1, keepdim=True)
         back = make_cache(llm)
-        llm(input_ids=ids, cache=back, use_cache=True)
+        _with_cache(llm, ids, back)
         decoder.store(back)
         assert back.get_seq_length() == dyn.get_seq_length() == n + 6
         torch.testing.assert_close(back.layers[0].keys, dyn.layers[0].keys, rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="do not fit a static cache of 16"):
             StaticDecoder(llm, 16, graph=False).load(back)
+        with pytest.raises(ValueError, match="holds no positions"):
+            StaticDecoder(llm, 16, graph=False).load(make_cache(llm))
 
 
 def test_generation_with_static_decode_matches_dynamic(tiny_model, images, monkeypatch) -> None:
@@ -80,7 +87,7 @@ def test_static_step_reads_no_tensor_values_on_the_host(tiny_model, monkeypatch)
     llm = tiny_model.get_llm()
     with torch.inference_mode():
         dyn = make_cache(llm)
-        llm(input_ids=torch.arange(3, 12)[None], cache=dyn, use_cache=True)
+        _with_cache(llm, torch.arange(3, 12)[None], dyn)
     decoder = StaticDecoder(llm, 32, graph=False)
     decoder.load(dyn)
     reads: list[str] = []

@@ -88,6 +88,8 @@ class StaticDecoder:
     def load(self, cache: DynamicCache) -> None:
         """Start from the keys and values of ``cache`` (a prefilled dynamic cache, batch 1)."""
         n = cache.get_seq_length()
+        if n == 0:
+            raise ValueError("static decode starts from a prefilled cache; this one holds no positions")
         if n + 1 > self.max_len:
             raise ValueError(f"{n} cached positions do not fit a static cache of {self.max_len}")
         if len(cache.layers) != len(self.cache.layers):
