@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+COMPAT_SPEC ?= transformers==5.17.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test compat lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,12 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra
 
+# The suite against the oldest transformers pyproject.toml accepts, in its own venv (.venv-compat).
+compat:
+	$(MAKE) setup VENV=.venv-compat
+	.venv-compat/bin/python -m pip install -q "$(COMPAT_SPEC)"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-compat/bin/python -m pytest -q -ra -p no:cacheprovider
+
 lint: setup
 	$(BIN)/ruff check nvila_quant tests benchmarks
 
@@ -30,4 +37,4 @@ bench: setup
 	$(BIN)/python benchmarks/runtime.py
 
 clean:
-	rm -rf $(VENV) nvila-demo .pytest_cache
+	rm -rf $(VENV) .venv-compat nvila-demo .pytest_cache
