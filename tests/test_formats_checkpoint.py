@@ -183,3 +183,32 @@ def test_bad_checkpoints_metadata_disagrees(tmp_path: Path) -> None:
     cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
     with pytest.raises(CheckpointError, match="no quantization_config"):
         read_quantized_submodel(tmp_path)
+
+
+def test_activation_ordered_checkpoints_are_refused(tmp_path: Path) -> None:
+    """llm-compressor GPTQ with actorder "group" / "weight" stores weight_g_idx (columns in non-sequential groups):
+    refused by name, from the config or from the tensor, never loaded as if the groups were sequential."""
+    from safetensors.torch import load_file, save_file
+
+    _write(tmp_path, "compressed-tensors")
+    cfg_path = tmp_path / "config.json"
+    cfg = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k != "nvila_quant"}  # as upstream writes it
+    group = cfg["quantization_config"]["config_groups"]["group_0"]
+    for actorder in ("group", "weight"):
+        group["weights"]["actorder"] = actorder
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=f"actorder='{actorder}'.*weight_g_idx"):
+            read_quantized_submodel(tmp_path)
+    group["weights"]["actorder"] = "static"  # groups stay in column order: loads
+    cfg_path.write_text(json.dumps(cfg))
+    assert read_quantized_submodel(tmp_path)[1]
+    path = tmp_path / SINGLE_NAME
+    state = load_file(str(path))
+    key = "model.layers.0.self_attn.q_proj.weight_g_idx"
+    state[key] = torch.arange(128, dtype=torch.int32) // 128
+    save_file(state, str(path))
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    index["weight_map"][key] = SINGLE_NAME
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="weight_g_idx' is a per-column group index"):
+        read_quantized_submodel(tmp_path)

@@ -166,6 +166,12 @@ def _ct_group(weights: Mapping) -> tuple[int, int, bool]:
     strategy = weights.get("strategy", "group")
     if strategy not in ("group", "channel"):
         raise ConfigError(f"compressed-tensors strategy {strategy!r} is not supported; expected 'group' or 'channel'")
+    actorder = weights.get("actorder")
+    if actorder is True or actorder in ("group", "weight"):  # "static" keeps the groups in column order: fine
+        raise ConfigError(
+            f"compressed-tensors activation ordering (actorder={actorder!r}) puts each input column in the group its "
+            "weight_g_idx names, which this runtime does not apply; re-quantize with actorder None or 'static'"
+        )
     g = -1 if strategy == "channel" or weights.get("group_size") in (None, -1) else int(weights["group_size"])
     return int(weights.get("num_bits", 4)), g, bool(weights.get("symmetric", True))
 
@@ -376,6 +382,9 @@ def read_quantized_submodel(
                 floats.append(key)
         elif suffix in fmt.SUFFIXES:
             parts_of[mod][suffix] = key
+        elif suffix.endswith("g_idx"):
+            raise CheckpointError(f"{folder}: {key!r} is a per-column group index (activation-ordered GPTQ), which this "
+                                  "runtime does not apply; re-quantize without activation ordering")
         else:
             raise CheckpointError(f"{folder}: unexpected tensor {key!r} for a {spec.format} module (expected {fmt.SUFFIXES})")
     if wanted is not None:
