@@ -30,6 +30,22 @@ def test_bitpack_roundtrip_every_width(bits: int) -> None:
     assert torch.equal(unpack_int32(packed, bits, 37), x)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_bitpack_row_blocks_match_whole(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors are (un)packed in blocks of rows (bounded int64 intermediates): same words, same values."""
+    from nvila_quant.formats import bitpack
+
+    gen = torch.Generator().manual_seed(bits)
+    values = torch.randint(0, 2**bits, (37, 70), generator=gen, dtype=torch.uint8)
+    order = list(reversed(range(32 // bits)))
+    whole = (pack_int32(values, bits, order), bitpack.pack_dense_int32(values, bits))
+    monkeypatch.setattr(bitpack, "_BLOCK_VALUES", 150)  # 2 rows per block, an odd last one
+    blocks = (pack_int32(values, bits, order), bitpack.pack_dense_int32(values, bits))
+    assert all(torch.equal(a, b) for a, b in zip(whole, blocks, strict=True))
+    assert torch.equal(unpack_int32(blocks[0], bits, 70, order), values)
+    assert torch.equal(bitpack.unpack_dense_int32(blocks[1], bits, 70), values)
+
+
 def test_bitpack_order_and_sign_bit() -> None:
     x = torch.tensor([[15, 1, 2, 3, 4, 5, 6, 15]], dtype=torch.uint8)
     word = pack_int32(x, 4, (0, 2, 4, 6, 1, 3, 5, 7))

@@ -13,7 +13,7 @@ sequential :func:`pack_int32`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,18 @@ def _check_order(order: Sequence[int] | None, pf: int) -> list[int] | None:
     return order
 
 
+_BLOCK_VALUES = 1 << 22  # values per row block: the int64 intermediates of one block stay at tens of MB
+
+
+def _by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, values_per_row: int) -> torch.Tensor:
+    """fn over blocks of x's rows, concatenated (rows pack independently): a large layer's int64 intermediates
+    (8-20 bytes per value) are never all alive at once."""
+    rows = max(1, _BLOCK_VALUES // max(values_per_row, 1))
+    if x.shape[0] <= rows:
+        return fn(x)
+    return torch.cat([fn(x[i : i + rows]) for i in range(0, x.shape[0], rows)])
+
+
 def pack_int32(values: torch.Tensor, bits: int, order: Sequence[int] | None = None) -> torch.Tensor:
     """values: (R, C) integers in [0, 2^bits) -> (R, ceil(C / (32 // bits))) int32, packed along dim 1."""
     if values.dim() != 2:
@@ -63,15 +75,19 @@ def pack_int32(values: torch.Tensor, bits: int, order: Sequence[int] | None = No
         raise ValueError(f"bits must be in 1..8, got {bits}")
     pf = 32 // bits
     order = _check_order(order, pf)
-    r, c = values.shape
-    v = values.to(torch.int64)
-    if c % pf:
-        v = F.pad(v, (0, pf - c % pf))
-    v = v.reshape(r, -1, pf)  # (R, W, pf): column j*pf + t
-    if order is not None:
-        v = v[..., order]  # slot i <- column j*pf + order[i]
-    shifts = torch.arange(pf, dtype=torch.int64, device=v.device) * bits
-    return as_int32_bits((v << shifts).sum(-1))
+    c = values.shape[1]
+    shifts = torch.arange(pf, dtype=torch.int64, device=values.device) * bits
+
+    def block(rows: torch.Tensor) -> torch.Tensor:
+        v = rows.to(torch.int64)
+        if c % pf:
+            v = F.pad(v, (0, pf - c % pf))
+        v = v.reshape(rows.shape[0], -1, pf)  # (R, W, pf): column j*pf + t
+        if order is not None:
+            v = v[..., order]  # slot i <- column j*pf + order[i]
+        return as_int32_bits((v << shifts).sum(-1))
+
+    return _by_rows(block, values, c)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int, order: Sequence[int] | None = None) -> torch.Tensor:
@@ -80,16 +96,20 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int, order: Sequence[int
         raise ValueError(f"expected a 2-D int32 tensor to unpack, got {packed.dtype} {tuple(packed.shape)}")
     pf = 32 // bits
     order = _check_order(order, pf)
-    r, w = packed.shape
+    w = packed.shape[1]
     if w * pf < cols or (w - 1) * pf >= max(cols, 1):
         raise ValueError(f"{w} packed words of {pf} values cannot hold exactly {cols} columns")
-    words = packed.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(pf, dtype=torch.int64, device=packed.device) * bits
-    v = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (R, W, pf): slot i
-    if order is not None:
-        inverse = sorted(range(pf), key=order.__getitem__)  # column t sits in slot inverse[t]
-        v = v[..., inverse]
-    return v.reshape(r, w * pf)[:, :cols].to(torch.uint8)
+    inverse = None if order is None else sorted(range(pf), key=order.__getitem__)  # column t sits in slot inverse[t]
+
+    def block(rows: torch.Tensor) -> torch.Tensor:
+        words = rows.to(torch.int64) & 0xFFFFFFFF
+        v = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (R, W, pf): slot i
+        if inverse is not None:
+            v = v[..., inverse]
+        return v.reshape(rows.shape[0], w * pf)[:, :cols].to(torch.uint8)
+
+    return _by_rows(block, packed, w * pf)
 
 
 def dense_word_count(n_values: int, bits: int) -> int:
@@ -109,31 +129,39 @@ def pack_dense_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"expected a 2-D tensor to pack, got shape {tuple(values.shape)}")
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    r, c = values.shape
-    v = values.to(torch.int64)
-    if c % 32:
-        v = F.pad(v, (0, 32 - c % 32))
-    v = v.reshape(r, -1, 32)  # (R, blocks, 32)
-    word, offset = _dense_slots(bits, v.device)
-    out = torch.zeros(r, v.shape[1], bits + 1, dtype=torch.int64, device=v.device)  # one spare word for spills
-    out.scatter_add_(2, word.expand_as(v), (v << offset) & 0xFFFFFFFF)
-    out.scatter_add_(2, (word + 1).expand_as(v), v >> (32 - offset))  # bits past the word end (0 if none)
-    words = out[..., :bits].reshape(r, -1)[:, : dense_word_count(c, bits)]
-    return as_int32_bits(words)
+    c = values.shape[1]
+    word, offset = _dense_slots(bits, values.device)
+
+    def block(rows: torch.Tensor) -> torch.Tensor:
+        r = rows.shape[0]
+        v = rows.to(torch.int64)
+        if c % 32:
+            v = F.pad(v, (0, 32 - c % 32))
+        v = v.reshape(r, -1, 32)  # (R, blocks, 32)
+        out = torch.zeros(r, v.shape[1], bits + 1, dtype=torch.int64, device=v.device)  # one spare word for spills
+        out.scatter_add_(2, word.expand_as(v), (v << offset) & 0xFFFFFFFF)
+        out.scatter_add_(2, (word + 1).expand_as(v), v >> (32 - offset))  # bits past the word end (0 if none)
+        return as_int32_bits(out[..., :bits].reshape(r, -1)[:, : dense_word_count(c, bits)])
+
+    return _by_rows(block, values, c)
 
 
 def unpack_dense_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_dense_int32`: (R, W) int32 -> (R, cols) uint8."""
     if packed.dim() != 2 or packed.dtype != torch.int32:
         raise ValueError(f"expected a 2-D int32 tensor to unpack, got {packed.dtype} {tuple(packed.shape)}")
-    r, w = packed.shape
+    w = packed.shape[1]
     if w != dense_word_count(cols, bits):
         raise ValueError(f"{w} packed words of {bits}-bit values cannot hold exactly {cols} columns")
     blocks = -(-cols // 32)
-    # (R, blocks, bits + 1): each block's words plus the next block's first (where a last value may spill)
-    words = F.pad(packed.to(torch.int64) & 0xFFFFFFFF, (0, blocks * bits - w + 1)).unfold(1, bits + 1, bits)
     word, offset = _dense_slots(bits, packed.device)
-    lo = torch.gather(words, 2, word.expand(r, blocks, 32)) >> offset
-    hi = torch.gather(words, 2, (word + 1).expand(r, blocks, 32)) << (32 - offset)
-    v = (lo | hi) & ((1 << bits) - 1)
-    return v.reshape(r, blocks * 32)[:, :cols].to(torch.uint8)
+
+    def block(rows: torch.Tensor) -> torch.Tensor:
+        n = rows.shape[0]
+        # (R, blocks, bits + 1): each block's words plus the next block's first (where a last value may spill)
+        words = F.pad(rows.to(torch.int64) & 0xFFFFFFFF, (0, blocks * bits - w + 1)).unfold(1, bits + 1, bits)
+        lo = torch.gather(words, 2, word.expand(n, blocks, 32)) >> offset
+        hi = torch.gather(words, 2, (word + 1).expand(n, blocks, 32)) << (32 - offset)
+        return ((lo | hi) & ((1 << bits) - 1)).reshape(n, blocks * 32)[:, :cols].to(torch.uint8)
+
+    return _by_rows(block, packed, blocks * 32)
