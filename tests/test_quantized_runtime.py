@@ -76,6 +76,32 @@ def test_each_format_loads_with_identical_logits(quantized: dict[str, Path]) -> 
         assert torch.equal(logits[fmt], logits["autoawq"]), fmt
 
 
+def test_loading_unpacks_one_linear_at_a_time(quantized: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader streams: each packed linear is read, unpacked and packed into its QuantLinear before the next is
+    read, so the model is never held in its canonical form (one uint8 per weight) all at once."""
+    import gc
+    import weakref
+
+    from nvila_quant.formats import checkpoint
+
+    made: list[weakref.ref] = []
+    most_alive = 0
+    real = checkpoint.unpack_linear
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        nonlocal most_alive
+        qt = real(*args, **kwargs)
+        made.append(weakref.ref(qt))
+        gc.collect()
+        most_alive = max(most_alive, sum(r() is not None for r in made))
+        return qt
+
+    monkeypatch.setattr(checkpoint, "unpack_linear", counting)
+    model = NVILAQwen2.load_pretrained(quantized["autoawq"], torch_dtype=torch.bfloat16, device="cpu")
+    assert len(made) == len(quantized_modules(model)) == 4 * 7 + 2
+    assert most_alive <= 2  # the one just read, and the previous one until the loop lets go of it
+
+
 def test_greedy_output_equals_dequantized_float_model(quantized: dict[str, Path], tiny_nvila: Path, images: dict) -> None:
     path = quantized["compressed-tensors"]
     q = NVILAQwen2.load_pretrained(path, torch_dtype=torch.float32, device="cpu")

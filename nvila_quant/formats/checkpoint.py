@@ -36,6 +36,7 @@ from nvila_quant.io import INDEX_NAME, SINGLE_NAME, read_json, safetensors_key_m
 __all__ = [
     "FORMATS",
     "METADATA_KEY",
+    "PackedLinears",
     "QuantSpec",
     "QuantizedCheckpointWriter",
     "check_packable",
@@ -338,13 +339,46 @@ def _selected(key: str, names: list[str] | None) -> bool:
     return names is None or any(key == n or key.startswith(n + ".") for n in names)
 
 
+class PackedLinears(Mapping[str, QTensor]):
+    """The packed linears of a quantized folder by module name, each read from its shard and unpacked when it is
+    looked up, never kept: going through them holds one module's canonical (unpacked) form at a time, so a loader
+    that packs each one into its runtime layout never holds the whole model unpacked (2x its int4 bytes)."""
+
+    def __init__(self, folder: Path, spec: QuantSpec, parts_of: Mapping[str, Mapping[str, str]],
+                 key_map: Mapping[str, Path], device: str | torch.device) -> None:
+        self.folder, self.spec, self.parts_of, self.key_map, self.device = folder, spec, parts_of, key_map, device
+
+    def __getitem__(self, module: str) -> QTensor:
+        keys = self.parts_of[module]  # {suffix: key}
+        by_file: dict[Path, list[str]] = {}
+        for key in keys.values():
+            by_file.setdefault(self.key_map[key], []).append(key)
+        loaded: dict[str, torch.Tensor] = {}
+        for f, file_keys in by_file.items():
+            with safe_open(str(f), framework="pt", device=str(self.device)) as h:
+                loaded.update({k: h.get_tensor(k) for k in file_keys})
+        parts = {suffix: loaded[key] for suffix, key in keys.items()}
+        spec = self.spec
+        return unpack_linear(spec.format, parts, spec.bits, spec.group_size_for(module), spec.symmetric, module)
+
+    def __iter__(self):  # noqa: ANN204 (Mapping signature)
+        return iter(self.parts_of)
+
+    def __len__(self) -> int:
+        return len(self.parts_of)
+
+
 def read_quantized_submodel(
-    folder: str | os.PathLike, names: Iterable[str] | None = None, device: str | torch.device = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, QTensor], QuantSpec]:
+    folder: str | os.PathLike, names: Iterable[str] | None = None, device: str | torch.device = "cpu",
+    lazy: bool = False,
+) -> tuple[dict[str, torch.Tensor], Mapping[str, QTensor], QuantSpec]:
     """Read a quantized folder: (float tensors by key, canonical QTensors by module name, QuantSpec).
 
-    ``names`` restricts reading to modules, tensor keys or dotted prefixes (``"model.layers.3"``).
-    Raises CheckpointError when metadata and tensors disagree (missing/extra modules, shapes, dtypes).
+    ``names`` restricts reading to modules, tensor keys or dotted prefixes (``"model.layers.3"``). ``lazy``: the
+    QTensors come as :class:`PackedLinears`, each read and unpacked when looked up (loaders that convert one module
+    at a time then peak at one module's unpacked form, not the model's); else a dict of all of them.
+    Raises CheckpointError when metadata and tensors disagree (missing/extra modules, shapes, dtypes); with ``lazy``,
+    a module's shapes and dtypes are checked when it is looked up.
     """
     folder = Path(folder)
     config = read_json(folder / "config.json")
@@ -393,18 +427,14 @@ def read_quantized_submodel(
             raise CheckpointError(f"{folder} has no tensors or modules named {unmatched[:4]}")
 
     by_file: dict[Path, list[str]] = {}
-    for key in [*floats, *(k for m in modules for k in parts_of[m].values())]:
+    for key in floats:
         by_file.setdefault(key_map[key], []).append(key)
-    loaded: dict[str, torch.Tensor] = {}
+    float_tensors: dict[str, torch.Tensor] = {}
     for f, keys in by_file.items():
         with safe_open(str(f), framework="pt", device=str(device)) as h:
-            for k in keys:
-                loaded[k] = h.get_tensor(k)
-    float_tensors = {k: loaded[k] for k in floats}
-    qlinears: dict[str, QTensor] = {}
-    for m in modules:
-        parts = {suffix: loaded[k] for suffix, k in parts_of[m].items()}
-        qlinears[m] = unpack_linear(spec.format, parts, spec.bits, spec.group_size_for(m), spec.symmetric, m)
+            float_tensors.update({k: h.get_tensor(k) for k in keys})
+    float_tensors = {k: float_tensors[k] for k in floats}  # (checkpoint key order)
     if spec.quantized_modules is None:
         spec.quantized_modules = found
-    return float_tensors, qlinears, spec
+    packed = PackedLinears(folder, spec, {m: parts_of[m] for m in modules}, key_map, device)
+    return float_tensors, packed if lazy else {m: packed[m] for m in packed}, spec

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -77,10 +77,11 @@ def set_backend(model: nn.Module, backend: str) -> None:
         m.backend = backend
 
 
-def _install(model: nn.Module, qlinears: dict[str, QTensor], folder: Path, device: torch.device,
+def _install(model: nn.Module, qlinears: Mapping[str, QTensor], folder: Path, device: torch.device,
              dtype: torch.dtype) -> None:
     """Replace each packed module's nn.Linear by a QuantLinear holding its QTensor (shapes checked), its kernels
-    prepared for ``dtype`` activations."""
+    prepared for ``dtype`` activations; one module at a time (with a lazy ``qlinears``, one unpacked QTensor is alive
+    at a time)."""
     backend = _backend()
     for name, qt in qlinears.items():
         try:
@@ -143,7 +144,7 @@ def _reset_non_persistent_buffers(model: nn.Module, device: torch.device) -> Non
 def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> PreTrainedModel:
     """The LLM of a quantized ``llm/`` as a transformers causal LM whose packed linears are QuantLinear."""
     llm_dir, device = Path(llm_dir), torch.device(device)
-    floats, qlinears, spec = read_quantized_submodel(llm_dir)
+    floats, qlinears, spec = read_quantized_submodel(llm_dir, lazy=True)
     try:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(str(llm_dir))
@@ -185,7 +186,7 @@ def load_quantized_projector(
 ) -> MultimodalProjector:
     """A MultimodalProjector whose packed linears (e.g. ``layers.2``) are QuantLinear modules."""
     mp_dir, device = Path(mp_dir), torch.device(device)
-    floats, qlinears, spec = read_quantized_submodel(mp_dir)
+    floats, qlinears, spec = read_quantized_submodel(mp_dir, lazy=True)
     projector = MultimodalProjector(projector_type, mm_hidden_size, hidden_size).to(device=device, dtype=dtype)
     _install(projector, qlinears, mp_dir, device, dtype)
     projector.scale_activations(read_json(mp_dir / "config.json").get("scaled_activations", []))  # AWQ GELU -> Linear
@@ -198,7 +199,7 @@ def load_quantized_projector(
 def convert_quantized_folder(src: str | os.PathLike, dst: str | os.PathLike, fmt: str) -> Path:
     """Repack a quantized sub-model folder (``llm/`` or ``mm_projector/``) into ``fmt``, bit exact."""
     src, dst = Path(src), Path(dst)
-    floats, qlinears, spec = read_quantized_submodel(src)
+    floats, qlinears, spec = read_quantized_submodel(src, lazy=True)
     writer = QuantizedCheckpointWriter(dst, fmt, spec.bits, spec.group_size, spec.symmetric)
     for key, tensor in floats.items():
         writer.add_tensor(key, tensor)
