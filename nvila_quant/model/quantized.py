@@ -109,7 +109,7 @@ def _install(model: nn.Module, qlinears: Mapping[str, QTensor], folder: Path, de
         new.prepare(x_dtype=dtype)
 
 
-def _load_floats(model: nn.Module, floats: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype,
+def _load_floats(model: nn.Module, floats: dict[str, torch.Tensor], folder: Path,
                  ignore_missing: Iterable[str] = ()) -> None:
     quant_prefixes = tuple(f"{n}." for n in quantized_modules(model))
     expected = {k for k in model.state_dict() if not k.startswith(quant_prefixes)}
@@ -124,8 +124,10 @@ def _load_floats(model: nn.Module, floats: dict[str, torch.Tensor], folder: Path
     for key, tensor in floats.items():
         if tuple(tensor.shape) != tuple(state[key].shape):
             raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[key].shape)}")
-    cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in floats.items()}
-    model.load_state_dict(cast, strict=False)
+    # the model's own tensors are replaced, not copied into: the float parts (embeddings, lm_head) are held once
+    cast = {k: v.to(device=state[k].device, dtype=state[k].dtype if v.is_floating_point() else v.dtype)
+            for k, v in floats.items()}
+    model.load_state_dict(cast, strict=False, assign=True)
 
 
 def _reset_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
@@ -171,7 +173,7 @@ def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: t
     _reset_non_persistent_buffers(llm, device)
     _install(llm, qlinears, llm_dir, device, dtype)
     tied = bool(getattr(llm.config, "tie_word_embeddings", False))
-    _load_floats(llm, floats, llm_dir, dtype, ignore_missing=("lm_head.weight",) if tied else ())
+    _load_floats(llm, floats, llm_dir, ignore_missing=("lm_head.weight",) if tied else ())
     if tied and not isinstance(llm.get_output_embeddings(), QuantLinear):
         llm.tie_weights()
     if (llm_dir / "generation_config.json").is_file():
@@ -190,7 +192,7 @@ def load_quantized_projector(
     projector = MultimodalProjector(projector_type, mm_hidden_size, hidden_size).to(device=device, dtype=dtype)
     _install(projector, qlinears, mp_dir, device, dtype)
     projector.scale_activations(read_json(mp_dir / "config.json").get("scaled_activations", []))  # AWQ GELU -> Linear
-    _load_floats(projector, floats, mp_dir, dtype)
+    _load_floats(projector, floats, mp_dir)
     projector.nvila_quant_spec = spec
     return projector.eval()
 
