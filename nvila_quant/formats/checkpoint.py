@@ -339,24 +339,31 @@ def _selected(key: str, names: list[str] | None) -> bool:
     return names is None or any(key == n or key.startswith(n + ".") for n in names)
 
 
+def _read_tensors(keys: Iterable[str], key_map: Mapping[str, Path], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` from their shards (each shard opened once), in the order given."""
+    keys = list(keys)
+    by_file: dict[Path, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(key_map[key], []).append(key)
+    loaded: dict[str, torch.Tensor] = {}
+    for f, file_keys in by_file.items():
+        with safe_open(str(f), framework="pt", device=str(device)) as h:
+            loaded.update({k: h.get_tensor(k) for k in file_keys})
+    return {k: loaded[k] for k in keys}
+
+
 class PackedLinears(Mapping[str, QTensor]):
     """The packed linears of a quantized folder by module name, each read from its shard and unpacked when it is
     looked up, never kept: going through them holds one module's canonical (unpacked) form at a time, so a loader
     that packs each one into its runtime layout never holds the whole model unpacked (2x its int4 bytes)."""
 
-    def __init__(self, folder: Path, spec: QuantSpec, parts_of: Mapping[str, Mapping[str, str]],
-                 key_map: Mapping[str, Path], device: str | torch.device) -> None:
-        self.folder, self.spec, self.parts_of, self.key_map, self.device = folder, spec, parts_of, key_map, device
+    def __init__(self, spec: QuantSpec, parts_of: Mapping[str, Mapping[str, str]], key_map: Mapping[str, Path],
+                 device: str | torch.device) -> None:
+        self.spec, self.parts_of, self.key_map, self.device = spec, parts_of, key_map, device
 
     def __getitem__(self, module: str) -> QTensor:
         keys = self.parts_of[module]  # {suffix: key}
-        by_file: dict[Path, list[str]] = {}
-        for key in keys.values():
-            by_file.setdefault(self.key_map[key], []).append(key)
-        loaded: dict[str, torch.Tensor] = {}
-        for f, file_keys in by_file.items():
-            with safe_open(str(f), framework="pt", device=str(self.device)) as h:
-                loaded.update({k: h.get_tensor(k) for k in file_keys})
+        loaded = _read_tensors(keys.values(), self.key_map, self.device)
         parts = {suffix: loaded[key] for suffix, key in keys.items()}
         spec = self.spec
         return unpack_linear(spec.format, parts, spec.bits, spec.group_size_for(module), spec.symmetric, module)
@@ -426,15 +433,8 @@ def read_quantized_submodel(
         if unmatched:
             raise CheckpointError(f"{folder} has no tensors or modules named {unmatched[:4]}")
 
-    by_file: dict[Path, list[str]] = {}
-    for key in floats:
-        by_file.setdefault(key_map[key], []).append(key)
-    float_tensors: dict[str, torch.Tensor] = {}
-    for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt", device=str(device)) as h:
-            float_tensors.update({k: h.get_tensor(k) for k in keys})
-    float_tensors = {k: float_tensors[k] for k in floats}  # (checkpoint key order)
+    float_tensors = _read_tensors(floats, key_map, device)
     if spec.quantized_modules is None:
         spec.quantized_modules = found
-    packed = PackedLinears(folder, spec, {m: parts_of[m] for m in modules}, key_map, device)
+    packed = PackedLinears(spec, {m: parts_of[m] for m in modules}, key_map, device)
     return float_tensors, packed if lazy else {m: packed[m] for m in packed}, spec
