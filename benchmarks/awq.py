@@ -6,7 +6,7 @@ Three parts, each with its baseline in the same run:
 1. accuracy: RTN, AWQ (reference numerics) and AWQ with every option on (and, on the tiny model, each option
    alone), for the tiny outlier model and a
    larger synthetic one (LLM hidden 1536, intermediate 4096, 4 layers, 12 heads, 2 KV heads): next-token
-   KL, top-1 agreement and perplexity vs the float model on the held-out ``calib/eval`` conversations;
+   KL, top-1 agreement and perplexity vs the float model on the held-out conversations of the package's ``data/eval``;
 2. time: wall seconds per LLM block and in total (from each run's quant_log.json);
 3. memory: peak RSS of an AWQ run on the same synthetic model at two depths, each in its own process,
    next to the peak RSS of just loading that float model (what a whole-model pipeline starts from).
@@ -33,11 +33,11 @@ from _common import table, write_json  # noqa: E402
 from nvila_quant.calibration import build_samples, embed_samples, load_records  # noqa: E402
 from nvila_quant.machine import peak_rss_mb  # noqa: E402
 from nvila_quant.model import NVILAQwen2  # noqa: E402
-from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
 from nvila_quant.paths import builtin_eval_dir  # noqa: E402
 from nvila_quant.quant.config import AWQConfig  # noqa: E402
 from nvila_quant.quant.evaluate import llm_logits, load_dequantized, next_token_metrics  # noqa: E402
 from nvila_quant.quant.runner import quantize  # noqa: E402
+from nvila_quant.testing.factory import TinySpec, make_tiny  # noqa: E402
 
 LARGE = dict(llm_hidden=1536, llm_intermediate=4096, llm_heads=12, llm_kv_heads=2)
 SPECS = {"tiny": TinySpec(seed=0), "large": TinySpec(seed=0, llm_layers=4, **LARGE)}
@@ -152,7 +152,7 @@ def main() -> None:
         print()
         print(table(mem, ["layers", "awq_peak_rss_mb", "float_load_peak_rss_mb", "awq_wall_s", "s_per_block"]))
     settings = {
-        "n_samples": args.n_samples, "seqlen": args.seqlen, "eval": "calib/eval, 4 image + 4 text conversations",
+        "n_samples": args.n_samples, "seqlen": args.seqlen, "eval": "data/eval, 4 image + 4 text conversations",
         "options": OPTIONS, "memory_runs": {"depths": args.depths, "n_samples": args.memory_samples, "seqlen": 512},
         "load_average_at_end": os.getloadavg(),  # other processes on the machine inflate wall times
     }

@@ -25,10 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
 
-from nvila_quant.model import NVILAQwen2, static_decode  # noqa: E402
-from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
+from nvila_quant.model import NVILAQwen2  # noqa: E402
 from nvila_quant.model.quantized import quantized_modules  # noqa: E402
+from nvila_quant.model.static_decode import DECODE_MODES, decode_settings  # noqa: E402
 from nvila_quant.quant.rtn import write_rtn_checkpoint  # noqa: E402
+from nvila_quant.testing.factory import TinySpec, make_tiny  # noqa: E402
 
 SPECS = {
     "cpu": TinySpec(seed=0, llm_hidden=2048, llm_intermediate=5632, llm_layers=4, llm_heads=16, llm_kv_heads=4),
@@ -47,7 +48,7 @@ def _weights_bytes(model: NVILAQwen2) -> int:
 def _decode_step(model: NVILAQwen2) -> str:
     """How the timed decode steps ran: a CUDA graph replay or a static-cache step (torch.compile-d or eager), or the
     dynamic-cache loop."""
-    decoder = model.__dict__.get("_static_decoder")
+    decoder = model.decode_session.static
     if decoder is None:
         return "dynamic"
     step = "cuda-graph" if decoder.graph is not None else "static"
@@ -101,12 +102,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="checkpoint format of the quantized model")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
     parser.add_argument("--skip-bf16", action="store_true", help="GPU: time int4 and fp16 only")
-    parser.add_argument("--decode-mode", choices=static_decode.DECODE_MODES, default=None,
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
                         help="decode steps: auto (CUDA graphs on a GPU), graph, static, dynamic (default: "
                              "$NVILA_QUANT_DECODE or auto)")
     args = parser.parse_args(argv)
     if args.decode_mode:
-        static_decode.DECODE_MODE = args.decode_mode
+        decode_settings().mode = args.decode_mode
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = args.spec or ("7b-stack" if torch.cuda.is_available() else "cpu")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     result["threads"] = torch.get_num_threads()
     result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print("goal:", result["goal"])
-    result["decode_mode"] = static_decode.DECODE_MODE
+    result["decode_mode"] = decode_settings().mode
     name = "decode-cuda" if torch.cuda.is_available() else "decode-cpu"
     suffix = (f"-{args.threads}thread" if args.threads else "") + (f"-{args.decode_mode}" if args.decode_mode else "")
     path = write_json(name + suffix, result)

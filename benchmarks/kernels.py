@@ -31,7 +31,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +38,18 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
 
-from nvila_quant.formats import QTensor  # noqa: E402
-from nvila_quant.kernels import cpu as cpu_backend  # noqa: E402
-from nvila_quant.kernels import cpu_native  # noqa: E402
-from nvila_quant.kernels import cuda as cuda_mod  # noqa: E402
-from nvila_quant.kernels.cpu_native import native_available, native_linear, unpack_nibbles  # noqa: E402
-from nvila_quant.kernels.cuda import GEMV_MAX_TOKENS, MMA_MAX_TOKENS  # noqa: E402
+from nvila_quant.kernels.cpu import dispatch as cpu_backend  # noqa: E402
+from nvila_quant.kernels.cpu import native as cpu_native  # noqa: E402
+from nvila_quant.kernels.cpu.native import native_available, native_linear  # noqa: E402
+from nvila_quant.kernels.cpu.settings import cpu_settings  # noqa: E402
+from nvila_quant.kernels.cuda import dispatch as cuda_dispatch  # noqa: E402
+from nvila_quant.kernels.cuda import native as cuda_native  # noqa: E402
+from nvila_quant.kernels.cuda.dispatch import GEMV_MAX_TOKENS  # noqa: E402
+from nvila_quant.kernels.cuda.settings import cuda_settings  # noqa: E402
 from nvila_quant.kernels.linear import QuantLinear  # noqa: E402
+from nvila_quant.numerics import QTensor  # noqa: E402
+from nvila_quant.numerics.nibbles import unpack_nibbles  # noqa: E402
+from nvila_quant.settings import overrides  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 CPU_GOALS = {"m1_vs_bf16": 3.5, "m1_vs_fp32": 6.0, "max_slowdown_vs_bf16": 1.1}
@@ -98,7 +102,7 @@ def _layer(n: int, k: int, group: int, device: str = "cpu") -> QuantLinear:
 def _fused_gemm(layer: QuantLinear, x: torch.Tensor) -> Callable[[], object]:
     """The layer with the CUDA backend's fused GEMM kernel forced (NVILA_QUANT_CUDA_GEMM=fused)."""
     def run() -> object:
-        with mock.patch.dict(os.environ, NVILA_QUANT_CUDA_GEMM="fused"):
+        with overrides(cuda_settings(), gemm="fused"):
             return layer(x)
     return run
 
@@ -323,18 +327,18 @@ def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
         layer.backend = "cuda"
         layer.prepare("cuda", torch.float16)
         w16 = layer.dequantize_weight(torch.float16)
-        nibble_rows = cuda_mod.prepare_cuda(layer.nibble_rows(), layer.scale, layer.zero, group, k)
+        nibble_rows = cuda_dispatch.prepare_cuda(layer.nibble_rows(), layer.scale, layer.zero, group, k)
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             fns = {"cuda": lambda: layer(x), "cublas_fp16": lambda: F.linear(x, w16)}  # noqa: B023
             kernel = {name: graph_ms(fn) for name, fn in fns.items()}
-            fused_max = MMA_MAX_TOKENS if layer.q_layout == "mma" else GEMV_MAX_TOKENS
+            fused_max = cuda_settings().mma_max_tokens if layer.q_layout == "mma" else GEMV_MAX_TOKENS
             if m > fused_max:  # the runtime dequantizes + cuBLAS there; the fused kernel forced, for comparison
                 kernel["cuda_fused_gemm"] = graph_ms(_fused_gemm(layer, x))
             if m <= GEMV_MAX_TOKENS:  # the nibble-row GEMV (the path before the mma layout), same run
                 out = torch.empty(m, n, device="cuda", dtype=torch.float16)
                 kernel["cuda_rows_gemv"] = graph_ms(
-                    lambda: cuda_mod._launch(x, nibble_rows.qweight, nibble_rows.scales, nibble_rows.zeros, None,  # noqa: B023
+                    lambda: cuda_native.rows_launch(x, nibble_rows.qweight, nibble_rows.scales, nibble_rows.zeros, None,  # noqa: B023
                                              group, out))  # noqa: B023
             eager = interleaved(fns, repeats)
             bytes_moved = n * k // 2 + layer.scale.numel() * 4 + layer.zero.numel() + m * (k + n) * 2
@@ -404,8 +408,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"CPU ({torch.get_num_threads()} threads): int4 'cpu' backend vs dense F.linear, same run")
             rows = bench_cpu(args.tokens, args.repeats, args.group_size)
             payload["cpu"] = {"rows": rows, "dequant_beats_int4_kernel_from_m": crossover(rows), **check_cpu_goals(rows),
-                              "amx": cpu_native.amx_active(), "amx_min_tokens": cpu_native.AMX_MIN_TOKENS,
-                              "amx_gemm_min_tokens": cpu_native.AMX_GEMM_MIN_TOKENS}
+                              "amx": cpu_native.amx_active(), "amx_min_tokens": cpu_settings().amx_min_tokens,
+                              "amx_gemm_min_tokens": cpu_settings().amx_gemm_min_tokens}
             cols = ["N", "K", "M", "path", "cpu_ms", "cpu_int4_kernel_ms", "cpu_t16_avx512_ms", "torch_int4_kernel_ms",
                     "cpu_dequant_dense_ms", "dense_bf16_ms", "dense_fp32_ms", "x_vs_bf16", "x_vs_fp32"]
             print(table(rows, cols))
@@ -419,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"bf16, {payload['cpu']['m1_ring_vs_fp32_min']:.2f}x fp32; M=1 goals met there: "
                       f"{payload['cpu']['met_on_rings']}")
         if torch.cuda.is_available():
-            cuda_mod.KSPLIT = args.ksplit
+            cuda_settings().ksplit = args.ksplit
             payload["gpu"] = bench_gpu(args.tokens, args.repeats, args.group_size)
             payload["gpu"]["ksplit"] = args.ksplit or "auto"
             gpu = payload["gpu"]

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, table, write_json  # noqa: E402
 
 from nvila_quant.model import NVILAQwen2  # noqa: E402
-from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
 from nvila_quant.model.generation import timed_run  # noqa: E402
 from nvila_quant.model.media import load_image  # noqa: E402
 from nvila_quant.paths import builtin_calib_dir  # noqa: E402
+from nvila_quant.testing.factory import TinySpec, make_tiny  # noqa: E402
 
 SPECS = {
     "tiny": TinySpec(seed=0),
@@ -35,7 +35,7 @@ SPECS = {
 def measure(path: Path, dtype: torch.dtype, decode_tokens: int, repeats: int) -> dict:
     model = NVILAQwen2.load_pretrained(path, torch_dtype=dtype, device="cpu")
     image = load_image(builtin_calib_dir() / "astronaut.jpg")
-    input_ids, media, media_config = model._prompt_inputs([image, "Describe the image in detail."])
+    input_ids, media, media_config = model.prompt_inputs([image, "Describe the image in detail."])
     timed_run(model, input_ids, media, media_config, max_new_tokens=2)  # warm-up
     runs = [timed_run(model, input_ids, media, media_config, max_new_tokens=decode_tokens) for _ in range(repeats)]
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
 
 from nvila_quant.export import ExportOptions, default_max_tiles, export_onnx, load_vision_source  # noqa: E402
-from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
 from nvila_quant.model.media import dynamic_s2_preprocess, load_image  # noqa: E402
+from nvila_quant.model.onnx_vision import OnnxVisionGraphs  # noqa: E402
 from nvila_quant.model.vision import merge_features_for_dynamic_s2, split_chessboard  # noqa: E402
 from nvila_quant.paths import builtin_calib_dir  # noqa: E402
-from nvila_quant.runtime.onnx_vision import OnnxVisionGraphs  # noqa: E402
+from nvila_quant.testing.factory import TinySpec, make_tiny  # noqa: E402
 
 RUNTIME = "ort-o{}"  # the runtime's default way to run an export, per opset
 

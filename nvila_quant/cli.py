@@ -1,8 +1,9 @@
-"""``nvila-quant``: the command-line entry point.
+"""The command-line programs ``nvila-quant`` and ``nvila-export``, built by one builder.
 
-Each sub-command lives in its own module under ``nvila_quant/commands/`` exposing
-``register(subparsers)`` (adds its parser, with help for every flag, and sets ``func``) and is listed in
-``COMMANDS`` below. Errors this package raises on purpose print as one line and exit with status 2.
+Each command is a module under ``nvila_quant/commands/`` exposing ``register(subparsers)`` (adds its parser, with help
+for every flag, and sets ``func``); :data:`PROGRAMS` lists each program's commands. Command modules import the heavy
+parts of the package inside ``func``, so ``--help`` answers at once. Errors this package raises on purpose print as
+one line (``<prog> <command>: error: ...``) and exit with status 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -16,36 +17,34 @@ from collections.abc import Sequence
 
 from nvila_quant.errors import NVILAError
 
-__all__ = ["COMMANDS", "build_parser", "main", "run"]
+__all__ = ["PROGRAMS", "build_parser", "export_main", "main", "run"]
 
-COMMANDS = [
-    "nvila_quant.commands.make_tiny",
-    "nvila_quant.commands.info",
-    "nvila_quant.commands.generate",
-    "nvila_quant.commands.compare",
-    "nvila_quant.commands.awq",
-    "nvila_quant.commands.demo",
-]
+PROGRAMS: dict[str, tuple[str, list[str]]] = {
+    "nvila-quant": (
+        "Quantize, run and report on NVIDIA NVILA vision-language models.",
+        ["make_tiny", "info", "generate", "compare", "awq", "rtn", "demo"],
+    ),
+    "nvila-export": (
+        "Export NVILA's vision side (SigLIP tower, dynamic-S2 stage, projector) for deployment.",
+        ["export_onnx"],
+    ),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nvila-quant",
-        description="Quantize, run and report on NVIDIA NVILA vision-language models.",
-    )
+def build_parser(prog: str = "nvila-quant") -> argparse.ArgumentParser:
+    """The parser of ``prog`` (a key of :data:`PROGRAMS`) with its commands registered."""
+    description, commands = PROGRAMS[prog]
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
-        importlib.import_module(name).register(sub)
+    for name in commands:
+        importlib.import_module(f"nvila_quant.commands.{name}").register(sub)
     return parser
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` with ``parser`` (sub-commands set ``func``), set up logging and run the command.
-
-    Errors this package raises on purpose print as one line (``<prog> <command>: error: ...``) and return 2;
-    Ctrl-C returns 130. Shared by ``nvila-quant`` and ``nvila-export``."""
+    """Parse ``argv`` with ``parser`` (sub-commands set ``func``), set up logging and run the command."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -62,7 +61,14 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    """``nvila-quant``."""
+    return run(build_parser("nvila-quant"), argv)
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``nvila-export``."""
+    return run(build_parser("nvila-export"), argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,28 +10,37 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
 
+from nvila_quant.export import ExportOptions, export_onnx
 from nvila_quant.io import check_output_dir
 from nvila_quant.model import Image, NVILAQwen2
-from nvila_quant.model.factory import TinySpec, make_tiny
 from nvila_quant.model.summary import describe_checkpoint, format_description
 from nvila_quant.paths import builtin_calib_dir
+from nvila_quant.quant.config import AWQConfig
+from nvila_quant.quant.runner import quantize
+from nvila_quant.report.compare import CompareConfig, compare
+from nvila_quant.testing.factory import TinySpec, make_tiny
 
 __all__ = ["DemoSettings", "run_demo"]
 
 PROMPT = "Describe the image."
 
 
+@dataclass
 class DemoSettings:
     """Sizes that keep the demo within a few minutes on 2 cores (tests shrink them further)."""
 
-    def __init__(self, n_samples: int = 8, seqlen: int = 4096, eval_generations: int = 2, repeats: int = 3,
-                 decode_tokens: int = 16, speed: bool = True, device: str = "cpu") -> None:
-        self.n_samples, self.seqlen, self.eval_generations = n_samples, seqlen, eval_generations
-        self.repeats, self.decode_tokens, self.speed, self.device = repeats, decode_tokens, speed, device
+    n_samples: int = 8  # AWQ calibration conversations
+    seqlen: int = 4096  # tokens kept per conversation
+    eval_generations: int = 2  # greedy generations shown in the report
+    repeats: int = 3  # timed runs per model
+    decode_tokens: int = 16  # tokens decoded per timed run
+    speed: bool = True  # measure speed and memory
+    device: str = "cpu"
 
 
 def _step(title: str) -> float:
@@ -45,11 +54,6 @@ def _done(t0: float) -> None:
 
 def run_demo(workdir: str | os.PathLike, overwrite: bool = False, settings: DemoSettings | None = None) -> dict:
     """Run the whole pipeline in ``workdir``; returns the comparison report (also in workdir/report/)."""
-    from nvila_quant.export import ExportOptions, export_onnx
-    from nvila_quant.quant.config import AWQConfig
-    from nvila_quant.quant.runner import quantize
-    from nvila_quant.report.compare import CompareConfig, compare
-
     s = settings or DemoSettings()
     workdir = check_output_dir(workdir, overwrite)
     if workdir.exists():

@@ -28,6 +28,7 @@ __all__ = [
     "list_weight_files",
     "load_state_dict",
     "read_json",
+    "read_tensors",
     "safetensors_key_map",
     "save_state_dict",
     "validate_safetensors",
@@ -161,18 +162,26 @@ def load_state_dict(
     missing = [k for k in wanted if k not in key_map]
     if missing:
         raise CheckpointError(f"{folder} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return read_tensors(key_map, wanted, dtype, device)
+
+
+def read_tensors(
+    key_map: Mapping[str, Path], keys: Iterable[str], dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` from the shards ``key_map`` names (each shard opened once), in the order given;
+    floating tensors cast to ``dtype`` when given."""
+    keys = list(keys)
     by_file: dict[Path, list[str]] = {}
-    for k in wanted:
+    for k in keys:
         by_file.setdefault(key_map[k], []).append(k)
-    out: dict[str, torch.Tensor] = {}
+    loaded: dict[str, torch.Tensor] = {}
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt", device=str(device)) as h:
             for k in names:
                 t = h.get_tensor(k)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                out[k] = t
-    return out
+                loaded[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return {k: loaded[k] for k in keys}
 
 
 def save_state_dict(
@@ -211,18 +220,25 @@ def save_state_dict(
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early when ``path`` exists (without ``overwrite``) or its parent is not writable."""
+    """Fail early when ``path`` exists (without ``overwrite``) or cannot be created (a file on the way, no write
+    permission): its nearest existing ancestor must be a folder this process can create a file in."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output folder {path} already exists; pass --overwrite to replace it")
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output path {path} exists and is not a folder")
-    parent = path.absolute().parent
-    probe = parent
+    probe = path.absolute().parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise OutputExistsError(f"cannot create {path}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK):
         raise OutputExistsError(f"cannot write to {probe}: permission denied")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise OutputExistsError(f"cannot write to {probe}: {e.strerror or e}") from e
     return path
 
 

@@ -1,4 +1,4 @@
-"""Where the project's shipped data lives (``calib/`` at the repository root)."""
+"""Where the data shipped inside the package lives (``nvila_quant/data/``: see its DATACARD.md)."""
 
 from __future__ import annotations
 
@@ -6,28 +6,26 @@ from pathlib import Path
 
 from nvila_quant.errors import NVILAError
 
-__all__ = ["builtin_calib_dir", "builtin_eval_dir", "repo_root"]
+__all__ = ["DATA_DIR", "builtin_calib_dir", "builtin_eval_dir"]
 
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def _data_dir(name: str) -> Path:
-    path = repo_root() / "calib" / name
+    path = DATA_DIR / name
     if not (path / "metadata.jsonl").is_file():
         raise NVILAError(
-            f"built-in data folder {path} is missing; install the project from its repository "
-            "(pip install -e .) or pass your own data folder"
+            f"built-in data folder {path} is missing from this installation of nvila-quant (reinstall it) "
+            "or pass your own data folder"
         )
     return path
 
 
 def builtin_calib_dir() -> Path:
-    """``calib/builtin``: images with captions (+ text.jsonl) used for calibration."""
+    """``data/builtin``: images with captions (+ text.jsonl) used for calibration."""
     return _data_dir("builtin")
 
 
 def builtin_eval_dir() -> Path:
-    """``calib/eval``: held-out images with captions (+ text.jsonl), never used for calibration."""
+    """``data/eval``: held-out images with captions (+ text.jsonl), never used for calibration."""
     return _data_dir("eval")

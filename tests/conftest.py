@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from nvila_quant.model.factory import TinySpec, make_tiny  # noqa: E402
+from nvila_quant.testing.factory import TinySpec, make_tiny  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

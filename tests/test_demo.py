@@ -8,6 +8,8 @@ import pytest
 
 from nvila_quant.demo import DemoSettings, run_demo
 
+pytestmark = pytest.mark.slow  # the whole pipeline (about a minute): `make test`, not `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

@@ -154,7 +154,7 @@ def embed_samples(
         media, media_config = model.prepare_media(conversation)
         ids = tokenize_conversation(conversation, model.tokenizer)
         with _capture(model, bool(media), capture_projector and bool(media)) as got:
-            embeds, labels, _ = model._embed(ids[None], media or None, media_config or None, ids[None].clone(), None)
+            embeds, labels, _ = model.embed_inputs(ids[None], media or None, media_config or None, ids[None].clone(), None)
         vision = torch.cat(got["vision"], dim=0) if got["vision"] else None
         if got["projector"]:
             proj_inputs.append(torch.cat(got["projector"], dim=0))
@@ -184,7 +184,7 @@ def replay(model, calib: CalibrationSet, capture_projector: bool = True, progres
             media_config = {"image": {"block_sizes": list(s.block_sizes)}} if s.block_sizes else {}
         ctx = cached_vision(model, s.vision.to(model.device)) if s.vision is not None else contextlib.nullcontext()
         with ctx, _capture(model, False, capture_projector and media is not None) as got:
-            embeds, _, _ = model._embed(s.input_ids[None], media, media_config, None, None)
+            embeds, _, _ = model.embed_inputs(s.input_ids[None], media, media_config, None, None)
         if got["projector"]:
             proj_inputs.append(torch.cat(got["projector"], dim=0))
         hidden = embeds[:, : s.tokens].contiguous()

@@ -1,6 +1,6 @@
 """Calibration sources -> records (an image or none, plus text).
 
-- ``builtin``: ``calib/builtin`` shipped with the project (real photos + captions, text-only lines).
+- ``builtin``: ``data/builtin`` shipped in the package (real photos + captions, text-only lines).
 - ``coco``: COCO captions with images through ``datasets`` (needs the Hugging Face hub; offline it fails at once).
 - a folder: ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}`` (+ optional ``text.jsonl``).
 - a ``.jsonl`` file: lines ``{"image": path, "text": ...}`` or ``{"text": ...}`` (paths relative to the file).

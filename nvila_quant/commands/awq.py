@@ -1,4 +1,5 @@
-"""``nvila-quant awq`` and ``nvila-quant rtn``: quantize an NVILA checkpoint into a packed NVILA folder."""
+"""``nvila-quant awq``: AWQ-quantize an NVILA checkpoint into a packed NVILA folder (its quantizer flags, config and
+report are shared with ``nvila-quant rtn``)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,19 @@ import argparse
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from nvila_quant.commands.common import add_device, add_dtype, add_model, add_output, add_overwrite, add_quiet
 from nvila_quant.quant.config import BITS, FORMATS, GROUP_SIZES, AWQConfig
 from nvila_quant.quant.runner import quantize
 
-__all__ = ["register", "run_awq", "run_rtn"]
+__all__ = ["config_from_args", "quantizer_flags", "register", "report", "run"]
 
 _DEFAULTS = AWQConfig()
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="float NVILA checkpoint folder (config.json, llm/, vision_tower/, "
-                   "mm_projector/)")
-    p.add_argument("--output", required=True, help="quantized NVILA folder to create (written to a temporary "
-                   "folder and renamed when complete)")
+def quantizer_flags(p: argparse.ArgumentParser) -> None:
+    """The flags ``awq`` and ``rtn`` share: model, output, quantizer, format, device, dtype."""
+    add_model(p, help="float NVILA checkpoint folder (config.json, llm/, vision_tower/, mm_projector/)")
+    add_output(p, help="quantized NVILA folder to create (written to a temporary folder and renamed when complete)")
     p.add_argument("--w-bit", type=int, choices=BITS, default=_DEFAULTS.bits, help="weight bits (default: 4; "
                    "autoawq and tinychat pack 4 only, compressed-tensors 2/3/4/8)")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=_DEFAULTS.group_size,
@@ -29,14 +30,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "projector (default: llm,projector)")
     p.add_argument("--format", choices=FORMATS, default=_DEFAULTS.format, help="packed checkpoint format "
                    "(default: autoawq, which vLLM/SGLang/transformers load)")
-    p.add_argument("--device", default=_DEFAULTS.device, help="auto (CUDA when present), cpu, cuda or cuda:N "
-                   "(default: auto)")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=_DEFAULTS.dtype,
-                   help="compute dtype (default: auto = float16 on CUDA as the reference, float32 on CPU); saved "
-                   "tensors keep the checkpoint's dtype")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and an unfinished work folder) if "
-                   "they exist")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device(p, default=_DEFAULTS.device, help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
+    add_dtype(p, "auto", auto=True, help="compute dtype (default: auto = fp16 on CUDA as the reference, fp32 on "
+              "CPU); saved tensors keep the checkpoint's dtype")
+    add_overwrite(p, what="OUTPUT (and an unfinished work folder)")
+    add_quiet(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the reference numerics (llm-awq); the options below fix its known weaknesses. Calibration runs image + "
         "caption conversations through the real NVILA pipeline. Progress is kept in OUTPUT.work for --resume.",
     )
-    _common(p)
+    quantizer_flags(p)
     p.add_argument("--calib", default="builtin", help="calibration data: builtin (shipped photos + captions), coco "
                    "(COCO captions via datasets; needs the hub), a folder with metadata.jsonl (file_name, text), or "
                    "a .jsonl of {\"image\", \"text\"} / {\"text\"} lines (default: builtin)")
@@ -69,19 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="feed each block the quantized output of the previous one (and the LLM the quantized "
                       "projector's output) instead of the full-precision output")
     opts.add_argument("--no-clip", action="store_true", help="skip the clip search (the reference runs it)")
-    p.set_defaults(func=run_awq)
-
-    r = sub.add_parser(
-        "rtn",
-        help="round-to-nearest baseline with the same outputs as awq",
-        description="Round-to-nearest quantization of NVILA's LLM and projector (no calibration), written in the "
-        "same NVILA layout and formats as `nvila-quant awq`.",
-    )
-    _common(r)
-    r.set_defaults(func=run_rtn)
+    p.set_defaults(func=run)
 
 
-def _config(args: argparse.Namespace, method: str) -> AWQConfig:
+def config_from_args(args: argparse.Namespace, method: str) -> AWQConfig:
+    """The run's settings from the parsed flags (``awq``'s calibration and search flags only for "awq")."""
     extra = {}
     if method == "awq":
         extra = dict(
@@ -95,7 +85,8 @@ def _config(args: argparse.Namespace, method: str) -> AWQConfig:
     )
 
 
-def _report(result) -> None:
+def report(result) -> None:  # noqa: ANN001 (a QuantizeResult)
+    """What was written and how AWQ compares with RTN, in a few lines."""
     log = result.log
     summary = log.get("summary", {})
     print(f"wrote {log['method']} checkpoint to {result.output} in {log['timings']['total_s']:.1f} s")
@@ -109,18 +100,10 @@ def _report(result) -> None:
         print("  notes:\n    " + "\n    ".join(log["notes"]))
 
 
-def run_awq(args: argparse.Namespace) -> int:
-    config = _config(args, "awq")
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args, "awq")
     with logging_redirect_tqdm():
         result = quantize(args.model, config, args.calib, args.output, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.quiet)
-    _report(result)
-    return 0
-
-
-def run_rtn(args: argparse.Namespace) -> int:
-    with logging_redirect_tqdm():
-        result = quantize(args.model, _config(args, "rtn"), None, args.output, overwrite=args.overwrite,
-                          progress=not args.quiet)
-    _report(result)
+    report(result)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nvila_quant.commands.common import add_device, add_dtype, add_output, add_overwrite
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,21 +20,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidate", action="append", required=True, metavar="DIR",
                    help="a quantized checkpoint made from the reference (repeatable)")
     p.add_argument("--eval-data", default="builtin",
-                   help="'builtin' (calib/eval, never used for calibration), a folder with metadata.jsonl "
+                   help="'builtin' (the package's data/eval, never used for calibration), a folder with metadata.jsonl "
                    "(+ text.jsonl) or a .jsonl of {image, text} / {text} lines (default: builtin)")
     p.add_argument("--onnx", default=None, metavar="DIR",
                    help="an `nvila-export onnx` folder: also compare its visual tokens with PyTorch's")
-    p.add_argument("--output", default="nvila-report", help="report folder to create (default: ./nvila-report)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="dtype for every model (default: bf16 on CPU, fp16 on CUDA)")
+    add_output(p, help="report folder to create (default: ./nvila-report)", default="nvila-report")
+    add_device(p)
+    add_dtype(p, None, help="dtype for every model (default: bf16 on CPU, fp16 on CUDA)")
     p.add_argument("--generations", type=int, default=3, help="prompts whose greedy outputs are shown (default: 3)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="length of those generations (default: 24)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model; medians are reported (default: 3)")
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per timed run (default: 16)")
     p.add_argument("--html", action="store_true", help="also write a single self-contained report.html")
-    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    add_overwrite(p, what="the output folder")
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nvila_quant.commands.common import add_device, add_overwrite
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -17,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workdir", default="nvila-demo", help="folder for everything the demo writes "
                    "(default: ./nvila-demo)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing workdir")
-    p.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    add_overwrite(p, what="the workdir")
+    add_device(p, default="cpu", help="device to run on (default: cpu)")
     p.add_argument("--n-samples", type=int, default=8, help="AWQ calibration conversations (default: 8)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed/memory part of the report")
     p.set_defaults(func=run)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from nvila_quant.commands.common import add_device, add_dtype, add_model, check_model_dir
 from nvila_quant.errors import PromptError
 from nvila_quant.model.media import Image, Video
 from nvila_quant.model.tokenizer import MEDIA_TOKENS
@@ -23,16 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "text unless the prompt places them with <image> / <vila/video> markers (one per --image / --video, "
         "in order).",
     )
-    p.add_argument("--model", required=True, help="NVILA checkpoint folder")
+    add_model(p, help="NVILA checkpoint folder (float or quantized)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
     p.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="a video file or a folder of frames (repeatable)")
     p.add_argument("--prompt", required=True, help="the question or instruction")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (KV-cached stream_gen)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                   help="compute dtype (default: the checkpoint's model_dtype; fp32 on CPU is exact but slow)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    add_dtype(p, "auto", auto=True,
+              help="compute dtype (default: the checkpoint's model_dtype; fp32 on CPU is exact but slow)")
+    add_device(p)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --do-sample)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (with --do-sample)")
@@ -67,6 +68,7 @@ def build_prompt(prompt: str, images: list[str], videos: list[str]) -> list:
 def run(args: argparse.Namespace) -> int:
     from nvila_quant.model import NVILAQwen2
 
+    check_model_dir(args.model)
     for path in args.image + args.video:
         if not Path(path).exists():
             raise PromptError(f"media file not found: {path}")

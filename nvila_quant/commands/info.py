@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from nvila_quant.commands.common import add_model
 from nvila_quant.model.summary import describe_checkpoint, format_description
 
 
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Describe an NVILA checkpoint from its configs and safetensors headers (no weights are "
         "loaded): sub-folders, tensor and element counts, bytes on disk, dtypes and quantization status.",
     )
-    p.add_argument("model", help="NVILA checkpoint folder (config.json, llm/, vision_tower/, mm_projector/)")
+    add_model(p, positional=True)
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(func=run)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from nvila_quant.model.factory import TinySpec, make_tiny
+from nvila_quant.commands.common import add_dtype, add_output, add_overwrite
+from nvila_quant.testing import TinySpec, make_tiny
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write a tiny, seeded NVILA checkpoint in NVIDIA's three-folder layout: a locally trained "
         "byte-level BPE tokenizer, SigLIP at 448 px / patch 14, a small GQA Qwen2 and the projector.",
     )
-    p.add_argument("output", help="folder to create (must not exist unless --overwrite)")
+    add_output(p, help="folder to create (must not exist unless --overwrite)", positional=True)
     p.add_argument("--variant", choices=["nvila", "nvila-lite"], default="nvila",
                    help="nvila: dynamic S2 + 2x2 downsample projector; nvila-lite: dynamic tiling with thumbnail "
                    "+ 3x3 downsample projector (default: nvila)")
@@ -28,9 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-layers", type=int, default=TinySpec.llm_layers, help="number of decoder layers")
     p.add_argument("--llm-heads", type=int, default=TinySpec.llm_heads, help="attention heads")
     p.add_argument("--llm-kv-heads", type=int, default=TinySpec.llm_kv_heads, help="KV heads (GQA)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                   help="dtype of the stored weights (default: bfloat16, as NVIDIA ships)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    add_dtype(p, "bf16", help="dtype of the stored weights (default: bf16, as NVIDIA ships)")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 

@@ -44,10 +44,12 @@ from nvila_quant.export.graphs import (
     dequantize_reference,
     replace_quantized_linears,
 )
-from nvila_quant.export.manifest import FORMAT, MANIFEST_NAME, VERSION, describe_graph
 from nvila_quant.export.ort_graph import optimize_for_onnxruntime
+from nvila_quant.export.verify import verify_export
+from nvila_quant.formats.onnx_manifest import FORMAT, MANIFEST_NAME, VERSION, describe_graph
 from nvila_quant.io import atomic_output_dir, check_output_dir, list_weight_files, read_json, write_json
 from nvila_quant.model.config import NVILAConfig, load_config
+from nvila_quant.model.nvila import NVILAQwen2, build_vision_tower
 from nvila_quant.model.vision import VisionTower
 
 __all__ = ["DTYPES", "ExportOptions", "VisionSource", "default_max_tiles", "export_onnx", "load_vision_source"]
@@ -111,8 +113,6 @@ def _llm_hidden_size(config: NVILAConfig) -> int:
 def _build_projector(config: NVILAConfig, mm_hidden: int, hidden: int) -> nn.Module:
     """The projector exactly as the runtime builds it (``NVILAQwen2.build_projector``, which a quantized
     runtime overrides), without loading the LLM."""
-    from nvila_quant.model.nvila import NVILAQwen2
-
     mp_dir = config.subfolder("mm_projector")
     stub = SimpleNamespace(config=config)
     try:
@@ -125,8 +125,6 @@ def _build_projector(config: NVILAConfig, mm_hidden: int, hidden: int) -> nn.Mod
 
 def load_vision_source(path: str | os.PathLike, include_projector: bool = False) -> VisionSource:
     """Load the vision tower (and projector) of an NVILA checkpoint in fp32 on CPU; the LLM is never loaded."""
-    from nvila_quant.model.nvila import build_vision_tower
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
@@ -363,8 +361,6 @@ def export_onnx(
     ``model``: checkpoint folder, or a :class:`VisionSource` (e.g. with a quantized projector already built).
     Raises :class:`VerificationError` (leaving no output) when onnxruntime disagrees with PyTorch.
     """
-    from nvila_quant.export.verify import verify_export  # imports the runtime, which imports export.manifest
-
     opts = options or ExportOptions()
     check_output_dir(output, opts.overwrite)  # fail before any slow step
     if opts.verify_images:

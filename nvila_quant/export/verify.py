@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from nvila_quant.errors import NVILAError
 from nvila_quant.model.media import dynamic_preprocess, dynamic_s2_preprocess, load_image
+from nvila_quant.model.onnx_vision import OnnxVisionGraphs
 from nvila_quant.model.vision import merge_chessboard, merge_features_for_dynamic_s2, split_chessboard
+from nvila_quant.paths import builtin_calib_dir
 
 __all__ = [
     "TOLERANCES",
@@ -81,8 +83,6 @@ def compare(reference: np.ndarray, output: np.ndarray) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- inputs
 def default_images() -> list[PIL.Image.Image | Path]:
     """Built-in photos in four aspect ratios: square, 3:2 landscape, 2:3 portrait, a 4:1 panorama strip."""
-    from nvila_quant.paths import builtin_calib_dir
-
     root = builtin_calib_dir()
     rocket = load_image(root / "rocket.jpg").transpose(PIL.Image.Transpose.ROTATE_90)  # portrait
     strip = load_image(root / "photographer.jpg")
@@ -185,8 +185,6 @@ def verify_export(
 
     Returns the ``verification`` section of ``export.json``.
     """
-    from nvila_quant.runtime.onnx_vision import OnnxVisionGraphs
-
     tol = TOLERANCES[dtype]
     graphs = OnnxVisionGraphs(folder, providers=providers)  # what the runtime uses
     portable = None

@@ -11,7 +11,7 @@ from nvila_quant.formats.checkpoint import (
     read_quantized_submodel,
     unpack_linear,
 )
-from nvila_quant.formats.qtensor import QTensor
+from nvila_quant.numerics.qtensor import QTensor
 
 __all__ = [
     "FORMATS",

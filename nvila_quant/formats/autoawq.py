@@ -15,7 +15,6 @@ from collections.abc import Mapping
 import torch
 
 from nvila_quant.errors import CheckpointError, ConfigError
-from nvila_quant.formats.bitpack import pack_int32, unpack_int32
 from nvila_quant.formats.common import (
     FLOAT_DTYPES,
     check_bits,
@@ -26,7 +25,8 @@ from nvila_quant.formats.common import (
     take_bias,
     take_packed,
 )
-from nvila_quant.formats.qtensor import QTensor
+from nvila_quant.numerics.bitpack import pack_int32, unpack_int32
+from nvila_quant.numerics.qtensor import QTensor
 
 __all__ = ["AWQ_ORDER", "BITS", "MARKER", "NAME", "SUFFIXES", "check", "pack", "quantization_config", "unpack"]
 

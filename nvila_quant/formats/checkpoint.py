@@ -25,13 +25,12 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nvila_quant.errors import CheckpointError, ConfigError
 from nvila_quant.formats import autoawq, compressed_tensors, tinychat
-from nvila_quant.formats.qtensor import QTensor
-from nvila_quant.io import INDEX_NAME, SINGLE_NAME, read_json, safetensors_key_map, write_json
+from nvila_quant.io import INDEX_NAME, SINGLE_NAME, read_json, read_tensors, safetensors_key_map, write_json
+from nvila_quant.numerics.qtensor import QTensor
 
 __all__ = [
     "FORMATS",
@@ -339,19 +338,6 @@ def _selected(key: str, names: list[str] | None) -> bool:
     return names is None or any(key == n or key.startswith(n + ".") for n in names)
 
 
-def _read_tensors(keys: Iterable[str], key_map: Mapping[str, Path], device: str | torch.device) -> dict[str, torch.Tensor]:
-    """The tensors ``keys`` from their shards (each shard opened once), in the order given."""
-    keys = list(keys)
-    by_file: dict[Path, list[str]] = {}
-    for key in keys:
-        by_file.setdefault(key_map[key], []).append(key)
-    loaded: dict[str, torch.Tensor] = {}
-    for f, file_keys in by_file.items():
-        with safe_open(str(f), framework="pt", device=str(device)) as h:
-            loaded.update({k: h.get_tensor(k) for k in file_keys})
-    return {k: loaded[k] for k in keys}
-
-
 class PackedLinears(Mapping[str, QTensor]):
     """The packed linears of a quantized folder by module name, each read from its shard and unpacked when it is
     looked up, never kept: going through them holds one module's canonical (unpacked) form at a time, so a loader
@@ -363,7 +349,7 @@ class PackedLinears(Mapping[str, QTensor]):
 
     def __getitem__(self, module: str) -> QTensor:
         keys = self.parts_of[module]  # {suffix: key}
-        loaded = _read_tensors(keys.values(), self.key_map, self.device)
+        loaded = read_tensors(self.key_map, keys.values(), device=self.device)
         parts = {suffix: loaded[key] for suffix, key in keys.items()}
         spec = self.spec
         return unpack_linear(spec.format, parts, spec.bits, spec.group_size_for(module), spec.symmetric, module)
@@ -433,7 +419,7 @@ def read_quantized_submodel(
         if unmatched:
             raise CheckpointError(f"{folder} has no tensors or modules named {unmatched[:4]}")
 
-    float_tensors = _read_tensors(floats, key_map, device)
+    float_tensors = read_tensors(key_map, floats, device=device)
     if spec.quantized_modules is None:
         spec.quantized_modules = found
     packed = PackedLinears(spec, {m: parts_of[m] for m in modules}, key_map, device)

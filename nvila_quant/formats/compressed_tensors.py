@@ -19,7 +19,6 @@ from collections.abc import Mapping
 import torch
 
 from nvila_quant.errors import CheckpointError, ConfigError
-from nvila_quant.formats.bitpack import dense_word_count, pack_dense_int32, unpack_dense_int32
 from nvila_quant.formats.common import (
     FLOAT_DTYPES,
     check_bits,
@@ -30,7 +29,8 @@ from nvila_quant.formats.common import (
     take,
     take_bias,
 )
-from nvila_quant.formats.qtensor import QTensor
+from nvila_quant.numerics.bitpack import dense_word_count, pack_dense_int32, unpack_dense_int32
+from nvila_quant.numerics.qtensor import QTensor
 
 __all__ = ["BITS", "MARKER", "NAME", "SERVED_BITS", "SUFFIXES", "check", "pack", "quantization_config", "unpack", "weights_args"]
 

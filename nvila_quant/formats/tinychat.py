@@ -18,7 +18,6 @@ from collections.abc import Mapping
 import torch
 
 from nvila_quant.errors import CheckpointError, ConfigError
-from nvila_quant.formats.bitpack import as_int16_bits
 from nvila_quant.formats.common import (
     FLOAT_DTYPES,
     check_bits,
@@ -29,7 +28,8 @@ from nvila_quant.formats.common import (
     take_bias,
     take_packed,
 )
-from nvila_quant.formats.qtensor import QTensor
+from nvila_quant.numerics.bitpack import as_int16_bits
+from nvila_quant.numerics.qtensor import QTensor
 
 __all__ = ["BITS", "CHUNK_ORDER", "MARKER", "NAME", "SUFFIXES", "check", "pack", "padded_groups", "quantization_config", "unpack"]
 

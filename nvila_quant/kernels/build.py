@@ -1,6 +1,6 @@
 """Build native kernel libraries (C with the system compiler, CUDA with nvcc) into a cache, once.
 
-Libraries are cached under ``$NVILA_QUANT_CACHE`` (default ``~/.cache/nvila_quant/kernels``) in a folder named
+Libraries are cached under ``$NVILA_QUANT_CACHE/kernels`` (default ``~/.cache/nvila_quant/kernels``) in a folder named
 by the hash of the sources, the compiler command and the target (CPU flags or CUDA arch), so an edit or a
 new machine rebuilds and concurrent processes never see a half-written file (build to a temp name, rename).
 """
@@ -17,7 +17,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["BuildError", "build_shared_library", "cache_dir", "cpu_fingerprint", "env_number"]
+from nvila_quant.kernels.settings import kernel_settings
+
+__all__ = ["BuildError", "build_shared_library", "cache_dir", "cpu_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +28,8 @@ class BuildError(RuntimeError):
     """A native library could not be compiled (compiler missing or failing)."""
 
 
-def env_number(name: str, default: float | None = None) -> float | None:
-    """A numeric tuning knob from the environment (``default`` when unset); a clear error when it is not a number."""
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-
 def cache_dir() -> Path:
-    root = os.environ.get("NVILA_QUANT_CACHE") or Path.home() / ".cache" / "nvila_quant"
-    return Path(root) / "kernels"
+    return kernel_settings().cache_dir()
 
 
 def cpu_fingerprint() -> str:

@@ -2,7 +2,7 @@
 
 Stored buffers (the runtime layout, not an on-disk format; N = out_features, K = in_features):
     q:     (N, K/2) uint8 nibble rows (low nibble = even k) for 4-bit weights with even K, else (N, K) uint8.
-           The same bytes take a kernel's layout when prepared for it (``q_layout``): T16 on CPU (kernels/cpu.py)
+           The same bytes take a kernel's layout when prepared for it (``q_layout``): T16 on CPU (kernels/cpu/layout.py)
            for activations a T16 kernel takes, "mma" on CUDA (kernels/cuda/layout.py); state dicts, ``qtensor()``,
            copies and device moves always see nibble rows.
     scale: (N, K/G) float (the checkpoint's scale dtype)
@@ -15,7 +15,7 @@ Backends (``backend`` attribute, default "auto" = the fast one for the input's d
     "cpu"       native AVX-512 int4 kernels: on LLM-shaped layers one T16 kernel for every token count (bf16
                 dot products, or exact fp32 weights for fp32 activations); otherwise fused kernels for few tokens
                 and dequantize + dense matmul for many; torch's int4 op where the native kernels cannot build
-                (kernels/cpu.py)
+                (kernels/cpu/dispatch.py)
     "cuda"      the project's W4A16 kernels (kernels/cuda): a tensor-core skinny GEMM on the mma layout for up to
                 32 tokens (other shapes: a GEMV for up to 4), a dequantize kernel + cuBLAS for more; fp16/bf16
                 activations
@@ -33,22 +33,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from nvila_quant.formats.qtensor import QTensor
-from nvila_quant.kernels import cpu as cpu_backend
-from nvila_quant.kernels.cpu_native import (
-    dequantize_nibbles,
-    pack_nibbles,
-    t16_pack,
-    t16_unpack,
-    unpack_nibbles,
-)
+from nvila_quant.kernels.cpu import dispatch as cpu_backend
+from nvila_quant.kernels.cpu.layout import t16_pack, t16_unpack
+from nvila_quant.kernels.cpu.native import dequantize_nibbles
+from nvila_quant.kernels.cuda import dispatch as cuda_backend
 from nvila_quant.kernels.cuda.layout import mma_pack, mma_unpack
-from nvila_quant.quant.primitives import dequantize
+from nvila_quant.kernels.settings import BACKENDS
+from nvila_quant.numerics.nibbles import pack_nibbles, unpack_nibbles
+from nvila_quant.numerics.qtensor import QTensor
+from nvila_quant.numerics.quantizer import dequantize
 
 __all__ = ["BACKENDS", "QuantLinear", "log_once"]
 
 logger = logging.getLogger(__name__)
-BACKENDS = ("auto", "cpu", "cuda", "reference")
 _LOGGED: set[str] = set()
 # nn.Module's global hook registries (private; registering and removing hooks mutates these dicts in place), which
 # QuantLinear.__call__'s shortcut checks; None (no shortcut) where a torch version lacks one.
@@ -213,9 +210,7 @@ class QuantLinear(nn.Module):
         if backend == "cpu":
             return cpu_backend.cpu_support(self.bits, self.group, self.out_features, self.in_features, x_dtype)
         if backend == "cuda":
-            from nvila_quant.kernels.cuda import cuda_support
-
-            return cuda_support(self.bits, self.group, self.out_features, self.in_features, x_dtype)
+            return cuda_backend.cuda_support(self.bits, self.group, self.out_features, self.in_features, x_dtype)
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def resolve_backend(self, device: torch.device, x_dtype: torch.dtype | None = None) -> str:
@@ -247,17 +242,21 @@ class QuantLinear(nn.Module):
             self._prepared["cpu"] = cpu_backend.prepare_cpu(self.scale, self.zero, self.bias, self.group,
                                                             t16=self.q_layout == "t16")
         elif backend == "cuda" and "cuda" not in self._prepared:
-            from nvila_quant.kernels.cuda import mma_reason, prepare_cuda
-
-            reason = mma_reason(self.bits, self.out_features, self.in_features, self.group, self.zero)
+            reason = cuda_backend.mma_reason(self.bits, self.out_features, self.in_features, self.group, self.zero)
             if reason is not None and self.q.is_cuda:
                 log_once(f"QuantLinear: CUDA mma layout not used for some layers ({reason}); nibble-row kernels there")
             self._set_layout("mma" if reason is None else "rows")
-            self._prepared["cuda"] = prepare_cuda(self.q, self.scale, self.zero, self.group, self.in_features,
+            self._prepared["cuda"] = cuda_backend.prepare_cuda(self.q, self.scale, self.zero, self.group, self.in_features,
                                                   self.q_layout)
         if x_dtype is not None:
             self._remember(self.q.device.type, x_dtype, backend)
         return backend
+
+    def kernel_state(self, backend: str) -> object:
+        """What :meth:`prepare` built for ``backend`` ("cpu": a ``CpuState``, "cuda": a ``CudaWeights``)."""
+        if backend not in self._prepared:
+            raise KeyError(f"this layer is not prepared for the {backend!r} backend; call prepare({backend!r}) first")
+        return self._prepared[backend]
 
     def _remember(self, device_type: str, dtype: torch.dtype, backend: str) -> None:
         self._backend_for[(device_type, dtype)] = backend
@@ -297,9 +296,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"expected input with last dim in_features={self.in_features}, got {tuple(x.shape)}")
         backend = self._backend_for.get((x.device.type, x.dtype)) or self._select(x.device, x.dtype)
         if backend == "cuda":
-            from nvila_quant.kernels.cuda import cuda_linear
-
-            return cuda_linear(x, self._prepared["cuda"], self.bias)
+            return cuda_backend.cuda_linear(x, self._prepared["cuda"], self.bias)
         if backend == "cpu":
             state = self._prepared["cpu"]
             if state.t16 and torch.compiler.is_compiling():  # the registered op: traces without a graph break

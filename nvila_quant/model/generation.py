@@ -1,20 +1,18 @@
-"""KV-cached generation: ``stream_gen`` steps, multi-turn chat sessions, sampling and timing.
+"""Generation over an NVILA model's decode session: sampling, multi-turn chat sessions and timing.
 
-The KV cache is a transformers ``DynamicCache`` kept on the model between ``stream_gen`` calls, so a
-later chat turn only prefills its own tokens (and encodes only its own media).
+The KV cache lives in the model's :class:`~nvila_quant.model.session.DecodeSession` (``model.decode_session``), kept
+between ``stream_gen`` calls, so a later chat turn only prefills its own tokens (and encodes only its own media).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -24,118 +22,34 @@ from transformers.generation.logits_process import (
 )
 
 from nvila_quant.errors import PromptError
-from nvila_quant.model.static_decode import static_decoder_for
+from nvila_quant.model.session import DecodeSession
 from nvila_quant.model.tokenizer import tokenize_conversation
 
-if TYPE_CHECKING:
-    from nvila_quant.model.llava_arch import LlavaMetaForCausalLM
 
-__all__ = [
-    "ChatSession",
-    "format_benchmark",
-    "llm_forward",
-    "make_cache",
-    "reset_cache",
-    "sample_next_token",
-    "stream_step",
-    "timed_run",
-]
+class ChatModel(Protocol):
+    """What generation needs of a model (``LlavaMetaForCausalLM`` provides it)."""
 
+    tokenizer: Any
+    decode_session: DecodeSession
 
-# ---------------------------------------------------------------------------- LLM forward (version-proof)
-@functools.lru_cache(maxsize=16)
-def _cache_kwarg(forward_cls: type) -> str:
-    """transformers >= 5.2x names the cache argument ``cache``; earlier 5.x ``past_key_values``."""
-    params = inspect.signature(forward_cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    @property
+    def device(self) -> torch.device: ...
 
+    @property
+    def default_generation_config(self) -> GenerationConfig: ...
 
-def make_cache(llm: torch.nn.Module) -> DynamicCache:
-    try:
-        return DynamicCache(config=llm.config)
-    except TypeError:  # older signature
-        return DynamicCache()
+    def prepare_media(self, conversation: list[dict[str, Any]]) -> tuple[dict, dict]: ...
+
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict | None, media_config: dict | None,
+                     labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     padding_side: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def stream_gen(self, input_ids: torch.Tensor, media: dict | None = None, media_cfg: dict | None = None,
+                   start_pos: int = 0, chunk_prefilling: bool = False, attention_mask: torch.Tensor | None = None,
+                   logits_to_keep: int = 0) -> tuple[torch.Tensor, int]: ...
 
 
-def llm_forward(
-    llm: torch.nn.Module,
-    inputs_embeds: torch.Tensor,
-    cache: DynamicCache,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    logits_to_keep: int = 0,
-) -> torch.Tensor:
-    """One causal-LM forward over ``inputs_embeds`` (B, T, H) that appends to ``cache``; logits (B, T', V)."""
-    kwargs = {_cache_kwarg(type(llm)): cache}
-    out = llm(
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-        **kwargs,
-    )
-    return out.logits
-
-
-# ---------------------------------------------------------------------------- stream_gen
-def reset_cache(model: Any) -> None:
-    model._stream_cache = None
-    model._stream_mask = None
-
-
-def stream_step(
-    model: LlavaMetaForCausalLM,
-    input_ids: torch.Tensor,
-    media: dict | None,
-    media_cfg: dict | None,
-    start_pos: int,
-    chunk_prefilling: bool,
-    attention_mask: torch.Tensor | None,
-    logits_to_keep: int = 0,
-) -> tuple[torch.Tensor, int]:
-    """Implementation of ``stream_gen`` (see there)."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    llm = model.get_llm()
-    device = model.device
-    if media:
-        embeds, _, mask = model._embed(input_ids, media, media_cfg, None, attention_mask, padding_side="left")
-    else:
-        model._embed_check_no_media(input_ids)
-        embeds = llm.get_input_embeddings()(input_ids.to(device))
-        mask = (
-            attention_mask.to(device=device, dtype=torch.bool)
-            if attention_mask is not None
-            else torch.ones(input_ids.shape, dtype=torch.bool, device=device)
-        )
-    n_new = embeds.shape[1]
-    cache: DynamicCache | None = getattr(model, "_stream_cache", None)
-    past_mask: torch.Tensor | None = getattr(model, "_stream_mask", None)
-    if start_pos == 0:
-        cache, past_mask = make_cache(llm), mask[:, :0]
-    else:
-        if cache is None or past_mask is None:
-            raise ValueError(f"stream_gen got start_pos={start_pos} but no sequence is cached; start at start_pos=0")
-        cached = cache.get_seq_length()
-        if start_pos > cached:
-            raise ValueError(f"stream_gen start_pos={start_pos} is past the {cached} cached positions")
-        if n_new > 1 and not chunk_prefilling:
-            raise ValueError(
-                f"stream_gen got {n_new} new positions at start_pos={start_pos}: continuing a cached sequence "
-                "with more than one token needs chunk_prefilling=True"
-            )
-        if past_mask.shape[0] != mask.shape[0]:
-            raise ValueError(f"batch size changed from {past_mask.shape[0]} to {mask.shape[0]} within a cached sequence")
-        if start_pos < cached:
-            cache.crop(start_pos - cached)  # negative: drop that many trailing positions
-        past_mask = past_mask[:, :start_pos]
-    full_mask = torch.cat([past_mask, mask], dim=1)
-    position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
-    attn = None if bool(full_mask.all()) else full_mask.long()
-    logits = llm_forward(llm, embeds, cache, attn, position_ids, logits_to_keep)
-    model._stream_cache, model._stream_mask = cache, full_mask
-    return logits, n_new
+__all__ = ["ChatModel", "ChatSession", "format_benchmark", "sample_next_token", "timed_run"]
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -182,12 +96,12 @@ class ChatSession:
     Each :meth:`stream` / :meth:`send` call prefills only the tokens (and media) not yet in the cache.
     """
 
-    def __init__(self, model: LlavaMetaForCausalLM) -> None:
+    def __init__(self, model: ChatModel) -> None:
         self.model = model
         self.messages: list[dict[str, str]] = []  # text messages, media as tokens
         self.token_ids: list[int] = []  # ids fed to the cache so far (media as one token each)
         self.positions: list[int | None] = []  # cache length after each of token_ids (media expanded)
-        model.reset_cache()
+        model.decode_session.reset()
 
     @property
     def length(self) -> int:
@@ -265,10 +179,8 @@ class ChatSession:
         history = torch.tensor([self.token_ids], device=logits.device)
         max_new = _max_new_tokens(config, prompt_len)
         logits = logits[:, -1]
-        decoder = static_decoder_for(model, self.length + max_new, model._stream_mask) if max_new > 1 else None
-        if decoder is not None:
-            decoder.load(model._stream_cache)
-        try:
+        # one step follows every sampled token (the last one's is unused): a static decoder for two or more
+        with model.decode_session.decoding(max_new if max_new > 1 else 0) as step:
             for _ in range(max_new):
                 next_id = int(sample_next_token(logits, config, history, processors)[0])
                 if next_id in stop:
@@ -280,21 +192,12 @@ class ChatSession:
                 else:
                     delta, text_sent = text[len(text_sent) :], text
                 start = self.length
-                token = torch.tensor([[next_id]], device=model.device)
-                if decoder is not None:
-                    logits = decoder.step(token)
-                else:
-                    logits = model.stream_gen(token, start_pos=start, logits_to_keep=1)[0][:, -1]
+                logits = step(torch.tensor([[next_id]], device=model.device))
                 self.token_ids.append(next_id)
                 self.positions.append(start + 1)
                 history = torch.cat([history, history.new_tensor([[next_id]])], dim=1)
                 if delta:
                     yield delta
-        finally:
-            if decoder is not None and decoder.length > model._stream_mask.shape[1]:  # hand the cache back
-                decoder.store(model._stream_cache)
-                fed = decoder.length - model._stream_mask.shape[1]
-                model._stream_mask = torch.cat([model._stream_mask, model._stream_mask.new_ones(1, fed)], dim=1)
         tail = tokenizer.decode(generated, skip_special_tokens=True)[len(text_sent) :]
         if tail:
             yield tail
@@ -308,36 +211,29 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def timed_run(
-    model: LlavaMetaForCausalLM,
+    model: ChatModel,
     input_ids: torch.Tensor,
     media: dict | None,
     media_config: dict | None,
     max_new_tokens: int = 32,
 ) -> dict[str, float]:
-    """Greedy-decode exactly ``max_new_tokens`` tokens (stop tokens ignored) and time each phase."""
+    """Greedy-decode exactly ``max_new_tokens`` tokens (stop tokens ignored) on the model's decode session and time
+    each phase: vision encode (media into embeddings), prefill, decode."""
     device = model.device
-    llm = model.get_llm()
+    session = model.decode_session
     _sync(device)
     t0 = time.perf_counter()
-    embeds, _, mask = model._embed(input_ids, media, media_config, None, None)
+    embeds, _, mask = model.embed_inputs(input_ids, media, media_config)
     _sync(device)
     t1 = time.perf_counter()
-    cache = make_cache(llm)
-    logits = llm_forward(llm, embeds, cache, logits_to_keep=1)
+    logits = session.extend(embeds, mask, 0, logits_to_keep=1)
     next_id = logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t2 = time.perf_counter()
     n_decode = max(0, max_new_tokens - 1)
-    decoder = static_decoder_for(model, int(embeds.shape[1]) + n_decode, mask) if n_decode > 0 else None
-    if decoder is not None:  # a decode step per CUDA graph replay on GPUs
-        decoder.load(cache)
+    with session.decoding(n_decode) as step:  # a decode step per CUDA graph replay on GPUs
         for _ in range(n_decode):
-            next_id = decoder.step(next_id).argmax(-1, keepdim=True)
-    else:
-        embed = llm.get_input_embeddings()
-        for _ in range(n_decode):
-            logits = llm_forward(llm, embed(next_id), cache, logits_to_keep=1)
-            next_id = logits[:, -1].argmax(-1, keepdim=True)
+            next_id = step(next_id).argmax(-1, keepdim=True)
     _sync(device)
     t3 = time.perf_counter()
     return {

@@ -2,9 +2,10 @@
 
 ``LlavaMetaModel`` owns the three sub-models (LLM, vision tower, projector): loading and saving the
 three-folder layout and the image-encoding numerics (dynamic S2). ``LlavaMetaForCausalLM`` owns the
-language side: splicing media embeddings into the prompt (``_embed``), generation, KV-cached
-streaming (``stream_gen``) and the timing report (``benchmark``). Concrete classes (``NVILAQwen2``)
-implement ``init_vlm``.
+language side: splicing media embeddings into the prompt (``embed_inputs``, VILA's ``_embed``), generation,
+KV-cached streaming (``stream_gen``, over the model's :class:`~nvila_quant.model.session.DecodeSession`) and the
+timing report (``benchmark``). Concrete classes (``NVILAQwen2``) implement ``init_vlm`` and create the decode
+session there.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from nvila_quant.errors import CheckpointError, PromptError
 from nvila_quant.io import atomic_output_dir, save_state_dict, write_json
-from nvila_quant.model import generation, vision
+from nvila_quant.model import vision
 from nvila_quant.model.config import NVILAConfig, load_config
+from nvila_quant.model.generation import ChatSession, format_benchmark, timed_run
 from nvila_quant.model.media import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -38,6 +40,7 @@ from nvila_quant.model.media import (
     load_video_frames,
 )
 from nvila_quant.model.projector import MultimodalProjector
+from nvila_quant.model.session import DecodeSession
 from nvila_quant.model.static_decode import static_decode_wanted
 from nvila_quant.model.tokenizer import IGNORE_INDEX, MEDIA_TOKENS, tokenize_conversation
 from nvila_quant.model.vision import VisionTower
@@ -210,8 +213,11 @@ class LlavaMetaModel(ABC):
 
 
 class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is LlavaMetaModel)
-    """Generation over a :class:`LlavaMetaModel`: ``_embed``, ``generate``, ``generate_content``,
-    ``prepare_media``, ``stream_gen`` and ``benchmark``."""
+    """Generation over a :class:`LlavaMetaModel`: ``embed_inputs``, ``generate``, ``generate_content``,
+    ``prepare_media``, ``stream_gen`` and ``benchmark``. ``decode_session`` holds the KV cache of ``stream_gen`` and
+    chat sessions (created by the concrete class's ``init_vlm``)."""
+
+    decode_session: DecodeSession
 
     # ------------------------------------------------------------------ media
     def prepare_media(self, conversation: list[dict[str, Any]]) -> tuple[Media, MediaConfig]:
@@ -305,13 +311,13 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
         scales = self.config.s2_scales  # type: ignore[attr-defined]
         return sum((s // scales[0]) ** 2 for s in scales[:-1]) + block_size[0] * block_size[1]
 
-    def _embed(
+    def embed_inputs(
         self,
         input_ids: torch.Tensor,
         media: Media | None,
         media_config: MediaConfig | None,
-        labels: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         padding_side: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Splice media embeddings into the token embeddings.
@@ -381,6 +387,10 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
             out_labels = [x[:max_len] for x in out_labels]
         return self._batchify(inputs, out_labels, padding_side or tokenizer.padding_side)
 
+    def _embed(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VILA's name of :meth:`embed_inputs` (kept for code written against VILA)."""
+        return self.embed_inputs(*args, **kwargs)
+
     @staticmethod
     def _batchify(
         inputs: list[torch.Tensor], labels: list[torch.Tensor], padding_side: str
@@ -425,13 +435,16 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
     ) -> torch.Tensor:
         """Embed (with media) and run the LLM's own ``generate``; returns the new token ids (B, T_new)."""
         padding_side = "left" if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[0] > 1 else None
-        inputs_embeds, _, attention_mask = self._embed(input_ids, media, media_config, None, attention_mask, padding_side)
+        inputs_embeds, _, attention_mask = self.embed_inputs(input_ids, media, media_config, None, attention_mask,
+                                                             padding_side)
         generation_kwargs.setdefault("generation_config", self.default_generation_config)
         return self.get_llm().generate(  # type: ignore[attr-defined]
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs
         )
 
-    def _prompt_inputs(self, prompt: PromptPart | Sequence[PromptPart]) -> tuple[torch.Tensor, Media, MediaConfig]:
+    def prompt_inputs(self, prompt: PromptPart | Sequence[PromptPart]) -> tuple[torch.Tensor, Media, MediaConfig]:
+        """A one-turn prompt (str, or list of strings, images and videos) as the chat template's ``input_ids`` (1, T)
+        with the generation prompt, and its media and media config."""
         parts = list(prompt) if isinstance(prompt, list | tuple) else [prompt]
         conversation = [{"from": "human", "value": parts}]
         media, media_config = self.prepare_media(conversation)
@@ -443,13 +456,13 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
         self, prompt: PromptPart | Sequence[PromptPart], generation_config: GenerationConfig | None = None
     ) -> str:
         """Answer a prompt: a string, or a list of strings, PIL images, image paths and videos."""
-        input_ids, media, media_config = self._prompt_inputs(prompt)
+        input_ids, media, media_config = self.prompt_inputs(prompt)
         generation_config = generation_config or self.default_generation_config
         if generation_config.eos_token_id is None:
             generation_config = copy.deepcopy(generation_config)
             generation_config.eos_token_id = list(self.tokenizer.stop_token_ids)  # type: ignore[attr-defined]
-        if (generation_config.num_beams or 1) == 1 and static_decode_wanted(self):  # decode steps as CUDA graph replays
-            session = generation.ChatSession(self)
+        if (generation_config.num_beams or 1) == 1 and static_decode_wanted(self.device):  # CUDA graph replays
+            session = ChatSession(self)
             return "".join(session.stream(input_ids, media, media_config, generation_config)).strip()
         output_ids = self.generate(input_ids, media, media_config, generation_config=generation_config)
         return self.tokenizer.decode(output_ids[0], skip_special_tokens=True).strip()  # type: ignore[attr-defined]
@@ -458,8 +471,8 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
         self, prompt: PromptPart | Sequence[PromptPart], generation_config: GenerationConfig | None = None
     ) -> Iterator[str]:
         """Like :meth:`generate_content` but yields text as it is decoded (through ``stream_gen``)."""
-        input_ids, media, media_config = self._prompt_inputs(prompt)
-        session = generation.ChatSession(self)
+        input_ids, media, media_config = self.prompt_inputs(prompt)
+        session = ChatSession(self)
         yield from session.stream(input_ids, media, media_config, generation_config or self.default_generation_config)
 
     # ------------------------------------------------------------------ KV-cached streaming
@@ -482,13 +495,25 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
         (B, T', V) (the last ``logits_to_keep`` positions when > 0) and T', the number of positions
         processed (media tokens expanded).
         """
-        return generation.stream_step(
-            self, input_ids, media, media_cfg, start_pos, chunk_prefilling, attention_mask, logits_to_keep
-        )
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        device = self.device  # type: ignore[attr-defined]
+        if media:
+            embeds, _, mask = self.embed_inputs(input_ids, media, media_cfg, None, attention_mask, padding_side="left")
+        else:
+            self._embed_check_no_media(input_ids)
+            embeds = self.get_llm().get_input_embeddings()(input_ids.to(device))  # type: ignore[attr-defined]
+            mask = (
+                attention_mask.to(device=device, dtype=torch.bool)
+                if attention_mask is not None
+                else torch.ones(input_ids.shape, dtype=torch.bool, device=device)
+            )
+        logits = self.decode_session.extend(embeds, mask, start_pos, chunk_prefilling, logits_to_keep)
+        return logits, embeds.shape[1]
 
     def reset_cache(self) -> None:
         """Forget the KV cache kept by :meth:`stream_gen`."""
-        generation.reset_cache(self)
+        self.decode_session.reset()
 
     # ------------------------------------------------------------------ timing
     @torch.inference_mode()
@@ -500,12 +525,12 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
         Returns ``{"vision_encode_ms", "prefill_ms", "ttft_ms", "prefill_tokens", "decode_tokens",
         "decode_tokens_per_s"}`` and prints a short table unless ``quiet``.
         """
-        input_ids, media, media_config = self._prompt_inputs(prompt)
+        input_ids, media, media_config = self.prompt_inputs(prompt)
         if warmup:
-            generation.timed_run(self, input_ids, media, media_config, max_new_tokens=2)
-        result = generation.timed_run(self, input_ids, media, media_config, max_new_tokens=max_new_tokens)
+            timed_run(self, input_ids, media, media_config, max_new_tokens=2)
+        result = timed_run(self, input_ids, media, media_config, max_new_tokens=max_new_tokens)
         if not quiet:
-            print(generation.format_benchmark(result))
+            print(format_benchmark(result))
         return result
 
 

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
-from transformers import logging as hf_logging
 
 from nvila_quant.errors import CheckpointError
 from nvila_quant.io import load_state_dict, read_json, safetensors_key_map
 from nvila_quant.model.config import NVILAConfig, dtype_from_str, load_config
 from nvila_quant.model.encoders import build_encoder
-from nvila_quant.model.generation import reset_cache
 from nvila_quant.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from nvila_quant.model.llm import quiet_transformers
+from nvila_quant.model.onnx_vision import build_onnx_vision_tower
 from nvila_quant.model.projector import MultimodalProjector
+from nvila_quant.model.quantized import is_quantized, load_quantized_llm, load_quantized_projector
+from nvila_quant.model.session import DecodeSession
 from nvila_quant.model.tokenizer import load_tokenizer
 from nvila_quant.model.vision import VisionTower, load_image_processor
 
@@ -30,17 +30,6 @@ logger = logging.getLogger(__name__)
 
 # SigLIP weights NVILA never runs (features come from hidden_states[-2]); tolerated when absent.
 _UNUSED_VISION_PREFIXES = ("head.", "post_layernorm.", "vision_model.head.", "vision_model.post_layernorm.")
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load-time warnings (we check missing/mismatched keys ourselves)."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def default_device() -> torch.device:
@@ -62,12 +51,10 @@ def load_llm(llm_dir: Path, dtype: torch.dtype, device: torch.device) -> PreTrai
     """The float LLM of ``llm/`` as a real transformers causal LM (``Qwen2ForCausalLM`` on NVILA)."""
     cfg = read_json(llm_dir / "config.json")
     if cfg.get("quantization_config"):  # packed int4 linears: the quantized runtime builds QuantLinear modules
-        from nvila_quant.model.quantized import load_quantized_llm
-
         return load_quantized_llm(llm_dir, dtype, device)
     safetensors_key_map(llm_dir)  # validates every shard before transformers reads it
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             llm, info = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load the LLM in {llm_dir}: {e}") from e
@@ -87,7 +74,7 @@ def build_vision_tower(vt_dir: Path, config: NVILAConfig, dtype: torch.dtype, de
     # a full SigLIP config (model_type "siglip"): take its vision part
     extra = {"config": SiglipVisionConfig(**cfg.get("vision_config", {}))} if cfg.get("model_type") == "siglip" else {}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = SiglipVisionModel.from_pretrained(str(vt_dir), dtype=dtype, output_loading_info=True, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load the vision tower in {vt_dir}: {e}") from e
@@ -189,8 +176,6 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
         if vision_backend == "torch" and onnx_dir is None:
             self.vision_tower = build_vision_tower(vt_dir, config, dtype, device)
         else:  # vision tower through onnxruntime (an `nvila-export onnx` folder); same interface
-            from nvila_quant.runtime.onnx_vision import build_onnx_vision_tower
-
             self.vision_tower = build_onnx_vision_tower(vision_backend, onnx_dir, vt_dir, config, dtype, device)
         if config.mm_hidden_size and config.mm_hidden_size != self.vision_tower.hidden_size:
             raise CheckpointError(
@@ -209,7 +194,7 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
         }
         self.post_config()
         self.eval()
-        reset_cache(self)
+        self.decode_session = DecodeSession(self.llm)  # owns the KV cache of stream_gen and chat sessions
 
     # Overridable builders: the quantized runtime swaps in packed linears here.
     def build_llm(self, llm_dir: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
@@ -218,8 +203,6 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
     def build_projector(
         self, mp_dir: Path, mm_hidden_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device
     ) -> nn.Module:
-        from nvila_quant.model.quantized import is_quantized, load_quantized_projector
-
         if is_quantized(mp_dir):
             cfg = read_json(mp_dir / "config.json")
             projector_type = cfg.get("mm_projector_type") or (self.config.mm_projector_cfg or {}).get("mm_projector_type")
@@ -251,5 +234,5 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
         media_config = kwargs.pop("media_config", None)
         labels = kwargs.pop("labels", None)
         attention_mask = kwargs.pop("attention_mask", None)
-        inputs_embeds, labels, attention_mask = self._embed(input_ids, media, media_config, labels, attention_mask)
+        inputs_embeds, labels, attention_mask = self.embed_inputs(input_ids, media, media_config, labels, attention_mask)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)

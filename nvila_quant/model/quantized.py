@@ -4,8 +4,8 @@
 when a sub-folder's ``config.json`` carries quantization metadata (any of the three formats). The LLM skeleton is
 built on the meta device (no float copy of the quantized weights is ever allocated), packed linears become
 ``QuantLinear`` modules, every other tensor loads from the checkpoint, and kernel repacks are built once at load.
-Backend: "auto" unless ``NVILA_QUANT_BACKEND`` (cpu | cuda | reference) says otherwise; :func:`set_backend`
-changes it on a loaded model.
+Backend: "auto" unless ``NVILA_QUANT_BACKEND`` (cpu | cuda | reference; :class:`~nvila_quant.kernels.KernelSettings`)
+says otherwise; :func:`set_backend` changes it on a loaded model.
 
 :func:`convert_quantized_folder` repacks a quantized sub-model folder into another format (bit exact). Round-to-nearest
 quantization of a float folder is the engine's (:func:`nvila_quant.quant.rtn.write_rtn_checkpoint`).
@@ -23,17 +23,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from nvila_quant.errors import CheckpointError, ConfigError
-from nvila_quant.formats import (
-    QTensor,
-    QuantizedCheckpointWriter,
-    detect_format,
-    read_quantized_submodel,
-)
+from nvila_quant.formats import QuantizedCheckpointWriter, detect_format, read_quantized_submodel
 from nvila_quant.formats.checkpoint import METADATA_KEY, copy_side_files
 from nvila_quant.io import read_json
-from nvila_quant.kernels.linear import BACKENDS, QuantLinear
-from nvila_quant.model.nvila import _quiet_transformers
+from nvila_quant.kernels import BACKENDS, QuantLinear, kernel_settings
+from nvila_quant.model.llm import quiet_transformers
 from nvila_quant.model.projector import MultimodalProjector
+from nvila_quant.numerics import QTensor
 
 __all__ = [
     "convert_quantized_folder",
@@ -47,11 +43,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _backend() -> str:
-    backend = os.environ.get("NVILA_QUANT_BACKEND", "auto")
-    if backend not in BACKENDS:
-        raise ConfigError(f"NVILA_QUANT_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return backend
+class PackedSlot(nn.Module):
+    """Stands where a packed Linear goes while the LLM skeleton is built (no float weight is ever allocated for it):
+    the Linear's (out_features, in_features, has bias), which the QuantLinear that replaces it must match."""
+
+    def __init__(self, out_features: int, in_features: int, bias: bool) -> None:
+        super().__init__()
+        self.shape = (out_features, in_features, bias)
 
 
 def is_quantized(folder: str | os.PathLike) -> bool:
@@ -82,14 +80,15 @@ def _install(model: nn.Module, qlinears: Mapping[str, QTensor], folder: Path, de
     """Replace each packed module's nn.Linear by a QuantLinear holding its QTensor (shapes checked), its kernels
     prepared for ``dtype`` activations; one module at a time (with a lazy ``qlinears``, one unpacked QTensor is alive
     at a time)."""
-    backend = _backend()
+    backend = kernel_settings().backend
     for name, qt in qlinears.items():
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"{folder} has packed linear {name!r}, which the model does not have") from e
-        shape = getattr(old, "_nq_shape", None)  # placeholder left by load_quantized_llm
-        if shape is None:
+        if isinstance(old, PackedSlot):  # left by load_quantized_llm
+            shape = old.shape
+        else:
             if not isinstance(old, nn.Linear):
                 raise CheckpointError(f"{folder}: {name!r} is a {type(old).__name__}, not a Linear, but has packed weights")
             shape = (old.out_features, old.in_features, old.bias is not None)
@@ -148,7 +147,7 @@ def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: t
     llm_dir, device = Path(llm_dir), torch.device(device)
     floats, qlinears, spec = read_quantized_submodel(llm_dir, lazy=True)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             config = AutoConfig.from_pretrained(str(llm_dir))
             for attr in ("quantization_config", "compression_config", METADATA_KEY):
                 if hasattr(config, attr):
@@ -165,8 +164,7 @@ def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: t
             raise CheckpointError(f"{llm_dir} has packed linear {name!r}, which {type(llm).__name__} does not have") from e
         if not isinstance(old, nn.Linear):
             raise CheckpointError(f"{llm_dir}: {name!r} is a {type(old).__name__}, not a Linear, but has packed weights")
-        holder = nn.Identity()
-        holder._nq_shape = (old.out_features, old.in_features, old.bias is not None)
+        holder = PackedSlot(old.out_features, old.in_features, old.bias is not None)
         parent, _, child = name.rpartition(".")
         setattr(llm.get_submodule(parent) if parent else llm, child, holder)
     llm = llm.to_empty(device=device)

@@ -1,43 +1,49 @@
 """Batch-1 decode on a static KV cache, replayed from one captured CUDA graph on GPUs.
 
-An eager decode step launches hundreds of small kernels from Python (4-5 ms per token for a 7B-shaped stack on an
-H100, more than reading its int4 weights takes). Here the whole step (embedding, layers, lm_head, the KV write and
-the position bump) is captured once per model and cache size into a CUDA graph, then replayed: one launch per
-token. The prompt is prefilled as before into a ``DynamicCache``; its keys and values are copied into the static
-cache before decoding and the decoded ones copied back after (:meth:`StaticDecoder.store`), so chat sessions and
-``stream_gen`` keep their cache semantics.
+An eager decode step launches hundreds of small kernels from Python (on GPUs more time than reading the int4 weights
+takes). Here the whole step (embedding, layers, lm_head, the KV write and the position bump) is captured once per
+model and cache size into a CUDA graph, then replayed: one launch per token. The prompt is prefilled as before into
+a ``DynamicCache``; its keys and values are copied into the static cache before decoding and the decoded ones copied
+back after (:meth:`StaticDecoder.store`), so chat sessions and ``stream_gen`` keep their cache semantics. The
+:class:`~nvila_quant.model.session.DecodeSession` of a model owns its decoder.
 
-``NVILA_QUANT_DECODE``: "auto" (default: graphs on CUDA, the dynamic cache elsewhere), "graph", "compiled" (the
-step compiled with ``torch.compile`` first, so inductor fuses the norms, rotary embeddings and activations between
-the linears, then captured on CUDA; the first decode pays the compile), "static" (static cache, eager steps: any
-device), "dynamic" (always the eager dynamic-cache loop). A compile or capture that fails logs the reason and falls
-back to the eager step on the same static cache. ``NVILA_QUANT_DECODE_COMPILE_BACKEND`` (default "inductor")
-picks the torch.compile backend.
+``NVILA_QUANT_DECODE`` (:class:`DecodeSettings`): "auto" (default: graphs on CUDA, the dynamic cache elsewhere),
+"graph", "compiled" (the step compiled with ``torch.compile`` first, so inductor fuses the norms, rotary embeddings
+and activations between the linears, then captured on CUDA; the first decode pays the compile), "static" (static
+cache, eager steps: any device), "dynamic" (always the eager dynamic-cache loop). A compile or capture that fails
+logs the reason and falls back to the eager step on the same static cache. ``NVILA_QUANT_DECODE_COMPILE_BACKEND``
+(default "inductor") picks the torch.compile backend.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-__all__ = ["DECODE_MODES", "StaticDecoder", "static_decode_wanted", "static_decoder_for"]
+from nvila_quant.model.llm import cache_kwarg
+from nvila_quant.settings import Lazy, Settings, knob
+
+__all__ = ["BUCKET", "DECODE_MODES", "DecodeSettings", "StaticDecoder", "decode_settings", "decoder_kind",
+           "static_decode_wanted"]
 
 logger = logging.getLogger(__name__)
 DECODE_MODES = ("auto", "graph", "compiled", "static", "dynamic")
-DECODE_MODE = os.environ.get("NVILA_QUANT_DECODE", "auto")
-COMPILE_BACKEND = os.environ.get("NVILA_QUANT_DECODE_COMPILE_BACKEND", "inductor")
 BUCKET = 256  # static cache lengths are multiples of this (attention reads the whole static cache every step)
 
 
-def _cache_kwarg(llm: torch.nn.Module) -> str:
-    from nvila_quant.model.generation import _cache_kwarg as kwarg
+@dataclass
+class DecodeSettings(Settings):
+    """How batch-1 decoding runs (see the module docstring)."""
 
-    return kwarg(type(llm))
+    mode: str = knob("NVILA_QUANT_DECODE", "auto", str, choices=DECODE_MODES)
+    compile_backend: str = knob("NVILA_QUANT_DECODE_COMPILE_BACKEND", "inductor", str)
+
+
+decode_settings = Lazy(DecodeSettings)
 
 
 class StaticDecoder:
@@ -55,7 +61,7 @@ class StaticDecoder:
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # (1, 1): its position
         self.length = 0  # positions in the cache
         self.want_graph = graph
-        self.cache_kwarg = _cache_kwarg(llm)
+        self.cache_kwarg = cache_kwarg(type(llm))
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (1, V), rewritten by every step
         self.asked = (graph, compiled)  # what it was built for (kept when a capture or compile falls back)
@@ -69,7 +75,7 @@ class StaticDecoder:
         if not self.want_compile or self.compiled:
             return self._step()
         try:
-            step = torch.compile(self._forward, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+            step = torch.compile(self._forward, fullgraph=True, dynamic=False, backend=decode_settings().compile_backend)
             out = step()
             self._step, self.compiled = step, True
             return out
@@ -155,34 +161,13 @@ class StaticDecoder:
             raise RuntimeError(f"copying the static cache back gave {cache.get_seq_length()} positions, expected {n}")
 
 
-def static_decode_wanted(model: Any) -> bool:
-    """Whether decoding on ``model``'s device takes the static cache (``NVILA_QUANT_DECODE`` and the device)."""
-    mode = DECODE_MODE
-    if mode not in DECODE_MODES:
-        raise ValueError(f"NVILA_QUANT_DECODE must be one of {DECODE_MODES}, got {mode!r}")
-    return not (mode == "dynamic" or (mode == "auto" and model.device.type != "cuda"))
+def static_decode_wanted(device: torch.device) -> bool:
+    """Whether decoding on ``device`` takes the static cache (``NVILA_QUANT_DECODE`` and the device)."""
+    mode = decode_settings().mode
+    return not (mode == "dynamic" or (mode == "auto" and device.type != "cuda"))
 
 
-def static_decoder_for(model: Any, needed: int, mask: torch.Tensor | None = None) -> StaticDecoder | None:
-    """The model's static decoder with room for ``needed`` positions (built or re-sized on demand), or None where the
-    dynamic-cache loop runs (mode, device, batch, padding, cache layout)."""
-    if not static_decode_wanted(model):
-        return None
-    mode, device = DECODE_MODE, model.device
-    if mask is not None and (mask.shape[0] != 1 or not bool(mask.all())):
-        return None  # batched or padded: positions are not cache indices
-    graph = mode in ("auto", "graph", "compiled") and device.type == "cuda"
-    compiled = mode == "compiled"
-    decoder: StaticDecoder | None = model.__dict__.get("_static_decoder")
-    if decoder is not None and decoder.max_len >= needed and decoder.asked == (graph, compiled):
-        return decoder
-    max_len = -(-needed // BUCKET) * BUCKET
-    if decoder is not None:
-        max_len = max(max_len, 2 * decoder.max_len)  # grow geometrically: few re-captures
-    model._static_decoder = None  # free the old one first
-    try:
-        model._static_decoder = StaticDecoder(model.get_llm(), max_len, graph, compiled)
-    except ValueError as e:
-        logger.warning("static decode unavailable (%s); decoding with the dynamic cache", e)
-        return None
-    return model._static_decoder
+def decoder_kind(device: torch.device) -> tuple[bool, bool]:
+    """(graph, compiled): what a static decoder on ``device`` is built for under the current mode."""
+    mode = decode_settings().mode
+    return mode in ("auto", "graph", "compiled") and device.type == "cuda", mode == "compiled"

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nvila_quant.model.projector import ScaledActivation, wrap_scaled_activations
+from nvila_quant.numerics.quantizer import pseudo_quantize
 from nvila_quant.quant.mappings import ScaleGroup
-from nvila_quant.quant.primitives import pseudo_quantize
 
 __all__ = [
     "NO_CLIP_PATTERNS",

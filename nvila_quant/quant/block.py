@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from nvila_quant.formats.qtensor import QTensor
+from nvila_quant.numerics.qtensor import QTensor
 from nvila_quant.quant.awq import (
     QuantArgs,
     act_mean,

@@ -31,7 +31,8 @@ GROUP_SIZES = (32, 64, 128, -1)
 TARGETS = ("llm", "projector")
 FORMATS = ("autoawq", "compressed-tensors", "tinychat")  # = nvila_quant.formats.checkpoint.FORMATS
 DEFAULT_FORMAT = "autoawq"
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")  # as stored (quant_log.json, the resume fingerprint)
+_SHORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -59,7 +60,8 @@ class AWQConfig:
         clip_batch: output channels per clip-search batch (memory bound; does not change results).
         chunk_tokens: tokens per chunk in loss evaluation of token-wise modules (memory bound only).
         device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
-        dtype: compute dtype of the search; "auto" = float16 on CUDA (as the reference), float32 on CPU.
+        dtype: compute dtype of the search, "auto", "fp32", "fp16" or "bf16" (stored as "float32", ...); "auto" =
+            fp16 on CUDA (as the reference), fp32 on CPU.
     """
 
     method: str = "awq"
@@ -108,8 +110,10 @@ class AWQConfig:
             raise ConfigError(f"text_ratio must be in [0, 1], got {self.text_ratio}")
         if not 0.0 < self.max_shrink < 1.0:
             raise ConfigError(f"max_shrink must be in (0, 1), got {self.max_shrink}")
+        self.dtype = _SHORT_DTYPES.get(self.dtype, self.dtype)
         if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of auto, fp32, fp16, bf16 (or float32, float16, bfloat16), "
+                              f"got {self.dtype!r}")
         dev = str(self.device)
         if dev not in ("auto", "cpu", "cuda") and not dev.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")

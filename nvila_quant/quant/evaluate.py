@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from nvila_quant import metrics
 from nvila_quant.calibration import CalibrationSet, replay
 from nvila_quant.model import NVILAQwen2
 from nvila_quant.model.quantized import set_backend
 from nvila_quant.model.tokenizer import IGNORE_INDEX
+from nvila_quant.numerics import metrics
 
 __all__ = ["llm_logits", "load_dequantized", "next_token_metrics"]
 

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from nvila_quant.errors import CheckpointError, ConfigError
-from nvila_quant.io import load_state_dict, safetensors_key_map
+from nvila_quant.io import load_state_dict, read_tensors, safetensors_key_map
 from nvila_quant.model import NVILAQwen2
 
-__all__ = ["BlockInputCatcher", "LLMBlocks", "NVILAShell", "read_tensors"]
+__all__ = ["BlockInputCatcher", "LLMBlocks", "NVILAShell"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +40,6 @@ class BlockInputCatcher(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         raise _Caught(hidden_states, {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS})
-
-
-def read_tensors(
-    key_map: Mapping[str, Path], keys: Iterable[str], dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Read only ``keys`` from their shards (floating tensors cast to ``dtype``)."""
-    by_file: dict[Path, list[str]] = {}
-    for k in keys:
-        by_file.setdefault(key_map[k], []).append(k)
-    out = {}
-    for f, names in by_file.items():
-        with safe_open(str(f), framework="pt", device=str(device)) as h:
-            for k in names:
-                t = h.get_tensor(k)
-                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return out
 
 
 def _llm_config(llm_dir: Path) -> PretrainedConfig:

@@ -18,10 +18,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nvila_quant.formats.checkpoint import QuantizedCheckpointWriter, copy_side_files
-from nvila_quant.io import read_json
+from nvila_quant.io import read_json, read_tensors
 from nvila_quant.model.config import NVILAConfig
 from nvila_quant.quant.config import AWQConfig
-from nvila_quant.quant.lazy import LLMBlocks, read_tensors
+from nvila_quant.quant.lazy import LLMBlocks
 from nvila_quant.quant.plan import LayerPlan
 from nvila_quant.quant.results import AWQResultsWriter, load_block_result
 from nvila_quant.quant.workdir import WorkDir

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nvila_quant.errors import CheckpointError
-from nvila_quant.formats.qtensor import QTensor
+from nvila_quant.numerics.qtensor import QTensor
 from nvila_quant.quant.awq import ScaledActivation, apply_clip, apply_scales, wrap_scaled_activations
 from nvila_quant.quant.block import BlockResult
 from nvila_quant.quant.mappings import ScaleGroup

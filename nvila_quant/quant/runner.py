@@ -44,6 +44,7 @@ from nvila_quant.errors import ConfigError
 from nvila_quant.io import atomic_output_dir, check_output_dir, write_json
 from nvila_quant.model import NVILAQwen2
 from nvila_quant.model.config import NVILAConfig, load_config
+from nvila_quant.model.nvila import build_mm_projector
 from nvila_quant.quant.awq import wrap_scaled_activations
 from nvila_quant.quant.block import BlockInputs, BlockResult, effective_state, quantize_block
 from nvila_quant.quant.config import AWQConfig, resolve_device, resolve_dtype
@@ -54,16 +55,9 @@ from nvila_quant.quant.plan import LayerPlan, meta_projector, plan_layers
 from nvila_quant.quant.results import load_block_result, save_block_result
 from nvila_quant.quant.workdir import WorkDir, work_dir_for
 
-__all__ = ["CRASH_ENV", "LayerPlan", "QuantizeResult", "SimulatedCrash", "plan_layers", "quantize", "work_dir_for"]
+__all__ = ["LayerPlan", "QuantizeResult", "plan_layers", "quantize", "work_dir_for"]
 
 logger = logging.getLogger(__name__)
-
-CRASH_ENV = "NVILA_QUANT_CRASH_AFTER_BLOCK"  # testing: raise SimulatedCrash after saving this block
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised after a block when NVILA_QUANT_CRASH_AFTER_BLOCK asks for it (tests of --resume)."""
-
 
 @dataclass
 class QuantizeResult:
@@ -120,7 +114,8 @@ def quantize(
     """Quantize an NVILA checkpoint folder (AWQ or RTN) and write the quantized NVILA folder ``output``.
 
     ``calib``: "builtin", "coco", a folder / ``.jsonl`` path, or records / samples (ignored by RTN when None).
-    ``on_block_done(i)`` is called after LLM block i is saved (a hook for tests and progress reporting).
+    ``on_block_done(i)`` is called after LLM block i is saved to the work folder (progress reporting; an exception
+    it raises stops the run there, as a crash would, and ``resume=True`` continues after block i).
     """
     t_start = time.perf_counter()
     config = config or AWQConfig()
@@ -233,7 +228,6 @@ class _Run:
             block_kwargs = [self.shell.block_inputs(h)[1] for h in hidden]
             self.calib = None
         start = next_block or 0
-        crash_after = os.environ.get(CRASH_ENV)
         for i in tqdm(range(start, blocks.num_layers), desc="LLM blocks", disable=not self.progress, initial=start,
                       total=blocks.num_layers):
             block = blocks.load(i, self.dtype, self.device)
@@ -249,8 +243,6 @@ class _Run:
             del block, result
             if on_block_done is not None:
                 on_block_done(i)
-            if crash_after is not None and int(crash_after) == i:
-                raise SimulatedCrash(f"{CRASH_ENV}={crash_after}: simulated crash after block {i}")
         self.timings["llm_s"] = time.perf_counter() - t0
 
 
@@ -271,8 +263,6 @@ def _block_spec(shell: NVILAShell | None, nv_config: NVILAConfig):
 
 
 def _load_projector(root: Path, nv_config: NVILAConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    from nvila_quant.model.nvila import build_mm_projector
-
     meta = meta_projector(nv_config)
     return build_mm_projector(nv_config.subfolder("mm_projector", root), nv_config, meta.mm_hidden_size,
                               meta.hidden_size, dtype, device)

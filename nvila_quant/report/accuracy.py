@@ -13,13 +13,13 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from nvila_quant import metrics
-from nvila_quant.model.generation import llm_forward, make_cache
+from nvila_quant.model.llm import llm_forward, make_cache
 from nvila_quant.model.media import Image
 from nvila_quant.model.tokenizer import tokenize_conversation
+from nvila_quant.numerics import metrics
 from nvila_quant.report.evalset import EvalSet
 
-__all__ = ["ModelOutputs", "compare_outputs", "run_model"]
+__all__ = ["ModelOutputs", "compare_outputs", "run_model", "visual_tokens"]
 
 PROMPT = "Describe the image."
 
@@ -55,13 +55,14 @@ def _answer_logits(model, image, caption: str) -> tuple[torch.Tensor, torch.Tens
         end -= 1
     ids = full_ids[:end]
     k = end - len(prompt_ids)
-    embeds, _, _ = model._embed(ids[None], media, media_config, None, None)
+    embeds, _, _ = model.embed_inputs(ids[None], media, media_config, None, None)
     logits = llm_forward(model.get_llm(), embeds, make_cache(model.get_llm()), logits_to_keep=k + 1)
     return logits[0, :-1].float().cpu(), ids[-k:].cpu()
 
 
 @torch.inference_mode()
-def _visual_tokens(model, image) -> torch.Tensor:
+def visual_tokens(model, image) -> torch.Tensor:
+    """The first image's LLM-space visual tokens (tokens, H), fp32 on CPU."""
     media, media_config = model.prepare_media([{"from": "human", "value": [Image(image)]}])
     tiles = torch.stack(media["image"])
     feats = model.encode_images(tiles, block_sizes=media_config.get("image", {}).get("block_sizes"))
@@ -86,7 +87,7 @@ def run_model(model, evalset: EvalSet, n_generate: int = 3, max_new_tokens: int 
         logits, targets = _answer_logits(model, sample.image, sample.caption)
         out.answer_logits.append(logits)
         out.answer_targets.append(targets)
-        out.visual_tokens.append(_visual_tokens(model, sample.image))
+        out.visual_tokens.append(visual_tokens(model, sample.image))
     for text in tqdm(evalset.texts, desc=f"{desc} text", leave=False):
         total, n = _text_nll(model, text)
         out.text_nll += total

@@ -21,10 +21,13 @@ import torch
 from nvila_quant.errors import CheckpointError, NVILAError
 from nvila_quant.io import atomic_output_dir, check_output_dir, read_json
 from nvila_quant.machine import machine_info
+from nvila_quant.model import NVILAQwen2
 from nvila_quant.model.config import NVILAConfig
 from nvila_quant.model.summary import describe_checkpoint
+from nvila_quant.model.tokenizer import load_tokenizer
+from nvila_quant.numerics.metrics import cosine, max_abs
 from nvila_quant.report import plots
-from nvila_quant.report.accuracy import ModelOutputs, compare_outputs, run_model
+from nvila_quant.report.accuracy import ModelOutputs, compare_outputs, run_model, visual_tokens
 from nvila_quant.report.document import render_html, render_markdown
 from nvila_quant.report.evalset import load_eval_set
 from nvila_quant.report.speed import measure_in_subprocess
@@ -79,8 +82,6 @@ def round_numbers(obj: Any, digits: int = 4) -> Any:
 def _llm_geometry(path: Path) -> dict:
     """Sizes that must agree between reference and candidate. The vocabulary is the runtime's: the
     stored embedding rows, grown to the tokenizer once the media tokens are added."""
-    from nvila_quant.model.tokenizer import load_tokenizer
-
     config = NVILAConfig.from_pretrained(path)
     llm_dir = config.subfolder("llm")
     llm = read_json(llm_dir / "config.json")
@@ -144,8 +145,6 @@ def _sizes(path: Path) -> dict:
 
 
 def _load(path: Path, cfg: CompareConfig, **kwargs):
-    from nvila_quant.model import NVILAQwen2
-
     return NVILAQwen2.load_pretrained(path, torch_dtype=cfg.dtype, device=cfg.device, **kwargs)
 
 
@@ -163,12 +162,9 @@ def _onnx_check(onnx_dir: Path, reference: Path, ref_out: ModelOutputs, evalset,
     if not source.is_dir():
         source = reference
     model = _load(source, cfg, vision_backend="onnx", onnx_dir=str(onnx_dir))
-    from nvila_quant.metrics import cosine, max_abs
-    from nvila_quant.report.accuracy import _visual_tokens
-
     cos, mabs = [], []
     for sample, ref_tokens in zip(evalset.conversations, ref_out.visual_tokens, strict=True):
-        tokens = _visual_tokens(model, sample.image)
+        tokens = visual_tokens(model, sample.image)
         cos.append(cosine(ref_tokens, tokens))
         mabs.append(max_abs(ref_tokens, tokens))
     _free(model)

@@ -17,6 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from nvila_quant.machine import peak_rss_mb
+from nvila_quant.model import Image, NVILAQwen2
+from nvila_quant.model.generation import timed_run
+
 __all__ = ["measure_in_subprocess", "measure_speed"]
 
 
@@ -29,18 +35,12 @@ def measure_speed(
     decode_tokens: int = 16,
     load_kwargs: dict | None = None,
 ) -> dict:
-    import torch
-
-    from nvila_quant.machine import peak_rss_mb
-    from nvila_quant.model import Image, NVILAQwen2
-    from nvila_quant.model.generation import timed_run
-
     t0 = time.perf_counter()
     model = NVILAQwen2.load_pretrained(model_dir, torch_dtype=dtype, device=device, **(load_kwargs or {}))
     load_s = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    input_ids, media, media_config = model._prompt_inputs([Image(image), "Describe the image."])
+    input_ids, media, media_config = model.prompt_inputs([Image(image), "Describe the image."])
     timed_run(model, input_ids, media, media_config, max_new_tokens=2)  # warm-up, excluded
     runs = [timed_run(model, input_ids, media, media_config, max_new_tokens=decode_tokens) for _ in range(repeats)]
     result = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from nvila_quant.kernels.cpu_native import pack_nibbles, unpack_nibbles
+from nvila_quant.numerics.nibbles import pack_nibbles, unpack_nibbles
 
 __all__ = ["mma_layout_reason", "mma_pack", "mma_unpack"]
 

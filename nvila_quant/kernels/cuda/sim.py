@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 from nvila_quant.kernels.build import BuildError, build_shared_library
-from nvila_quant.kernels.cuda import declare_mma
+from nvila_quant.kernels.cuda.native import declare_mma
 
 __all__ = ["SIM_HEADER", "set_cp_async_mode", "sim_library"]
 
-SIM_HEADER = Path(__file__).parent / "cuda_sim.h"
-SIM_SOURCE = Path(__file__).parent / "w4a16_mma.cu"
+SIM_HEADER = Path(__file__).parent / "csrc" / "cuda_sim.h"
+SIM_SOURCE = Path(__file__).parent / "csrc" / "w4a16_mma.cu"
 
 
 @functools.cache
