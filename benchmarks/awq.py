@@ -92,7 +92,8 @@ def accuracy(name: str, path: Path, tmp: Path, n_samples: int, seqlen: int, abla
         blocks = [b["time_s"]["total"] for b in log.get("blocks", [])]
         awq_blocks = [b for b in log.get("blocks", []) if "mse_awq" in b]
         rows.append({
-            "model": name, "method": method, "total_s": wall, "s_per_block": statistics.mean(blocks) if blocks else None,
+            "model": name, "method": method, "total_s": wall,
+            "s_per_block": statistics.mean(blocks) if blocks else None,
             "kl": m["kl"], "top1": m["top1"], "ppl": m["ppl"], "ppl_float": m["ppl_ref"], "eval_tokens": m["tokens"],
             "block_mse_rtn": statistics.mean(b["mse_rtn"] for b in awq_blocks) if awq_blocks else None,
             "block_mse_awq": statistics.mean(b["mse_awq"] for b in awq_blocks) if awq_blocks else None,
@@ -108,10 +109,11 @@ def memory(tmp: Path, depths: list[int], n_samples: int, seqlen: int) -> list[di
         path = make_tiny(tmp / f"depth{depth}", TinySpec(seed=0, llm_layers=depth, **LARGE))
         load = _run_child("load", path, None, n_samples, seqlen)
         run = _run_child("awq", path, tmp / f"depth{depth}-awq", n_samples, seqlen)
-        rows.append({"layers": depth, "awq_peak_rss_mb": run["peak_rss_mb"], "float_load_peak_rss_mb": load["peak_rss_mb"],
+        rows.append({"layers": depth, "awq_peak_rss_mb": run["peak_rss_mb"],
+                     "float_load_peak_rss_mb": load["peak_rss_mb"],
                      "awq_wall_s": run["wall_s"], "s_per_block": statistics.mean(run["blocks_s"])})
-        print(f"  depth {depth}: AWQ peak RSS {run['peak_rss_mb']:.0f} MB (float load alone {load['peak_rss_mb']:.0f} MB)",
-              flush=True)
+        print(f"  depth {depth}: AWQ peak RSS {run['peak_rss_mb']:.0f} MB "
+              f"(float load alone {load['peak_rss_mb']:.0f} MB)", flush=True)
     return rows
 
 
@@ -140,7 +142,8 @@ def main() -> None:
             if args.skip_large and name != "tiny" or "accuracy" not in args.parts:
                 continue
             print(f"accuracy and time: {name}", flush=True)
-            acc += accuracy(name, make_tiny(tmp / name, spec), tmp, args.n_samples, args.seqlen, ablation=name == "tiny")
+            acc += accuracy(name, make_tiny(tmp / name, spec), tmp, args.n_samples, args.seqlen,
+                            ablation=name == "tiny")
         if not args.skip_large and "memory" in args.parts:
             print("memory vs depth (large widths)", flush=True)
             mem = memory(tmp, args.depths, args.memory_samples, 512)

@@ -3,9 +3,10 @@
     python benchmarks/kernels.py [--tokens 1 8 32 128 512] [--repeats 7] [--threads T] [--clock wall|thread]
 
 For (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008)} and each token count M: the quantized layer with
-each backend ("cpu" as shipped, a module call, with bf16 and with fp32 activations; each CPU path called alone: the fused kernel (T16 on these shapes),
-torch's int4 kernel and the chunked dequantize + dense bf16 path, which locates any threshold; "reference" on the
-smallest shape), against a dense bf16 and an fp32 ``F.linear`` with the same weights. Timings are interleaved medians.
+each backend ("cpu" as shipped, a module call, with bf16 and with fp32 activations; each CPU path called alone: the
+fused kernel (T16 on these shapes), torch's int4 kernel and the chunked dequantize + dense bf16 path, which locates any
+threshold; "reference" on the smallest shape), against a dense bf16 and an fp32 ``F.linear`` with the same weights.
+Timings are interleaved medians.
 CPU caches (``--cache``): "decode" (default) reads 128 MB before each timed call, then runs the same function once on a
 twin (the same kind of layer and input, other memory): as in a decode step, the layer's weights, scales and own
 Python objects are cold while the code, the objects every layer shares and the OpenMP threads are warm from the
@@ -207,14 +208,16 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
         for m in tokens:
             x16 = torch.randn(m, k).bfloat16()
             small = (n, k) == SHAPES[0] and m <= 8  # the reference, and its twin's (other memory)
-            ref, ref2 = (QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if small else None for _ in "ab")
+            ref, ref2 = (QuantLinear.from_qtensor(layer.qtensor(), backend="reference") if small else None
+                         for _ in "ab")
             fns = _cpu_case(layer, ref, x16, w16, w32, torch_w)
             primers = None if twin is None else _cpu_case(twin[0], ref2, x16.clone(), *twin[1:])
             # the oracle is timed in its own loop: its dequantize allocates and frees the whole dense weight, and a
             # call after that (cache eviction and priming between) ran ~7% slower than after a kernel call
             oracle = {"reference": fns.pop("reference")} if "reference" in fns else {}
             oracle_primer = {"reference": primers.pop("reference")} if oracle and primers else None
-            ms = interleaved(fns, repeats if m <= 128 else max(5, repeats // 2), primers=primers)  # (a median of 3 fell to two hiccups)
+            # (a median of 3 fell to two hiccups)
+            ms = interleaved(fns, repeats if m <= 128 else max(5, repeats // 2), primers=primers)
             if oracle:
                 ms |= interleaved(oracle, repeats, primers=oracle_primer)
             row = {"N": n, "K": k, "M": m, **{f"{name}_ms": v for name, v in ms.items()}}
@@ -229,12 +232,14 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
             if decode and m == 1:
                 cms = interleaved({name: fns[name] for name in ALL_COLD}, repeats)
                 row["all_cold"] = {**{f"{name}_ms": v for name, v in cms.items()},
-                                   "x_vs_bf16": cms["dense_bf16"] / cms["cpu"], "x_vs_fp32": cms["dense_fp32"] / cms["cpu"]}
+                                   "x_vs_bf16": cms["dense_bf16"] / cms["cpu"],
+                                   "x_vs_fp32": cms["dense_fp32"] / cms["cpu"]}
                 cold = (f"; all cold: cpu {cms['cpu']:.2f} ms, {row['all_cold']['x_vs_bf16']:.2f}x / "
                         f"{row['all_cold']['x_vs_fp32']:.2f}x")
                 if RING["mb"]:
                     ring = row["ring"] = ring_m1(layer, w16, w32)
-                    cold += (f"; ring: cpu {ring['cpu_ms']:.2f} ms, {ring['x_vs_bf16']:.2f}x / {ring['x_vs_fp32']:.2f}x "
+                    cold += (f"; ring: cpu {ring['cpu_ms']:.2f} ms, {ring['x_vs_bf16']:.2f}x / "
+                             f"{ring['x_vs_fp32']:.2f}x "
                              f"(fp32 activations {ring['fp32_act_x_vs_fp32']:.2f}x fp32)")
             rows.append(row)
             print(f"  N={n} K={k} M={m}: cpu {ms['cpu']:.2f} ms ({row['path']}), bf16 {ms['dense_bf16']:.2f}, "
@@ -247,7 +252,8 @@ def crossover(rows: list[dict]) -> dict[str, int | None]:
     """Smallest M per shape where dequantize + dense beats the int4 kernel."""
     out = {}
     for n, k in SHAPES:
-        ms = [r["M"] for r in rows if (r["N"], r["K"]) == (n, k) and r["cpu_dequant_dense_ms"] < r["cpu_int4_kernel_ms"]]
+        ms = [r["M"] for r in rows
+              if (r["N"], r["K"]) == (n, k) and r["cpu_dequant_dense_ms"] < r["cpu_int4_kernel_ms"]]
         out[f"{n}x{k}"] = min(ms) if ms else None
     return out
 
@@ -355,8 +361,10 @@ def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
                      "wall clock per call with host dispatch",
            "gemv_bandwidth_fraction_m1_min": min(r["bandwidth_fraction"] for r in m1) if m1 else None,
            "gemm_vs_cublas_fp16_m512_min": min(r["x_vs_fp16"] for r in big) if big else None}
-    out["met"] = {"gemv_bandwidth_fraction_m1": (out["gemv_bandwidth_fraction_m1_min"] or 0) >= GPU_GOALS["gemv_bandwidth_fraction_m1"],
-                  "gemm_vs_cublas_fp16_m512": (out["gemm_vs_cublas_fp16_m512_min"] or 0) >= GPU_GOALS["gemm_vs_cublas_fp16_m512"]}
+    out["met"] = {"gemv_bandwidth_fraction_m1":
+                      (out["gemv_bandwidth_fraction_m1_min"] or 0) >= GPU_GOALS["gemv_bandwidth_fraction_m1"],
+                  "gemm_vs_cublas_fp16_m512":
+                      (out["gemm_vs_cublas_fp16_m512_min"] or 0) >= GPU_GOALS["gemm_vs_cublas_fp16_m512"]}
     return out
 
 
@@ -407,19 +415,22 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_cpu:
             print(f"CPU ({torch.get_num_threads()} threads): int4 'cpu' backend vs dense F.linear, same run")
             rows = bench_cpu(args.tokens, args.repeats, args.group_size)
-            payload["cpu"] = {"rows": rows, "dequant_beats_int4_kernel_from_m": crossover(rows), **check_cpu_goals(rows),
+            payload["cpu"] = {"rows": rows, "dequant_beats_int4_kernel_from_m": crossover(rows),
+                              **check_cpu_goals(rows),
                               "amx": cpu_native.amx_active(), "amx_min_tokens": cpu_settings().amx_min_tokens,
                               "amx_gemm_min_tokens": cpu_settings().amx_gemm_min_tokens}
             cols = ["N", "K", "M", "path", "cpu_ms", "cpu_int4_kernel_ms", "cpu_t16_avx512_ms", "torch_int4_kernel_ms",
                     "cpu_dequant_dense_ms", "dense_bf16_ms", "dense_fp32_ms", "x_vs_bf16", "x_vs_fp32"]
             print(table(rows, cols))
-            print("dequantize + dense beats the int4 kernel from M =", payload["cpu"]["dequant_beats_int4_kernel_from_m"])
+            print("dequantize + dense beats the int4 kernel from M =",
+                  payload["cpu"]["dequant_beats_int4_kernel_from_m"])
             print("goals met:", payload["cpu"]["met"])
             if payload["cpu"]["m1_all_cold_vs_fp32_min"] is not None:
                 print(f"M=1 with nothing primed (all cold): min {payload['cpu']['m1_all_cold_vs_bf16_min']:.2f}x bf16, "
                       f"{payload['cpu']['m1_all_cold_vs_fp32_min']:.2f}x fp32")
             if payload["cpu"]["m1_ring_vs_fp32_min"] is not None:
-                print(f"M=1 on rings of {RING['mb']} MB (back-to-back calls): min {payload['cpu']['m1_ring_vs_bf16_min']:.2f}x "
+                print(f"M=1 on rings of {RING['mb']} MB (back-to-back calls): "
+                      f"min {payload['cpu']['m1_ring_vs_bf16_min']:.2f}x "
                       f"bf16, {payload['cpu']['m1_ring_vs_fp32_min']:.2f}x fp32; M=1 goals met there: "
                       f"{payload['cpu']['met_on_rings']}")
         if torch.cuda.is_available():

@@ -77,7 +77,8 @@ def main() -> None:
                         help="also time PyTorch with one tile per tower call (what onnxruntime does on CPU)")
     parser.add_argument("--vision-hidden", type=int, default=1152, help="SigLIP hidden size (so400m: 1152)")
     parser.add_argument("--vision-intermediate", type=int, default=4304, help="SigLIP MLP width (so400m: 4304)")
-    parser.add_argument("--vision-layers", type=int, default=3, help="SigLIP layers; NVILA uses all but the last (so400m: 27)")
+    parser.add_argument("--vision-layers", type=int, default=3,
+                        help="SigLIP layers; NVILA uses all but the last (so400m: 27)")
     parser.add_argument("--vision-heads", type=int, default=16, help="attention heads (so400m: 16)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both backends (default: all cores); 1 also reports CPU time, which "
@@ -88,7 +89,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
 
-    spec = TinySpec(seed=0, outliers=False, vision_hidden=args.vision_hidden, vision_intermediate=args.vision_intermediate,
+    spec = TinySpec(seed=0, outliers=False, vision_hidden=args.vision_hidden,
+                    vision_intermediate=args.vision_intermediate,
                     vision_layers=args.vision_layers, vision_heads=args.vision_heads, dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_tiny(Path(tmp) / "ckpt", spec)
@@ -105,7 +107,8 @@ def main() -> None:
         if args.torch_per_tile:
             sides["torch-tile1"] = lambda p, b: torch_vision_s2(src, p, b, tile_batch=1).numpy()
         sides.update({k: (lambda p, b, g=g: g.encode(p.numpy(), b)) for k, g in graphs.items()})
-        graph_files = {k: g.graph_file("vision_tower").name + f" (tiles per call: {g.tile_batch})" for k, g in graphs.items()}
+        graph_files = {k: g.graph_file("vision_tower").name + f" (tiles per call: {g.tile_batch})"
+                       for k, g in graphs.items()}
 
         rows, results = [], []
         for name in IMAGES:

@@ -53,7 +53,8 @@ def closest_grid(width: int, height: int, ratios: list[tuple[int, int]], size: i
 
 def crop_grid(image: Image.Image, cols: int, rows: int, size: int) -> list[Image.Image]:
     resized = image.resize((size * cols, size * rows), Image.BICUBIC)
-    return [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
+    return [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
+            for r in range(rows) for c in range(cols)]
 
 
 def tile_image(image: Image.Image, manifest: dict) -> tuple[list[Image.Image], tuple[int, int] | None]:

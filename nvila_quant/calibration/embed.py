@@ -154,7 +154,8 @@ def embed_samples(
         media, media_config = model.prepare_media(conversation)
         ids = tokenize_conversation(conversation, model.tokenizer)
         with _capture(model, bool(media), capture_projector and bool(media)) as got:
-            embeds, labels, _ = model.embed_inputs(ids[None], media or None, media_config or None, ids[None].clone(), None)
+            embeds, labels, _ = model.embed_inputs(ids[None], media or None, media_config or None, ids[None].clone(),
+                                                   None)
         vision = torch.cat(got["vision"], dim=0) if got["vision"] else None
         if got["projector"]:
             proj_inputs.append(torch.cat(got["projector"], dim=0))

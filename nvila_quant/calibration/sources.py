@@ -126,7 +126,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_coco(n: int, seed: int = 42, dataset: tuple[str, str] = COCO_DATASET) -> list[CalibRecord]:
     """``n`` COCO images with one caption each, streamed through ``datasets`` (shuffled with ``seed``)."""
-    offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "").lower() in ("1", "true", "yes")]
+    offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+               if os.environ.get(v, "").lower() in ("1", "true", "yes")]
     if offline:
         raise CalibrationError(f"--calib coco needs the Hugging Face hub but {'/'.join(offline)} is set; {_HINT}")
     if not _hub_reachable():
@@ -164,7 +165,8 @@ def load_records(source: str | os.PathLike, n_hint: int = 128, seed: int = 42) -
         elif path.is_file():
             raise CalibrationError(f"calibration file {path} must be a .jsonl file; {_HINT}")
         else:
-            raise CalibrationError(f"calibration source {str(source)!r} is not 'builtin', 'coco', a folder or a .jsonl file")
+            raise CalibrationError(f"calibration source {str(source)!r} is not 'builtin', 'coco', a folder "
+                                   "or a .jsonl file")
     if not records:
         raise CalibrationError(f"calibration source {str(source)!r} holds no samples; {_HINT}")
     return records

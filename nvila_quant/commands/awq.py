@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     opts = p.add_argument_group("options beyond the reference (all off by default)")
     opts.add_argument("--duo-scaling", action="store_true",
                       help="scales s = x_mean^r / w_mean^(1-r) instead of x_mean^r (AutoAWQ's option)")
-    opts.add_argument("--grid-include-one", action="store_true", help="also try ratio 1.0 (the reference stops at 0.95)")
+    opts.add_argument("--grid-include-one", action="store_true",
+                      help="also try ratio 1.0 (the reference stops at 0.95)")
     opts.add_argument("--gqa-vo", action="store_true",
                       help="GQA-aware v_proj -> o_proj scale group (the reference skips it on GQA models like Qwen2)")
     opts.add_argument("--quant-input", action="store_true",

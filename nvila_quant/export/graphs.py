@@ -62,7 +62,8 @@ def tiles_to_map(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def map_to_tiles(x: torch.Tensor, side: int) -> torch.Tensor:
-    """``split_chessboard`` into side x side tiles + ``b c h w -> b (h w) c``: (H, W, C) -> (H/side * W/side, side^2, C)."""
+    """``split_chessboard`` into side x side tiles + ``b c h w -> b (h w) c``:
+    (H, W, C) -> (H/side * W/side, side^2, C)."""
     h, w, c = x.shape
     rows, cols = h // side, w // side
     x = x.reshape(rows, side, cols, side, c).permute(0, 2, 1, 3, 4)  # (rows, cols, h, w, C)
@@ -94,7 +95,8 @@ class S2Merge(nn.Module):
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         *fixed, last = features
         maps = [
-            tiles_to_map(f.reshape(n, n, f.shape[-2], f.shape[-1]), self.side) for f, n in zip(fixed, self.grid, strict=True)
+            tiles_to_map(f.reshape(n, n, f.shape[-2], f.shape[-1]), self.side)
+            for f, n in zip(fixed, self.grid, strict=True)
         ] + [tiles_to_map(last, self.side)]  # each (H_i, W_i, C)
         out_h, out_w = maps[self.idx].shape[:2]
         resized = [m if i == self.idx else area_resize(m, out_h, out_w) for i, m in enumerate(maps)]
@@ -138,7 +140,8 @@ class DequantLinear(nn.Module):
         return F.linear(x, self.weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}")
 
 
 def _replace(module: nn.Module, make: callable) -> tuple[nn.Module, int]:

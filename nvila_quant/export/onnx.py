@@ -377,7 +377,8 @@ def export_onnx(
     if max_tiles < default_max_tiles(src.config):
         logger.warning("max_tiles=%d is below the %d tiles one image can need: the runtime will run such images "
                        "in several tower calls", max_tiles, default_max_tiles(src.config))
-    steps = ["vision_tower"] + (["s2"] if src.config.is_dynamic_s2 else []) + (["projector"] if src.projector is not None else [])
+    steps = (["vision_tower"] + (["s2"] if src.config.is_dynamic_s2 else [])
+             + (["projector"] if src.projector is not None else []))
     graphs: dict[str, Any] = {}
     optimized: dict[str, Any] | None = None
     n_quant = 0

@@ -123,7 +123,8 @@ def verification_cases(src: Any, images: Sequence[PIL.Image.Image | str | os.Pat
 def _s2_torch(src: Any, features: torch.Tensor, block_sizes: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """encode_images' S2 part: (tiles, T, C) -> (sum nb, T, S*C) and the output blocks."""
     cfg = src.config
-    merged, blocks = merge_features_for_dynamic_s2(features, block_sizes, cfg.s2_scales, cfg.s2_resize_output_to_scale_idx)
+    merged, blocks = merge_features_for_dynamic_s2(features, block_sizes, cfg.s2_scales,
+                                                   cfg.s2_resize_output_to_scale_idx)
     split = [rearrange(split_chessboard(m, *b), "b c h w -> b (h w) c") for m, b in zip(merged, blocks, strict=True)]
     return torch.cat(split, dim=0), blocks
 
@@ -143,7 +144,8 @@ def torch_reference(src: Any, case: Case) -> dict[str, np.ndarray]:
         out["projector"] = x.numpy()
         if blocks is not None:
             per_image = x.split([r * c for r, c in blocks], dim=0)
-            x = torch.cat([rearrange(merge_chessboard(p, *b), "1 c h w -> (h w) c") for p, b in zip(per_image, blocks, strict=True)])
+            x = torch.cat([rearrange(merge_chessboard(p, *b), "1 c h w -> (h w) c")
+                           for p, b in zip(per_image, blocks, strict=True)])
     out["pipeline"] = x.numpy()
     return out
 
@@ -163,7 +165,8 @@ def _ort_outputs(graphs: Any, case: Case, ref: dict[str, np.ndarray], portable: 
     if graphs.scales:
         counts = [1 if b is None else sum(graphs.s2_tile_counts(b)) for b in case.block_sizes]
         tiles = np.split(case.pixels.numpy(), np.cumsum(counts)[:-1], axis=0)
-        out["pipeline"] = np.concatenate([graphs.encode(t, b) for t, b in zip(tiles, case.block_sizes, strict=True)], axis=0)
+        out["pipeline"] = np.concatenate([graphs.encode(t, b) for t, b in zip(tiles, case.block_sizes, strict=True)],
+                                         axis=0)
     else:
         out["pipeline"] = graphs.encode(case.pixels.numpy())
     return out
@@ -226,7 +229,8 @@ def verify_export(
     }
     if failures:
         raise VerificationError(
-            f"onnxruntime differs from PyTorch past the {dtype} tolerance (rel <= {tol.rel:g}, cosine >= {tol.cosine:g}): "
+            f"onnxruntime differs from PyTorch past the {dtype} tolerance "
+            f"(rel <= {tol.rel:g}, cosine >= {tol.cosine:g}): "
             + "; ".join(failures[:6]) + (f"; ... {len(failures) - 6} more" if len(failures) > 6 else "")
         )
     return report

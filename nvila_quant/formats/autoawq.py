@@ -67,7 +67,8 @@ def unpack(
     try:
         g = check_group_size(NAME, group_size, k)
     except ConfigError as e:
-        raise CheckpointError(f"{module}: metadata group_size={group_size} does not fit qweight {tuple(qweight.shape)}: {e}") from e
+        raise CheckpointError(f"{module}: metadata group_size={group_size} does not fit qweight "
+                              f"{tuple(qweight.shape)}: {e}") from e
     scales = take(tensors, "scales", module, NAME)
     expect(scales, (k // g, n), FLOAT_DTYPES, f"{module}.scales (K/G, N) with K={k}, G={g}")
     if "qzeros" in tensors:

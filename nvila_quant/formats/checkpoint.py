@@ -145,24 +145,29 @@ def detect_format(config: dict) -> str | None:
         version = str(qc.get("version", "gemm")).lower()
         fmt = {"gemm": "autoawq", "gemv_fast": "tinychat"}.get(version)
         if fmt is None:
-            raise ConfigError(f"AWQ version {version!r} is not supported; expected 'gemm' (autoawq) or 'gemv_fast' (tinychat)")
+            raise ConfigError(f"AWQ version {version!r} is not supported; "
+                              "expected 'gemm' (autoawq) or 'gemv_fast' (tinychat)")
     elif method == "compressed-tensors":
         packing = qc.get("format")
         groups = qc.get("config_groups") or {}
         formats = {packing} | {g.get("format") for g in groups.values() if isinstance(g, Mapping) and g.get("format")}
         if formats - {"pack-quantized", None} or packing is None and not groups:
-            raise ConfigError(f"compressed-tensors format {sorted(f for f in formats if f)} is not supported; expected 'pack-quantized'")
+            raise ConfigError(f"compressed-tensors format {sorted(f for f in formats if f)} is not supported; "
+                              "expected 'pack-quantized'")
         fmt = "compressed-tensors"
     else:
-        raise ConfigError(f"quant_method {qc.get('quant_method')!r} is not supported; expected 'awq' or 'compressed-tensors'")
+        raise ConfigError(f"quant_method {qc.get('quant_method')!r} is not supported; "
+                          "expected 'awq' or 'compressed-tensors'")
     if meta and meta.get("format") != fmt:
-        raise CheckpointError(f"'{METADATA_KEY}' metadata says format {meta.get('format')!r} but quantization_config says {fmt!r}")
+        raise CheckpointError(f"'{METADATA_KEY}' metadata says format {meta.get('format')!r} "
+                              f"but quantization_config says {fmt!r}")
     return fmt
 
 
 def _ct_group(weights: Mapping) -> tuple[int, int, bool]:
     if weights.get("type", "int") != "int":
-        raise ConfigError(f"compressed-tensors weights of type {weights.get('type')!r} are not supported; expected 'int'")
+        raise ConfigError(f"compressed-tensors weights of type {weights.get('type')!r} are not supported; "
+                          "expected 'int'")
     strategy = weights.get("strategy", "group")
     if strategy not in ("group", "channel"):
         raise ConfigError(f"compressed-tensors strategy {strategy!r} is not supported; expected 'group' or 'channel'")
@@ -191,7 +196,8 @@ def spec_from_config(config: Mapping) -> QuantSpec:
         for grp in groups[1:]:
             b, g, s = _ct_group(grp.get("weights") or {})
             if (b, s) != (bits, symmetric):
-                raise ConfigError(f"mixed bits/symmetry across config_groups is not supported (got {b}/{s} vs {bits}/{symmetric})")
+                raise ConfigError("mixed bits/symmetry across config_groups is not supported "
+                                  f"(got {b}/{s} vs {bits}/{symmetric})")
             overrides.update({t: g for t in grp.get("targets", []) if not t.startswith("re:") and "." in t})
         not_convert = list(qc.get("ignore") or [])
     else:
@@ -311,7 +317,8 @@ class QuantizedCheckpointWriter:
         write_json(self.folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         not_convert = list(modules_to_not_convert or [])
         if self.fmt == "compressed-tensors":
-            qc = compressed_tensors.quantization_config(self.bits, self.group_size, self.symmetric, not_convert, self._overrides)
+            qc = compressed_tensors.quantization_config(self.bits, self.group_size, self.symmetric, not_convert,
+                                                        self._overrides)
         else:
             qc = self.module.quantization_config(self.bits, self.group_size, self.symmetric, not_convert)
         spec = self.spec
@@ -410,10 +417,11 @@ def read_quantized_submodel(
         elif suffix in fmt.SUFFIXES:
             parts_of[mod][suffix] = key
         elif suffix.endswith("g_idx"):
-            raise CheckpointError(f"{folder}: {key!r} is a per-column group index (activation-ordered GPTQ), which this "
-                                  "runtime does not apply; re-quantize without activation ordering")
+            raise CheckpointError(f"{folder}: {key!r} is a per-column group index (activation-ordered GPTQ), "
+                                  "which this runtime does not apply; re-quantize without activation ordering")
         else:
-            raise CheckpointError(f"{folder}: unexpected tensor {key!r} for a {spec.format} module (expected {fmt.SUFFIXES})")
+            raise CheckpointError(f"{folder}: unexpected tensor {key!r} for a {spec.format} module "
+                                  f"(expected {fmt.SUFFIXES})")
     if wanted is not None:
         unmatched = [n for n in wanted if not any(_selected(k, [n]) for k in [*modules, *floats])]
         if unmatched:

@@ -26,7 +26,8 @@ def check_group_size(fmt: str, group_size: int, in_features: int) -> int:
     if group_size == -1:
         return in_features
     if group_size <= 0:
-        raise ConfigError(f"{fmt}: group_size must be -1 (per channel) or a positive divisor of in_features, got {group_size}")
+        raise ConfigError(f"{fmt}: group_size must be -1 (per channel) or a positive divisor of in_features, "
+                          f"got {group_size}")
     if in_features % group_size:
         raise ConfigError(
             f"{fmt}: group_size must divide in_features (got in_features={in_features}, group_size={group_size}); "
@@ -42,7 +43,8 @@ def check_bits(fmt: str, bits: int, allowed: Collection[int]) -> None:
 
 def check_shape(fmt: str, shape: tuple[int, int]) -> tuple[int, int]:
     if len(shape) != 2 or min(shape) <= 0:
-        raise ConfigError(f"{fmt}: expected a (out_features, in_features) shape with positive sizes, got {tuple(shape)}")
+        raise ConfigError(f"{fmt}: expected a (out_features, in_features) shape with positive sizes, "
+                          f"got {tuple(shape)}")
     return int(shape[0]), int(shape[1])
 
 

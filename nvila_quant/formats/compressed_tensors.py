@@ -32,7 +32,8 @@ from nvila_quant.formats.common import (
 from nvila_quant.numerics.bitpack import dense_word_count, pack_dense_int32, unpack_dense_int32
 from nvila_quant.numerics.qtensor import QTensor
 
-__all__ = ["BITS", "MARKER", "NAME", "SERVED_BITS", "SUFFIXES", "check", "pack", "quantization_config", "unpack", "weights_args"]
+__all__ = ["BITS", "MARKER", "NAME", "SERVED_BITS", "SUFFIXES", "check", "pack", "quantization_config", "unpack",
+           "weights_args"]
 
 NAME = "compressed-tensors"
 BITS = tuple(range(1, 9))
@@ -77,14 +78,17 @@ def unpack(
     try:
         g = check_group_size(NAME, group_size, k)
     except ConfigError as e:
-        raise CheckpointError(f"{module}: metadata group_size={group_size} does not fit weight_shape {[n, k]}: {e}") from e
+        raise CheckpointError(f"{module}: metadata group_size={group_size} does not fit weight_shape "
+                              f"{[n, k]}: {e}") from e
     packed = take(tensors, "weight_packed", module, NAME)
-    expect(packed, (n, dense_word_count(k, bits)), (torch.int32,), f"{module}.weight_packed (N, ceil(K*{bits}/32)) for weight_shape {[n, k]}")
+    expect(packed, (n, dense_word_count(k, bits)), (torch.int32,),
+           f"{module}.weight_packed (N, ceil(K*{bits}/32)) for weight_shape {[n, k]}")
     scale = take(tensors, "weight_scale", module, NAME)
     expect(scale, (n, k // g), FLOAT_DTYPES, f"{module}.weight_scale (N, K/G) with G={g}")
     if "weight_zero_point" in tensors:
         zp = tensors["weight_zero_point"]
-        expect(zp, (dense_word_count(n, bits), k // g), (torch.int32,), f"{module}.weight_zero_point (ceil(N*{bits}/32), K/G)")
+        expect(zp, (dense_word_count(n, bits), k // g), (torch.int32,),
+               f"{module}.weight_zero_point (ceil(N*{bits}/32), K/G)")
         zero = unpack_dense_int32(zp.t().contiguous(), bits, n).t().to(torch.int32)
     elif symmetric:
         zero = torch.full((n, k // g), 2 ** (bits - 1), dtype=torch.int32, device=packed.device)

@@ -73,7 +73,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"ONNX export folder {folder} does not exist; create it with `nvila-export onnx`")
     manifest = read_json(folder / MANIFEST_NAME)
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / MANIFEST_NAME} is not an nvila-export manifest (format {manifest.get('format')!r})")
+        raise CheckpointError(f"{folder / MANIFEST_NAME} is not an nvila-export manifest "
+                              f"(format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
         raise CheckpointError(
             f"{folder / MANIFEST_NAME} has version {manifest.get('version')}; this nvila-quant reads version {VERSION}"

@@ -31,7 +31,8 @@ from nvila_quant.formats.common import (
 from nvila_quant.numerics.bitpack import as_int16_bits
 from nvila_quant.numerics.qtensor import QTensor
 
-__all__ = ["BITS", "CHUNK_ORDER", "MARKER", "NAME", "SUFFIXES", "check", "pack", "padded_groups", "quantization_config", "unpack"]
+__all__ = ["BITS", "CHUNK_ORDER", "MARKER", "NAME", "SUFFIXES", "check", "pack", "padded_groups", "quantization_config",
+           "unpack"]
 
 NAME = "tinychat"
 BITS = (4,)
@@ -106,7 +107,8 @@ def unpack(
     try:
         check(bits, group_size, (n, k))
     except ConfigError as e:
-        raise CheckpointError(f"{module}: metadata (bits={bits}, group_size={group_size}) does not fit qweight {tuple(qweight.shape)}: {e}") from e
+        raise CheckpointError(f"{module}: metadata (bits={bits}, group_size={group_size}) does not fit qweight "
+                              f"{tuple(qweight.shape)}: {e}") from e
     g = k // (k if group_size == -1 else group_size)
     gp = padded_groups(g)
     scales = take(tensors, "scales", module, NAME)

@@ -49,9 +49,10 @@ logger = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
 # nn.Module's global hook registries (private; registering and removing hooks mutates these dicts in place), which
 # QuantLinear.__call__'s shortcut checks; None (no shortcut) where a torch version lacks one.
-_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
-_GLOBAL_HOOKS = (tuple(getattr(_module, name) for name in _HOOK_NAMES) if all(hasattr(_module, name) for name in _HOOK_NAMES)
-                 else None)
+_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+               "_global_backward_pre_hooks")
+_GLOBAL_HOOKS = (tuple(getattr(_module, name) for name in _HOOK_NAMES)
+                 if all(hasattr(_module, name) for name in _HOOK_NAMES) else None)
 
 
 def log_once(message: str) -> None:
@@ -70,11 +71,13 @@ class QuantLinear(nn.Module):
         super().__init__()
         g = in_features if group_size == -1 else group_size
         if g <= 0 or in_features % g:
-            raise ValueError(f"group_size must divide in_features (got in_features={in_features}, group_size={group_size})")
+            raise ValueError(f"group_size must divide in_features (got in_features={in_features}, "
+                             f"group_size={group_size})")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self._backend_for: dict[tuple[str, torch.dtype], str] = {}  # (device type, x dtype) -> resolved backend
-        self._bound: dict[torch.dtype, object] = {}  # CPU: native kernels bound to this layer per dtype (eager fast path)
+        # CPU: native kernels bound to this layer per dtype (eager fast path)
+        self._bound: dict[torch.dtype, object] = {}
         self.backend = backend
         self.nibbles = bits == 4 and in_features % 2 == 0
         cols = in_features // 2 if self.nibbles else in_features
@@ -164,8 +167,8 @@ class QuantLinear(nn.Module):
         if self.nibbles and self.q.device.type == "cpu":
             w = dequantize_nibbles(self.nibble_rows(), self.scale, self.zero, self.group, torch.float32)
         else:
-            w = dequantize(unpack_nibbles(self.nibble_rows()) if self.nibbles else self.q, self.scale.float(), self.zero,
-                           self.group)
+            w = dequantize(unpack_nibbles(self.nibble_rows()) if self.nibbles else self.q, self.scale.float(),
+                           self.zero, self.group)
         return w.to(dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module signature)
@@ -236,7 +239,8 @@ class QuantLinear(nn.Module):
             t16 = not self._rows_only and cpu_backend.t16_wanted(self.bits, self.out_features, self.in_features,
                                                                   self.group, x_dtype)
             if not t16 and self.q_layout == "t16":
-                self._rows_only = True  # activations with no T16 kernel here: stay in rows (no repacking back and forth)
+                # activations with no T16 kernel here: stay in rows (no repacking back and forth)
+                self._rows_only = True
             self._set_layout("t16" if t16 else "rows")
         if backend == "cpu" and "cpu" not in self._prepared:
             self._prepared["cpu"] = cpu_backend.prepare_cpu(self.scale, self.zero, self.bias, self.group,
@@ -246,8 +250,8 @@ class QuantLinear(nn.Module):
             if reason is not None and self.q.is_cuda:
                 log_once(f"QuantLinear: CUDA mma layout not used for some layers ({reason}); nibble-row kernels there")
             self._set_layout("mma" if reason is None else "rows")
-            self._prepared["cuda"] = cuda_backend.prepare_cuda(self.q, self.scale, self.zero, self.group, self.in_features,
-                                                  self.q_layout)
+            self._prepared["cuda"] = cuda_backend.prepare_cuda(self.q, self.scale, self.zero, self.group,
+                                                               self.in_features, self.q_layout)
         if x_dtype is not None:
             self._remember(self.q.device.type, x_dtype, backend)
         return backend

@@ -7,5 +7,5 @@ from nvila_quant.model.media import Image, Video
 from nvila_quant.model.nvila import NVILAQwen2
 from nvila_quant.model.session import DecodeSession
 
-__all__ = ["ChatSession", "DecodeSession", "Image", "LlavaMetaForCausalLM", "LlavaMetaModel", "NVILAConfig", "NVILAQwen2",
-           "Video"]
+__all__ = ["ChatSession", "DecodeSession", "Image", "LlavaMetaForCausalLM", "LlavaMetaModel", "NVILAConfig",
+           "NVILAQwen2", "Video"]

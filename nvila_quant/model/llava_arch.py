@@ -360,7 +360,8 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
 
         inputs, out_labels = [], []
         for k in range(input_ids.shape[0]):
-            ids, emb, lab = input_ids[k][attention_mask[k]], text_embeds[k][attention_mask[k]], labels[k][attention_mask[k]]
+            ids, emb, lab = (input_ids[k][attention_mask[k]], text_embeds[k][attention_mask[k]],
+                             labels[k][attention_mask[k]])
             pieces, piece_labels = [], []
             pos = 0
             ids_list = ids.tolist()
@@ -418,9 +419,11 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
         if config.max_new_tokens is None and config.max_length in (None, GenerationConfig().max_length):
             config.max_length = tokenizer.model_max_length
         if config.pad_token_id is None:
-            config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            config.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                   else tokenizer.eos_token_id)
         if config.bos_token_id is None:
-            config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            config.bos_token_id = (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                                   else tokenizer.eos_token_id)
         config.eos_token_id = list(tokenizer.stop_token_ids)
         return config
 
@@ -518,7 +521,8 @@ class LlavaMetaForCausalLM(ABC):  # noqa: B024 (a mixin; its abstract side is Ll
     # ------------------------------------------------------------------ timing
     @torch.inference_mode()
     def benchmark(
-        self, prompt: PromptPart | Sequence[PromptPart], max_new_tokens: int = 32, warmup: bool = True, quiet: bool = False
+        self, prompt: PromptPart | Sequence[PromptPart], max_new_tokens: int = 32, warmup: bool = True,
+        quiet: bool = False
     ) -> dict[str, float]:
         """Time vision encoding, time to first token and decode speed for ``prompt``.
 

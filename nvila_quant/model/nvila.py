@@ -82,7 +82,8 @@ def build_vision_tower(vt_dir: Path, config: NVILAConfig, dtype: torch.dtype, de
     scales = config.s2_scales if config.is_dynamic_s2 else None
     if scales and scales[0] != model.config.image_size:
         raise CheckpointError(
-            f"s2_scales start at {scales[0]} px but the vision tower in {vt_dir} takes {model.config.image_size} px tiles"
+            f"s2_scales start at {scales[0]} px but the vision tower in {vt_dir} takes "
+            f"{model.config.image_size} px tiles"
         )
     tower = VisionTower(
         model.to(device).eval(),
@@ -104,7 +105,8 @@ def build_mm_projector(
         raise CheckpointError(f"{mp_dir}/config.json lacks 'mm_projector_type'")
     top = (config.mm_projector_cfg or {}).get("mm_projector_type")
     if top and top != projector_type:
-        logger.warning("mm_projector_cfg says %r but %s/config.json says %r; using the latter", top, mp_dir, projector_type)
+        logger.warning("mm_projector_cfg says %r but %s/config.json says %r; using the latter", top, mp_dir,
+                       projector_type)
     projector = MultimodalProjector(projector_type, mm_hidden_size, hidden_size, cfg.get("scaled_activations", []))
     state = load_state_dict(mp_dir, dtype=dtype)
     expected = projector.state_dict()
@@ -187,7 +189,8 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
             raise CheckpointError(
                 f"config.json hidden_size={config.hidden_size} but llm/config.json hidden_size={llm_cfg.hidden_size}"
             )
-        self.mm_projector = self.build_projector(mp_dir, self.vision_tower.hidden_size, llm_cfg.hidden_size, dtype, device)
+        self.mm_projector = self.build_projector(mp_dir, self.vision_tower.hidden_size, llm_cfg.hidden_size, dtype,
+                                                 device)
         self.encoders = {
             "image": build_encoder(config.image_encoder, self),
             "video": build_encoder(config.video_encoder, self),
@@ -205,7 +208,8 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
     ) -> nn.Module:
         if is_quantized(mp_dir):
             cfg = read_json(mp_dir / "config.json")
-            projector_type = cfg.get("mm_projector_type") or (self.config.mm_projector_cfg or {}).get("mm_projector_type")
+            projector_type = (cfg.get("mm_projector_type")
+                              or (self.config.mm_projector_cfg or {}).get("mm_projector_type"))
             if not projector_type:
                 raise CheckpointError(f"{mp_dir}/config.json lacks 'mm_projector_type'")
             return load_quantized_projector(mp_dir, projector_type, mm_hidden_size, hidden_size, dtype, device)
@@ -234,5 +238,6 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
         media_config = kwargs.pop("media_config", None)
         labels = kwargs.pop("labels", None)
         attention_mask = kwargs.pop("attention_mask", None)
-        inputs_embeds, labels, attention_mask = self.embed_inputs(input_ids, media, media_config, labels, attention_mask)
+        inputs_embeds, labels, attention_mask = self.embed_inputs(input_ids, media, media_config, labels,
+                                                                  attention_mask)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)

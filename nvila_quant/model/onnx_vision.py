@@ -122,7 +122,8 @@ class OnnxVisionGraphs:
 
     def _run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
         spec = self.manifest["graphs"][name]
-        feeds = {io["name"]: np.ascontiguousarray(a, dtype=self.np_dtype) for io, a in zip(spec["inputs"], arrays, strict=True)}
+        feeds = {io["name"]: np.ascontiguousarray(a, dtype=self.np_dtype)
+                 for io, a in zip(spec["inputs"], arrays, strict=True)}
         return self.session(name).run(None, feeds)[0]
 
     # ------------------------------------------------------------------ graphs

@@ -90,12 +90,14 @@ def _install(model: nn.Module, qlinears: Mapping[str, QTensor], folder: Path, de
             shape = old.shape
         else:
             if not isinstance(old, nn.Linear):
-                raise CheckpointError(f"{folder}: {name!r} is a {type(old).__name__}, not a Linear, but has packed weights")
+                raise CheckpointError(f"{folder}: {name!r} is a {type(old).__name__}, not a Linear, "
+                                      "but has packed weights")
             shape = (old.out_features, old.in_features, old.bias is not None)
         n, k, has_bias = shape
         if (qt.out_features, qt.in_features) != (n, k):
             raise CheckpointError(
-                f"{folder}: packed {name!r} is ({qt.out_features}, {qt.in_features}) but the model's Linear is ({n}, {k})"
+                f"{folder}: packed {name!r} is ({qt.out_features}, {qt.in_features}) "
+                f"but the model's Linear is ({n}, {k})"
             )
         if (qt.bias is not None) != has_bias:
             raise CheckpointError(
@@ -122,7 +124,8 @@ def _load_floats(model: nn.Module, floats: dict[str, torch.Tensor], folder: Path
     state = model.state_dict()
     for key, tensor in floats.items():
         if tuple(tensor.shape) != tuple(state[key].shape):
-            raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[key].shape)}")
+            raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(state[key].shape)}")
     # the model's own tensors are replaced, not copied into: the float parts (embeddings, lm_head) are held once
     cast = {k: v.to(device=state[k].device, dtype=state[k].dtype if v.is_floating_point() else v.dtype)
             for k, v in floats.items()}
@@ -137,7 +140,8 @@ def _reset_non_persistent_buffers(model: nn.Module, device: torch.device) -> Non
         try:
             fresh = type(module)(config=model.config)
         except TypeError as e:
-            raise CheckpointError(f"cannot initialise the buffers of {name!r} ({type(module).__name__}) for a quantized model") from e
+            raise CheckpointError(f"cannot initialise the buffers of {name!r} ({type(module).__name__}) "
+                                  "for a quantized model") from e
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, fresh.to(device))
 
@@ -161,9 +165,11 @@ def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: t
         try:
             old = llm.get_submodule(name)
         except AttributeError as e:
-            raise CheckpointError(f"{llm_dir} has packed linear {name!r}, which {type(llm).__name__} does not have") from e
+            raise CheckpointError(f"{llm_dir} has packed linear {name!r}, which {type(llm).__name__} "
+                                  "does not have") from e
         if not isinstance(old, nn.Linear):
-            raise CheckpointError(f"{llm_dir}: {name!r} is a {type(old).__name__}, not a Linear, but has packed weights")
+            raise CheckpointError(f"{llm_dir}: {name!r} is a {type(old).__name__}, not a Linear, "
+                                  "but has packed weights")
         holder = PackedSlot(old.out_features, old.in_features, old.bias is not None)
         parent, _, child = name.rpartition(".")
         setattr(llm.get_submodule(parent) if parent else llm, child, holder)

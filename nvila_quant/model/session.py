@@ -72,7 +72,8 @@ class DecodeSession:
         else:
             cache, past_mask = self.cache, self.mask
             if cache is None or past_mask is None:
-                raise ValueError(f"stream_gen got start_pos={start_pos} but no sequence is cached; start at start_pos=0")
+                raise ValueError(f"stream_gen got start_pos={start_pos} but no sequence is cached; "
+                                 "start at start_pos=0")
             cached = cache.get_seq_length()
             if start_pos > cached:
                 raise ValueError(f"stream_gen start_pos={start_pos} is past the {cached} cached positions")

@@ -75,7 +75,8 @@ class StaticDecoder:
         if not self.want_compile or self.compiled:
             return self._step()
         try:
-            step = torch.compile(self._forward, fullgraph=True, dynamic=False, backend=decode_settings().compile_backend)
+            step = torch.compile(self._forward, fullgraph=True, dynamic=False,
+                                 backend=decode_settings().compile_backend)
             out = step()
             self._step, self.compiled = step, True
             return out

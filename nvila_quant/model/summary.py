@@ -87,7 +87,8 @@ def format_description(d: dict[str, Any]) -> str:
         dt = ", ".join(f"{k}:{v:,}" for k, v in sorted(s["dtypes"].items()))
         qc = s["quantization_config"]
         qs = "float" if not qc else (
-            f"{qc.get('quant_method')} {qc.get('bits', qc.get('w_bit', '?'))}-bit g{qc.get('group_size', qc.get('q_group_size', '?'))}"
+            f"{qc.get('quant_method')} {qc.get('bits', qc.get('w_bit', '?'))}-bit "
+            f"g{qc.get('group_size', qc.get('q_group_size', '?'))}"
             if qc.get("quant_method") != "compressed-tensors" else "compressed-tensors pack-quantized"
         )
         lines.append(

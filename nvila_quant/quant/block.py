@@ -78,7 +78,8 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def run_block(block: nn.Module, inputs: BlockInputs, state: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+def run_block(block: nn.Module, inputs: BlockInputs,
+              state: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Outputs of ``block`` on every sample (with ``state`` substituted for its parameters when given)."""
     outs = []
     for args, kwargs in zip(inputs.args, inputs.kwargs, strict=True):
@@ -268,7 +269,8 @@ def quantize_block(
     return BlockResult(qlinears, floats, searched, {k: v.cpu() for k, v in clips.items()}, log, outputs)
 
 
-def _clip_linears(state: dict[str, torch.Tensor], clip_x: dict[str, torch.Tensor], qargs: Mapping[str, QuantArgs | None],
+def _clip_linears(state: dict[str, torch.Tensor], clip_x: dict[str, torch.Tensor],
+                  qargs: Mapping[str, QuantArgs | None],
                   config: AWQConfig, log: dict, desc: str, progress: bool) -> dict[str, torch.Tensor]:
     """Clip search of each linear in ``clip_x`` (its sub-sampled, scaled inputs); applies the clips to ``state``."""
     clips: dict[str, torch.Tensor] = {}

@@ -97,7 +97,8 @@ class AWQConfig:
         if self.bits not in BITS:
             raise ConfigError(f"bits must be one of {BITS}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
-            raise ConfigError(f"group_size must be one of {GROUP_SIZES} (-1 = per output channel), got {self.group_size}")
+            raise ConfigError(f"group_size must be one of {GROUP_SIZES} (-1 = per output channel), "
+                              f"got {self.group_size}")
         bad = [t for t in self.targets if t not in TARGETS]
         if not self.targets or bad or len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"targets must be a non-empty subset of {TARGETS} without repeats, got {self.targets}")

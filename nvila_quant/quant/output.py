@@ -80,7 +80,8 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
         copy_side_files(mp_src, tmp / "mm_projector")
         results.add("mm_projector.", result)
         summary["projector"] = {k: result.log.get(k) for k in ("mse_rtn", "mse_awq")}
-        root_cfg["mm_projector_cfg"] = {**read_json(tmp / "mm_projector" / "config.json"), "_name_or_path": "./mm_projector"}
+        root_cfg["mm_projector_cfg"] = {**read_json(tmp / "mm_projector" / "config.json"),
+                                        "_name_or_path": "./mm_projector"}
     else:
         shutil.copytree(mp_src, tmp / "mm_projector")
 

@@ -1,9 +1,10 @@
 """Round to nearest of a float NVILA folder: a convenience front end of the quantization engine.
 
 ``write_rtn_checkpoint(src, dst, ...)`` is ``quantize(src, AWQConfig(method="rtn", ...), None, dst)`` (what
-``nvila-quant rtn`` runs), in float32 on ``device`` (default the CPU): no calibration data and no vision tower are loaded, and the LLM
-is read one decoder block at a time. Packability checks and the per-layer group-size fallback (64, 32, per
-channel) are the engine's (:mod:`nvila_quant.quant.plan`); the output is the engine's NVILA folder layout.
+``nvila-quant rtn`` runs), in float32 on ``device`` (default the CPU): no calibration data and no vision tower are
+loaded, and the LLM is read one decoder block at a time. Packability checks and the per-layer group-size fallback
+(64, 32, per channel) are the engine's (:mod:`nvila_quant.quant.plan`); the output is the engine's NVILA folder
+layout.
 """
 
 from __future__ import annotations

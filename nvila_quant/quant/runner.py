@@ -89,14 +89,16 @@ def _calibration(calib: Any, config: AWQConfig) -> tuple[list[CalibSample], dict
     else:
         records = list(calib) if isinstance(calib, list | tuple) else load_records(calib, config.n_samples, config.seed)
         if records and not isinstance(records[0], CalibRecord):
-            raise ConfigError(f"calib must be a source name/path, CalibRecords or CalibSamples, got {type(records[0]).__name__}")
+            raise ConfigError("calib must be a source name/path, CalibRecords or CalibSamples, "
+                              f"got {type(records[0]).__name__}")
         samples = build_samples(records, config.n_samples, config.text_ratio, config.seed)
         source = calib if isinstance(calib, str | os.PathLike) else "python"
         chosen = {s.origin for s in samples}
         check_images([r for r in records if r.origin in chosen])
     n_image = sum(s.kind == "image" for s in samples)
     if "projector" in config.targets and config.method == "awq" and n_image == 0:
-        raise ConfigError("AWQ of the projector needs image samples; lower --text-ratio or drop 'projector' from --targets")
+        raise ConfigError("AWQ of the projector needs image samples; lower --text-ratio or drop 'projector' "
+                          "from --targets")
     return samples, {"source": str(source), "samples": [f"{s.kind}:{s.origin}" for s in samples]}
 
 
@@ -250,7 +252,8 @@ def _log_block(name: str, log: dict) -> None:
     """One line per block: output MSE of RTN vs the result, and each group's ratio and loss."""
     if "mse_rtn" not in log:
         return
-    groups = ", ".join(f"{g['name']} r={g['ratio']:.2f} {g['rtn_loss']:.3g}->{g['awq_loss']:.3g}" for g in log["groups"])
+    groups = ", ".join(f"{g['name']} r={g['ratio']:.2f} {g['rtn_loss']:.3g}->{g['awq_loss']:.3g}"
+                       for g in log["groups"])
     logger.info("%s: output MSE RTN %.4g -> %.4g (%s) in %.1f s", name, log["mse_rtn"], log["mse_awq"],
                 groups or "no scale groups", log["time_s"]["total"])
 

@@ -128,7 +128,8 @@ def _layer_losses(path: Path) -> list[dict]:
     for block in log.get("blocks", []):
         name = str(block.get("name", block.get("block", block.get("index", len(rows)))))
         groups = block.get("groups", {})
-        items = groups.items() if isinstance(groups, dict) else ((g.get("name", str(i)), g) for i, g in enumerate(groups))
+        items = (groups.items() if isinstance(groups, dict)
+                 else ((g.get("name", str(i)), g) for i, g in enumerate(groups)))
         for group, g in items:
             rtn = g.get("rtn_loss", g.get("rtn"))
             awq = g.get("awq_loss", g.get("awq", g.get("loss")))
@@ -225,7 +226,8 @@ def compare(
         if cfg.speed and evalset.conversations:
             image = evalset.conversations[0].image
             kw = {"device": cfg.device, "dtype": cfg.dtype, "repeats": cfg.repeats, "decode_tokens": cfg.decode_tokens}
-            report["reference"]["speed"] = measure_in_subprocess(str(reference), str(image), tmp / "speed_ref.json", **kw)
+            report["reference"]["speed"] = measure_in_subprocess(str(reference), str(image), tmp / "speed_ref.json",
+                                                                 **kw)
             for i, (r, path) in enumerate(zip(results, cands, strict=True)):
                 r["speed"] = measure_in_subprocess(str(path), str(image), tmp / f"speed_{i}.json", **kw)
                 r["speed_ratio"] = _speed_ratios(r["speed"], report["reference"]["speed"])

@@ -1,7 +1,7 @@
 """Held-out evaluation data: image+caption conversations and text for perplexity.
 
-``builtin`` is ``data/eval`` (shipped in the package) (never used for calibration). A PATH is a folder with ``metadata.jsonl``
-(``{"file_name", "text"}`` lines, as ``datasets``' imagefolder) and optionally ``text.jsonl``
+``builtin`` is ``data/eval`` (shipped in the package) (never used for calibration). A PATH is a folder with
+``metadata.jsonl`` (``{"file_name", "text"}`` lines, as ``datasets``' imagefolder) and optionally ``text.jsonl``
 (``{"text"}`` lines), or a ``.jsonl`` file mixing ``{"image", "text"}`` and ``{"text"}`` lines.
 """
 

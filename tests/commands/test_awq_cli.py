@@ -24,9 +24,10 @@ def _help(command: str) -> str:
 
 def test_help_lists_every_flag():
     text = _help("awq")
-    for flag in ("--model", "--calib", "--output", "--w-bit", "--group-size", "--no-zero-point", "--targets", "--format",
-                 "--n-samples", "--seqlen", "--text-ratio", "--device", "--dtype", "--resume", "--overwrite", "--seed",
-                 "--duo-scaling", "--grid-include-one", "--gqa-vo", "--quant-input", "--no-clip"):
+    for flag in ("--model", "--calib", "--output", "--w-bit", "--group-size", "--no-zero-point", "--targets",
+                 "--format", "--n-samples", "--seqlen", "--text-ratio", "--device", "--dtype", "--resume",
+                 "--overwrite", "--seed", "--duo-scaling", "--grid-include-one", "--gqa-vo", "--quant-input",
+                 "--no-clip"):
         assert flag in text, flag
     assert "--calib" not in _help("rtn") and "--format" in _help("rtn")
 

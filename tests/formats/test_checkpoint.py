@@ -112,7 +112,8 @@ def test_detect_format() -> None:
     assert detect_format({"model_type": "qwen2"}) is None
     assert detect_format({"quantization_config": {"quant_method": "awq", "bits": 4}}) == "autoawq"
     assert detect_format({"quant_method": "awq", "version": "gemv_fast"}) == "tinychat"
-    assert detect_format({"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized"}}) == "compressed-tensors"
+    assert detect_format({"quantization_config": {"quant_method": "compressed-tensors",
+                                                  "format": "pack-quantized"}}) == "compressed-tensors"
     with pytest.raises(ConfigError, match="'gptq' is not supported"):
         detect_format({"quantization_config": {"quant_method": "gptq"}})
     with pytest.raises(ConfigError, match="'gemv' is not supported"):
@@ -127,9 +128,11 @@ def test_writer_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown quantized checkpoint format"):
         QuantizedCheckpointWriter(tmp_path, "awq", 4, 128, False)
     w = QuantizedCheckpointWriter(tmp_path, "autoawq", 4, 128, False)
-    with pytest.raises(ConfigError, match=r"layers.0.q: autoawq: group_size must divide in_features \(got in_features=192"):
+    with pytest.raises(ConfigError,
+                       match=r"layers.0.q: autoawq: group_size must divide in_features \(got in_features=192"):
         _bad_group(w)
-    with pytest.raises(ConfigError, match="writer holds bits=4, symmetric=False, got a QTensor with bits=4, symmetric=True"):
+    with pytest.raises(ConfigError,
+                       match="writer holds bits=4, symmetric=False, got a QTensor with bits=4, symmetric=True"):
         w.add_linear("x", QTensor.from_float(torch.randn(8, 128), 4, 128, zero_point=False))
     w.add_tensor("a", torch.ones(2))
     with pytest.raises(ValueError, match="already written"):
@@ -168,7 +171,8 @@ def test_bad_checkpoints_metadata_disagrees(tmp_path: Path) -> None:
     _write(tmp_path, "autoawq")
     cfg_path = tmp_path / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    bad = {**cfg, "nvila_quant": {**cfg["nvila_quant"], "quantized_modules": [*cfg["nvila_quant"]["quantized_modules"], "lm_head"]}}
+    bad = {**cfg, "nvila_quant": {**cfg["nvila_quant"],
+                                  "quantized_modules": [*cfg["nvila_quant"]["quantized_modules"], "lm_head"]}}
     cfg_path.write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match=r"no 'qweight' for \['lm_head'\]"):
         read_quantized_submodel(tmp_path)

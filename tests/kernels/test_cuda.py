@@ -62,7 +62,8 @@ def test_library_refuses_unsupported_arguments_before_launch() -> None:
     assert _call(lib, 0, 64, 128, 32) == (0, "")  # no tokens: nothing to do, nothing launched
     rc, msg = _call(lib, 3, 64, 128, 32)  # valid shapes, no device: the launch error is reported, no crash
     assert rc == 1 and msg
-    lib.nq_w4a16_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_char_p, ctypes.c_int]
+    lib.nq_w4a16_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_char_p,
+                                     ctypes.c_int]
     err = ctypes.create_string_buffer(256)
     p = ctypes.c_void_p(4096)
     assert lib.nq_w4a16_dequant(p, p, p, p, 64, 128, 48, 0, None, err, len(err)) == 1
@@ -118,12 +119,14 @@ def test_cuda_kernels_match_reference_with_poisoned_outputs() -> None:
         _close(out, ref, case)
         assert torch.equal(torch.ops.nvila_quant.w4a16_dequant(rows.qweight, rows.scales, rows.zeros, group, dtype), w)
         if cw.layout == "mma":  # the tensor-core kernel, with every K split
-            for ksplit, warps, tiled in ((1, 8, False), (2, 16, False), (3, 8, False), (1, None, True), (2, None, True)):
+            for ksplit, warps, tiled in ((1, 8, False), (2, 16, False), (3, 8, False), (1, None, True),
+                                         (2, None, True)):
                 if ksplit <= k // 32:
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                     mma_launch(lib, x, cw.qweight, cw.scales, cw.zeros, b, group, out, ksplit, warps=warps, tiled=tiled)
                     _close(out, ref, (*case, ksplit, warps, tiled))
-            assert torch.equal(torch.ops.nvila_quant.w4a16_mma_dequant(cw.qweight, cw.scales, cw.zeros, group, dtype), w)
+            assert torch.equal(torch.ops.nvila_quant.w4a16_mma_dequant(cw.qweight, cw.scales, cw.zeros, group, dtype),
+                               w)
         fused_max = cuda_settings().mma_max_tokens if cw.layout == "mma" else GEMV_MAX_TOKENS
         if m <= fused_max:
             _close(mod(x), ref, case)

@@ -41,7 +41,8 @@ def test_mma_layout_round_trip_and_element_order() -> None:
     words = packed.view(torch.int32).view(3, 10, 32, 4)  # (N/32, K/32, lane, word)
     rng = random.Random(0)
     for _ in range(200):  # the documented order: word 2 nt + j of lane 4 g + t, nibble p0 + 2 p1 + 4 h
-        b, c, lane, word, nib = rng.randrange(3), rng.randrange(10), rng.randrange(32), rng.randrange(4), rng.randrange(8)
+        b, c, lane, word, nib = (rng.randrange(3), rng.randrange(10), rng.randrange(32), rng.randrange(4),
+                                 rng.randrange(8))
         g, t = divmod(lane, 4)
         nt, j = divmod(word, 2)
         p0, p1, h = nib & 1, (nib >> 1) & 1, nib >> 2
@@ -67,7 +68,8 @@ def test_simulated_mma_kernels_match_reference(dtype: torch.dtype) -> None:
              (64, 384, 32, 17, 1, 8), (32, 1024, 1024, 8, 4, 16), (64, 320, 64, 70, 2, 8), (32, 96, 32, 16, 3, 16)]
     for n, k, group, m, ksplit, warps in cases:
         cw, w = _layer(n, k, group, gen)
-        assert torch.equal(mma_dequant_into(lib, cw.qweight, cw.scales, cw.zeros, group, torch.empty(n, k, dtype=dtype)),
+        assert torch.equal(mma_dequant_into(lib, cw.qweight, cw.scales, cw.zeros, group,
+                                            torch.empty(n, k, dtype=dtype)),
                            w.to(dtype))
         bias = torch.randn(n, generator=gen).to(dtype) if rng.random() < 0.5 else None
         x = torch.randn(m, k, generator=gen).to(dtype)
@@ -89,8 +91,10 @@ def test_simulated_tiled_gemm_matches_reference(deferred: bool) -> None:
     lib, gen = _sim(), torch.Generator().manual_seed(5)
     set_cp_async_mode(deferred)
     try:
-        for n, k, group, m, ksplit, dtype in [(128, 256, 64, 40, 1, torch.float16), (96, 256, 128, 130, 2, torch.bfloat16),
-                                              (160, 320, 32, 7, 1, torch.float16), (32, 512, 512, 129, 3, torch.bfloat16)]:
+        for n, k, group, m, ksplit, dtype in [(128, 256, 64, 40, 1, torch.float16),
+                                              (96, 256, 128, 130, 2, torch.bfloat16),
+                                              (160, 320, 32, 7, 1, torch.float16),
+                                              (32, 512, 512, 129, 3, torch.bfloat16)]:
             cw, w = _layer(n, k, group, gen)
             x = torch.randn(m, k, generator=gen).to(dtype)
             bias = torch.randn(n, generator=gen).to(dtype)

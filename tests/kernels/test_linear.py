@@ -43,7 +43,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("n,k,group", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cpu_backend_matches_reference(n: int, k: int, group: int, dtype: torch.dtype, scale_dtype: torch.dtype) -> None:
+def test_cpu_backend_matches_reference(n: int, k: int, group: int, dtype: torch.dtype,
+                                       scale_dtype: torch.dtype) -> None:
     for bias in (True, False):
         qt = _layer(n, k, group, bias, seed=n + k, scale_dtype=scale_dtype)
         fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
@@ -194,23 +195,24 @@ def test_amx_t16_kernels_match_the_avx512_one() -> None:
         # many threads split the work finer (smaller GEMM items), with the same sums in the same order
         assert torch.equal(_t16_call(lib.nq_t16_bf16_amx_gemm, fast, x, threads=24), outs["gemm"])
         # the GEMM multiplies the dense path's bf16 weights: it matches that product up to the bf16 output
-        dense = F.linear(x.float(), ref.dequantize_weight(torch.bfloat16).float(), None if ref.bias is None else ref.bias.float())
+        dense = F.linear(x.float(), ref.dequantize_weight(torch.bfloat16).float(),
+                         None if ref.bias is None else ref.bias.float())
         assert _rel(outs["gemm"], dense) < 5e-3, (n, k, group, m)
         assert _rel(fast(x), expect) < 1e-2  # the module path (AMX from AMX_MIN_TOKENS tokens)
 
 
 def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
     """The VNNI T16 kernels for few tokens (x as int8 parts: two for bf16, four for fp32): token counts through every
-    pass shape, single-unit tails, group sizes, scale dtypes, bias and activations with 1000x outlier channels agree with the vdpbf16ps / FMA kernels and
-    the oracle (bf16: to the output's rounding; fp32 with two parts: within 1e-6 of an fp64 product); a NaN or
-    infinity in x gives non-finite outputs as in the reference, zeros zeros; the dispatchers take them up to their
-    thresholds."""
+    pass shape, single-unit tails, group sizes, scale dtypes, bias and activations with 1000x outlier channels agree
+    with the vdpbf16ps / FMA kernels and the oracle (bf16: to the output's rounding; fp32 with two parts: within 1e-6
+    of an fp64 product); a NaN or infinity in x gives non-finite outputs as in the reference, zeros zeros; the
+    dispatchers take them up to their thresholds."""
     if not cpu_native.native_caps() & cpu_native.CAP_VNNI or not cpu_native.native_caps() & cpu_native.CAP_BF16:
         pytest.skip("no AVX-512 VNNI + BF16 here")
     rng = torch.Generator().manual_seed(11)
     lib = cpu_native.library()
-    cases = [(16, 64, 64, 1), (144, 256, 128, 1), (80, 128, 128, 2), (64, 256, 64, 3), (48, 192, 192, 4), (96, 256, 256, 5),
-             (64, 512, 128, 7)]
+    cases = [(16, 64, 64, 1), (144, 256, 128, 1), (80, 128, 128, 2), (64, 256, 64, 3), (48, 192, 192, 4),
+             (96, 256, 256, 5), (64, 512, 128, 7)]
     for i, (n, k, group, m) in enumerate(cases):
         qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
                                 bias=torch.randn(n, generator=rng) if i % 2 else None,
@@ -224,7 +226,8 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
         with cpu_native.avx512_bf16_only():
             bf16 = _t16_call(lib.nq_t16_bf16, fast, x)
             fma32 = _t16_call(lib.nq_t16_f32, fast, x.float())
-        expect = F.linear(x.float(), ref.dequantize_weight(torch.float32), None if ref.bias is None else ref.bias.float())
+        expect = F.linear(x.float(), ref.dequantize_weight(torch.float32),
+                          None if ref.bias is None else ref.bias.float())
         assert not got.isnan().any()
         assert _rel(got, expect) < 4e-3 and _rel(got, bf16) < 6e-3, (n, k, group, m)
         assert _rel(fast(x), ref(x)) < 1e-2
@@ -289,15 +292,19 @@ def test_vnni_without_bf16_serves_fp32_and_bf16_activations(monkeypatch: pytest.
         if m <= 2:
             assert torch.equal(got, _t16_call(native.nq_t16_f32_vnni, fast, x.float())), m
         assert _rel(got, ref(x.float())) < 1e-5, m
-    state, x, out = fast.kernel_state("cpu"), torch.randn(1, 256, dtype=torch.bfloat16), torch.empty(1, 128, dtype=torch.bfloat16)
+    state, x, out = (fast.kernel_state("cpu"), torch.randn(1, 256, dtype=torch.bfloat16),
+                     torch.empty(1, 128, dtype=torch.bfloat16))
     rc = lib.nq_t16_bf16_vnni(x.data_ptr(), fast.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(), None,
                               out.data_ptr(), 1, 128, 256, 64, 2, cpu_native.SCALE_KINDS[state.scale.dtype])
     assert rc == -2  # the bf16 one is not compiled without BF16
 
 
-def test_vnni_threshold_covers_the_tokens_amx_would_take_when_the_os_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On an AMX-class CPU whose OS refuses AMX the bf16 VNNI kernel takes every count below the dense path (it beats the
-    vdpbf16ps kernel those tokens would fall to); with AMX granted, on other CPUs, or with the variable set: unchanged."""
+def test_vnni_threshold_covers_the_tokens_amx_would_take_when_the_os_refuses_it(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an AMX-class CPU whose OS refuses AMX the bf16 VNNI kernel takes every count below the dense path (it
+    beats the vdpbf16ps kernel those tokens would fall to); with AMX granted, on other CPUs, or with the variable
+    set: unchanged."""
     monkeypatch.delenv("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", raising=False)
     monkeypatch.setattr(cpu_native, "AMX_CPU", True)
     assert cpu_native.vnni_thresholds(CpuSettings.from_env(), amx_granted=False)[0] == 64
@@ -338,7 +345,8 @@ def test_native_dequantize_bit_exact() -> None:
         s = (torch.rand(n, k // g) * 0.05).to(scale_dtype)
         exact = dequantize(q, s.float(), z, g)
         for dtype in (torch.float32, torch.bfloat16):
-            assert torch.equal(dequantize_nibbles(pack_nibbles(q), s, z, g, dtype), exact.to(dtype)), (scale_dtype, dtype)
+            assert torch.equal(dequantize_nibbles(pack_nibbles(q), s, z, g, dtype),
+                               exact.to(dtype)), (scale_dtype, dtype)
 
 
 def test_cpu_prepare_repeats_groups_exactly() -> None:

@@ -103,12 +103,14 @@ def test_loading_unpacks_one_linear_at_a_time(quantized: dict[str, Path], monkey
     assert most_alive <= 2  # the one just read, and the previous one until the loop lets go of it
 
 
-def test_greedy_output_equals_dequantized_float_model(quantized: dict[str, Path], tiny_nvila: Path, images: dict) -> None:
+def test_greedy_output_equals_dequantized_float_model(quantized: dict[str, Path], tiny_nvila: Path,
+                                                      images: dict) -> None:
     path = quantized["compressed-tensors"]
     q = NVILAQwen2.load_pretrained(path, torch_dtype=torch.float32, device="cpu")
     f = _dequantized_float(tiny_nvila, q, torch.float32)
     for prompt in (["Describe the image.", images["cat"]], ["hello world, how are"]):
-        assert q.generate_content(prompt, generation_config=GREEDY) == f.generate_content(prompt, generation_config=GREEDY)
+        assert (q.generate_content(prompt, generation_config=GREEDY)
+                == f.generate_content(prompt, generation_config=GREEDY))
     # bf16 with the few-token int4 kernel on every token: logits within bf16 tolerance of the dequantized model
     qb = NVILAQwen2.load_pretrained(path, torch_dtype=torch.bfloat16, device="cpu")
     fb = _dequantized_float(tiny_nvila, qb, torch.bfloat16)
@@ -146,7 +148,8 @@ def test_lite_group_fallbacks_and_reference_backend(tiny_nvila_lite: Path, tmp_p
     assert meta["module_overrides"] == {"layers.2": {"group_size": 64}, "layers.5": {"group_size": 64}}
     f = _dequantized_float(tiny_nvila_lite, model, torch.float32)
     prompt = ["Describe the image.", images["rocket"]]
-    assert model.generate_content(prompt, generation_config=GREEDY) == f.generate_content(prompt, generation_config=GREEDY)
+    assert (model.generate_content(prompt, generation_config=GREEDY)
+            == f.generate_content(prompt, generation_config=GREEDY))
 
     w8 = write_rtn_checkpoint(tiny_nvila_lite, tmp_path / "w8", "compressed-tensors", bits=8, group_size=32)
     model8 = NVILAQwen2.load_pretrained(w8, torch_dtype=torch.bfloat16, device="cpu")
@@ -195,7 +198,8 @@ def test_bad_checkpoints_give_clear_errors(quantized: dict[str, Path], tmp_path:
     _edit_llm(renamed, lambda s: {k.replace(target, bogus): v for k, v in s.items()})
     cfg_path = renamed / "llm" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["nvila_quant"]["quantized_modules"] = [bogus if m == target else m for m in cfg["nvila_quant"]["quantized_modules"]]
+    cfg["nvila_quant"]["quantized_modules"] = [bogus if m == target else m
+                                               for m in cfg["nvila_quant"]["quantized_modules"]]
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=f"packed linear '{bogus}'"):
         NVILAQwen2.load_pretrained(renamed, device="cpu")
@@ -216,7 +220,8 @@ def test_quantized_model_on_cuda(quantized: dict[str, Path], images: dict) -> No
     ref = NVILAQwen2.load_pretrained(quantized["autoawq"], torch_dtype=torch.float16, device="cuda")
     set_backend(ref, "reference")
     with torch.inference_mode():
-        a, b = model.llm(input_ids=_ids(model).cuda()).logits.float(), ref.llm(input_ids=_ids(ref).cuda()).logits.float()
+        a, b = (model.llm(input_ids=_ids(model).cuda()).logits.float(),
+                ref.llm(input_ids=_ids(ref).cuda()).logits.float())
     assert float((a - b).norm() / b.norm()) < 1e-2
     text = model.generate_content(["Describe.", images["cat"]], generation_config=GREEDY)
     assert isinstance(text, str) and model.decode_session.static.graph is not None  # decode steps replayed a CUDA graph

@@ -147,7 +147,8 @@ def test_second_chat_turn_reuses_cache(tiny_model, images, monkeypatch):
     monkeypatch.setattr(type(tiny_model), "stream_gen", orig_stream_gen)
     conv = [{"from": "human", "value": [images["coffee"], "What is this?"]}]
     media, mcfg = tiny_model.prepare_media(conv)
-    history = [conv[0], {"from": "gpt", "value": session.messages[1]["value"]}, {"from": "human", "value": "And the color?"}]
+    history = [conv[0], {"from": "gpt", "value": session.messages[1]["value"]},
+               {"from": "human", "value": "And the color?"}]
     ids = tokenize_conversation(history, tiny_model.tokenizer, add_generation_prompt=True)[None]
     cached = ChatSession(tiny_model)
     cached.send([images["coffee"], "What is this?"], cfg)

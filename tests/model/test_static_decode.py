@@ -101,7 +101,8 @@ def test_static_step_reads_no_tensor_values_on_the_host(tiny_model, monkeypatch)
     reads: list[str] = []
     for name in ("item", "__bool__", "tolist", "__int__", "__float__", "__index__", "numpy"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _f=original, **k: (reads.append(_n), _f(self, *a, **k))[1])
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _n=name, _f=original, **k: (reads.append(_n), _f(self, *a, **k))[1])
     decoder.step(torch.tensor([[5]]))
     monkeypatch.undo()
     assert reads == []

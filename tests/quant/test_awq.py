@@ -66,7 +66,8 @@ def ref_clip(w, input_feat, n_bit, group, n_grid=20, max_shrink=0.5, n_sample_to
     return best_max_val.squeeze(1).squeeze(-1)
 
 
-@pytest.mark.parametrize("bits,group,zp", [(4, 128, True), (3, 64, True), (8, 32, True), (4, -1, True), (4, 128, False)])
+@pytest.mark.parametrize("bits,group,zp",
+                         [(4, 128, True), (3, 64, True), (8, 32, True), (4, -1, True), (4, 128, False)])
 def test_quantizer_equals_reference_formula(bits, group, zp):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits)) * 0.1
     w[3, 7] = 4.0  # an outlier weight
@@ -160,7 +161,8 @@ def test_scaling_leaves_block_output_unchanged(shell):
         apply_scales(state, g, torch.rand(n, generator=gen) * 4 + 0.25)
     block.load_state_dict(state)
     out = block(hidden, **kwargs)
-    assert not torch.equal(state["input_layernorm.weight"], blocks.load(1, torch.float32, torch.device("cpu")).input_layernorm.weight)
+    assert not torch.equal(state["input_layernorm.weight"],
+                           blocks.load(1, torch.float32, torch.device("cpu")).input_layernorm.weight)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
     # the reference's rule: without --gqa-vo a GQA block has no v->o group
     assert "attn.vo" not in [g.name for g in qwen2_block_groups(block.self_attn.config)]

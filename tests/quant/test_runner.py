@@ -37,7 +37,8 @@ def test_awq_beats_rtn_on_every_block_and_group(awq):
     assert len(log["blocks"]) == 4
     for block in log["blocks"]:
         assert block["mse_awq"] < block["mse_rtn"], block["index"]
-        assert [g["name"] for g in block["groups"]] == ["attn.qkv", "mlp.gate_up", "mlp.down"]  # reference: no v->o on GQA
+        # reference: no v->o on GQA
+        assert [g["name"] for g in block["groups"]] == ["attn.qkv", "mlp.gate_up", "mlp.down"]
         for g in block["groups"]:
             assert g["awq_loss"] <= g["rtn_loss"] and len(g["losses"]) == 20
         assert set(block["clip"]) == {"self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -58,9 +59,11 @@ def test_output_layout_loads_and_equals_reapplied_results(awq, tiny_nvila):
     for name in ("config.json", "quant_log.json", "awq_results.safetensors", "llm/tokenizer_config.json",
                  "llm/generation_config.json", "vision_tower/preprocessor_config.json"):
         assert (out / name).is_file(), name
-    assert (out / "vision_tower/model.safetensors").read_bytes() == (tiny_nvila / "vision_tower/model.safetensors").read_bytes()
+    assert ((out / "vision_tower/model.safetensors").read_bytes()
+            == (tiny_nvila / "vision_tower/model.safetensors").read_bytes())
     llm_cfg = read_json(out / "llm/config.json")
-    assert llm_cfg["quantization_config"]["quant_method"] == "awq" and llm_cfg["quantization_config"]["version"] == "gemm"
+    assert (llm_cfg["quantization_config"]["quant_method"] == "awq"
+            and llm_cfg["quantization_config"]["version"] == "gemm")
     mp_cfg = read_json(out / "mm_projector/config.json")
     assert mp_cfg["mm_projector_type"] == "mlp_downsample_2x2_fix" and mp_cfg["scaled_activations"] == ["layers.3"]
     root = read_json(out / "config.json")
@@ -122,7 +125,8 @@ def test_lite_projector_falls_back_per_layer(tmp_path, tiny_nvila_lite, caplog):
         res = quantize(tiny_nvila_lite, cfg, "builtin", tmp_path / "lite", progress=False)
     assert any("layers.2" in r.message and "using 64" in r.message for r in caplog.records)
     _, qlinears, spec = read_quantized_submodel(tmp_path / "lite" / "mm_projector")
-    assert spec.module_overrides == {"layers.2": 64, "layers.5": 64} and set(qlinears) == {"layers.2", "layers.5", "layers.7"}
+    assert (spec.module_overrides == {"layers.2": 64, "layers.5": 64}
+            and set(qlinears) == {"layers.2", "layers.5", "layers.7"})
     assert [g["prev_op"] for g in res.log["projector"]["groups"]] == ["layers.1", "layers.4", "layers.6"]
     assert read_json(tmp_path / "lite" / "mm_projector/config.json")["scaled_activations"] == ["layers.6"]
     assert "quantization_config" not in read_json(tmp_path / "lite" / "llm/config.json")  # llm not targeted
@@ -155,7 +159,8 @@ def test_refuses_existing_output_and_unfinished_work(tmp_path, tiny_nvila):
 
 def test_bad_inputs_fail_before_any_work(tmp_path, tiny_nvila):
     out = tmp_path / "never"
-    with pytest.raises(ConfigError, match=r"autoawq packs only \[4\]-bit weights, got --w-bit 3; use --format compressed-tensors"):
+    with pytest.raises(ConfigError, match=r"autoawq packs only \[4\]-bit weights, got --w-bit 3; "
+                                          r"use --format compressed-tensors"):
         quantize(tiny_nvila, AWQConfig(bits=3), "builtin", out)
     with pytest.raises(ConfigError, match="needs image samples"):
         quantize(tiny_nvila, AWQConfig(text_ratio=1.0), "builtin", out)

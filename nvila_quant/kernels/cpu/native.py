@@ -206,8 +206,8 @@ _ROUTES = {0: None, 1: "vnni", 2: "amx-tiles", 3: "amx-gemm"}  # nq_t16_route's 
 
 def t16_route(x_dtype: torch.dtype, tokens: int) -> str | None:
     """Which native T16 kernel a call of ``tokens`` rows takes here, as the C dispatcher decides: "vnni-int8x2" (bf16
-    x as two int8 parts), "vnni-int8x4" (fp32 x: two 15-bit parts as int8 pairs), "amx-tiles", "amx-gemm", "avx512-bf16",
-    "avx512-fma" / "avx2-fma" (fp32 weights), or None (no T16 kernel)."""
+    x as two int8 parts), "vnni-int8x4" (fp32 x: two 15-bit parts as int8 pairs), "amx-tiles", "amx-gemm",
+    "avx512-bf16", "avx512-fma" / "avx2-fma" (fp32 weights), or None (no T16 kernel)."""
     kernel = t16_kernel(x_dtype)
     lib = library()
     if kernel is None or lib is None:
@@ -278,7 +278,8 @@ def t16_linear(x: torch.Tensor, t16: torch.Tensor, scale_t: torch.Tensor, zero_t
     kernel = t16_kernel(x.dtype)
     lib = library()
     if kernel is None or lib is None or not meta_ok(scale_t, zero_t) or scale_t.shape != (k // group, n):
-        raise ValueError(f"t16_linear: no T16 kernel for {x.dtype} here, or scales not (K/G, N): {tuple(scale_t.shape)}")
+        raise ValueError(f"t16_linear: no T16 kernel for {x.dtype} here, or scales not (K/G, N): "
+                         f"{tuple(scale_t.shape)}")
     compute = torch.bfloat16 if kernel == "bf16" else torch.float32
     xc = x.to(compute).contiguous()
     out = torch.empty(m, n, dtype=compute)
@@ -321,7 +322,8 @@ def dequantize_nibbles(
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=packed.device)
     lib = library()
-    if lib is None or packed.device.type != "cpu" or not native_linear_support(dtype, k, group) or not meta_ok(scale, zero):
+    if (lib is None or packed.device.type != "cpu" or not native_linear_support(dtype, k, group)
+            or not meta_ok(scale, zero)):
         return out.copy_(dequantize(unpack_nibbles(packed), scale.float(), zero, group))  # fp32, then out's dtype
     packed, scale, zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
     rc = lib.nq_dequant(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), n, k, group,
@@ -356,7 +358,8 @@ def native_linear(
     else:
         fn = "nq_linear"
         rc = lib.nq_linear(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), bias_ptr,
-                           out.data_ptr(), m, n, k, group, int(x.dtype == torch.bfloat16), torch.get_num_threads(), kind)
+                           out.data_ptr(), m, n, k, group, int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+                           kind)
     check_rc(rc, fn, x=x.shape, N=n, group=group)
     return out
 
@@ -380,13 +383,14 @@ class NativeLayer:
                  group: int, t16: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
         n, k = packed.shape[0], packed.shape[1] * 2
         kernel = t16_kernel(dtype) if t16 and t16_shape_ok(n, k, group) else None
-        ok = (kernel == "bf16" and dtype == torch.bfloat16) or (kernel == "f32" and dtype == torch.float32) if t16 else (
-            dtype == torch.bfloat16 and self.supports(k, group))
+        ok = ((kernel == "bf16" and dtype == torch.bfloat16) or (kernel == "f32" and dtype == torch.float32)
+              if t16 else (dtype == torch.bfloat16 and self.supports(k, group)))
         lib = library()
         if not ok or not meta_ok(scale, zero) or lib is None:
             raise ValueError(f"NativeLayer: no native kernel for {dtype} activations with N={n}, K={k}, group={group}")
         self.keep = tuple(t.contiguous() for t in (packed, scale, zero) + (() if bias is None else (bias,)))
-        self.struct = _LayerStruct(*(t.data_ptr() for t in self.keep[:3]), None if bias is None else self.keep[3].data_ptr(),
+        self.struct = _LayerStruct(*(t.data_ptr() for t in self.keep[:3]),
+                                   None if bias is None else self.keep[3].data_ptr(),
                                    n, k, group, SCALE_KINDS[scale.dtype])
         self.ptr, self.n, self.k, self.dtype = ctypes.addressof(self.struct), n, k, dtype
         self.name = ("nq_layer_t16_f32" if kernel == "f32" else "nq_layer_t16_bf16") if t16 else "nq_layer_bf16"

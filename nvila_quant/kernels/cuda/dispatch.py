@@ -162,7 +162,8 @@ def cuda_linear(x: torch.Tensor, weights: CudaWeights, bias: torch.Tensor | None
             w = _dequantize(weights, x.dtype)
         y = torch.nn.functional.linear(x2, w, b)
     elif compiling:
-        linear = (registered.w4a16_mma_gemm if tiled else registered.w4a16_mma_linear) if mma else registered.w4a16_linear
+        linear = ((registered.w4a16_mma_gemm if tiled else registered.w4a16_mma_linear) if mma
+                  else registered.w4a16_linear)
         y = linear(x2, weights.qweight, weights.scales, weights.zeros, b, weights.group)
     else:
         x2 = aligned(x2)

@@ -61,7 +61,8 @@ def library(device_index: int) -> ctypes.CDLL:
     lib.nq_w4a16_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr,
                                     ctypes.c_char_p, ctypes.c_int]
     lib.nq_w4a16_linear.restype = ctypes.c_int
-    lib.nq_w4a16_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_char_p, ctypes.c_int]
+    lib.nq_w4a16_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_char_p,
+                                     ctypes.c_int]
     lib.nq_w4a16_dequant.restype = ctypes.c_int
     return declare_mma(lib)
 
@@ -115,7 +116,8 @@ def _check_call(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"w4a16_linear: x must be fp16 or bf16, got {x.dtype}")
     if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
-        raise ValueError(f"w4a16_linear: bias must be a contiguous {x.dtype} ({n},), got {bias.dtype} {tuple(bias.shape)}")
+        raise ValueError(f"w4a16_linear: bias must be a contiguous {x.dtype} ({n},), "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
 
 
 def _stream(t: torch.Tensor) -> int | None:
@@ -146,7 +148,8 @@ def rows_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 def mma_warps(m: int) -> int:
     """Warps per CTA of the mma kernel: 16 up to 16 tokens (more loads in flight per 32-row tile), else 8."""
-    return warps if (warps := cuda_settings().mma_warps) in (8, 16) and (warps == 8 or m <= 16) else (16 if m <= 16 else 8)
+    return (warps if (warps := cuda_settings().mma_warps) in (8, 16) and (warps == 8 or m <= 16)
+            else (16 if m <= 16 else 8))
 
 
 def mma_ksplit(m: int, n: int, k: int, device: torch.device, warps: int = 8, tiled: bool = False) -> int:
@@ -204,7 +207,8 @@ def mma_dequant_into(lib: ctypes.CDLL, qweight: torch.Tensor, scales_t: torch.Te
     """The (N, K) fp16/bf16 weight, exactly the reference's, from the mma layout (into ``w``)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     if tuple(w.shape) != (n, k) or w.dtype not in (torch.float16, torch.bfloat16) or not w.is_contiguous():
-        raise ValueError(f"w4a16_mma_dequant: w must be a contiguous fp16/bf16 ({n}, {k}), got {w.dtype} {tuple(w.shape)}")
+        raise ValueError(f"w4a16_mma_dequant: w must be a contiguous fp16/bf16 ({n}, {k}), "
+                         f"got {w.dtype} {tuple(w.shape)}")
     err = _error_buffer()
     rc = lib.nq_mma_dequant(qweight.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(), w.data_ptr(), n, k, group,
                             0 if w.dtype == torch.float16 else 1, _stream(w), err, len(err))
