@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 COMPAT_SPEC ?= transformers==5.17.0
 
-.PHONY: setup demo test compat lint bench clean
+.PHONY: setup demo test test-fast compat lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra
 
+# The inner loop: everything but the tests marked slow (the longest end-to-end runs).
+test-fast: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"
+
 # The suite against the oldest transformers pyproject.toml accepts, in its own venv (.venv-compat).
 compat:
 	$(MAKE) setup VENV=.venv-compat
@@ -31,7 +35,8 @@ compat:
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-compat/bin/python -m pytest -q -ra -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check nvila_quant tests benchmarks
+	$(BIN)/ruff check nvila_quant tests benchmarks export
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python benchmarks/runtime.py
