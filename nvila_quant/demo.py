@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from nvila_quant.errors import NVILAError
 from nvila_quant.export import ExportOptions, export_onnx
 from nvila_quant.io import check_output_dir
 from nvila_quant.model import Image, NVILAQwen2
@@ -127,9 +128,12 @@ def run_demo(workdir: str | os.PathLike, overwrite: bool = False, settings: Demo
 
 
 def _worst_verification(manifest: dict) -> float:
-    """Largest relative error (max|ort - torch| / max|torch|) over the verified outputs."""
-    worst = (manifest.get("verification") or {}).get("worst", {})
-    return max((w["rel"] for w in worst.values()), default=0.0)
+    """Largest relative error (max|ort - torch| / max|torch|) over the verified outputs; an export without
+    verification results is an error (the demo always verifies)."""
+    worst = (manifest.get("verification") or {}).get("worst") or {}
+    if not worst:
+        raise NVILAError("the ONNX export carries no verification results; the demo exports with verification on")
+    return max(w["rel"] for w in worst.values())
 
 
 def _summary(report: dict) -> str:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from nvila_quant.demo import DemoSettings, run_demo
+from nvila_quant.model import NVILAQwen2
+from nvila_quant.model.onnx_vision import OnnxVisionGraphs
 
 pytestmark = pytest.mark.slow  # the whole pipeline (about a minute): `make test`, not `make test-fast`
 
@@ -37,3 +41,12 @@ def test_demo_outputs(demo):
     info = json.loads((workdir / "demo.json").read_text())
     assert info["onnx_same_generation"] is True and info["onnx_worst_relative_error"] < 1e-4
     assert report["onnx"]["visual_cosine"] > 0.9999
+    manifest = json.loads((workdir / "onnx" / "export.json").read_text())
+    assert manifest["verification"]["passed"] and manifest["verification"]["cases"]  # the demo verified its export
+    # and independently of that verification: the exported tower through onnxruntime == the PyTorch tower
+    model = NVILAQwen2.load_pretrained(workdir / "nvila-tiny", torch_dtype=torch.float32, device="cpu")
+    tiles = torch.rand(2, 3, 448, 448, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        want = model.get_vision_tower()(tiles).numpy()
+    got = OnnxVisionGraphs(workdir / "onnx").run_tower(tiles.numpy())
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4

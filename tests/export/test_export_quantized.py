@@ -2,20 +2,20 @@
 
 A small stand-in module exposes the interface the project's quantized linears have (``in_features``,
 ``out_features``, ``bits``, ``group_size``, ``bias``, ``qtensor()``, ``dequantize_weight(dtype)``); the real
-``QuantLinear`` is tested too when it is importable.
+``QuantLinear`` is tested too.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nvila_quant.export import ExportOptions, export_onnx, load_vision_source
 from nvila_quant.export.graphs import DequantLinear, is_quantized_linear, replace_quantized_linears
+from nvila_quant.kernels import QuantLinear
 from nvila_quant.model.onnx_vision import OnnxVisionGraphs
 from nvila_quant.numerics.qtensor import QTensor
 from nvila_quant.quant.rtn import write_rtn_checkpoint
@@ -93,8 +93,7 @@ def test_quantized_projector_stand_in(tiny_nvila_lite, tmp_path):
 
 
 def test_quantized_projector_quantlinear(tiny_nvila_lite, tmp_path):
-    linear_mod = pytest.importorskip("nvila_quant.kernels.linear")
-    make = lambda lin: linear_mod.QuantLinear.from_linear(lin, bits=4, group_size=64, backend="reference")  # noqa: E731
+    make = lambda lin: QuantLinear.from_linear(lin, bits=4, group_size=64, backend="reference")  # noqa: E731
     src, n, manifest = _export_quantized(tiny_nvila_lite, tmp_path / "q", make)
     _check(tmp_path / "q", src, n, manifest)
 
@@ -116,3 +115,11 @@ def test_quantized_checkpoint_from_disk(tiny_nvila_lite, tmp_path):
     manifest = export_onnx(ckpt, tmp_path / "q", ExportOptions(include_projector=True,
                                                                verify_images=[_photo("coffee")]), progress=False)
     assert manifest["projector"]["quantized_linears"] == 3 and manifest["verification"]["passed"]
+    # independently of the exporter's verification: the graph's projector == the runtime's packed one
+    src = load_vision_source(ckpt, include_projector=True)
+    assert sum(isinstance(m, QuantLinear) for m in src.projector.modules()) == 3
+    x = torch.randn(2, 1024, src.tower.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = src.projector(x).numpy()
+    got = OnnxVisionGraphs(tmp_path / "q").run_projector(x.numpy())
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4

@@ -14,8 +14,6 @@ from nvila_quant.kernels.linear import QuantLinear
 from nvila_quant.model.quantized import load_quantized_llm
 from nvila_quant.quant.rtn import write_rtn_checkpoint
 
-compressed_tensors = pytest.importorskip("compressed_tensors")
-
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])  # 3 bits: values cross int32 word boundaries
 @pytest.mark.parametrize("symmetric", [False, True])

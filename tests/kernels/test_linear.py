@@ -95,19 +95,25 @@ def test_dense_path_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(fast(x), ref(x))
 
 
-def test_fallback_to_reference_logs_once(caplog: pytest.LogCaptureFixture) -> None:
-    """Layers no CPU int4 kernel takes (group not a multiple of 32, odd K, 3-bit) run the oracle, logged once."""
-    cases = [_layer(32, 96, 48, False), _layer(16, 63, -1, True),
-             QTensor.from_float(torch.randn(32, 64), 3, 32, True, scale_dtype=torch.bfloat16)]
-    for qt in cases:
+def test_fallback_to_reference_logs_once(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers no CPU int4 kernel takes (group not a multiple of 32, odd K, 3-bit) run the oracle, logged once with the
+    reason (the once-per-process cache emptied for each case, so each logs)."""
+    from nvila_quant.kernels import linear
+
+    cases = [(_layer(32, 96, 48, False), "group_size=48 is not a multiple of 32"),
+             (_layer(16, 63, -1, True), "in_features=63 is odd"),
+             (QTensor.from_float(torch.randn(32, 64), 3, 32, True, scale_dtype=torch.bfloat16), "bits=3")]
+    for qt, reason in cases:
+        monkeypatch.setattr(linear, "_LOGGED", set())
         fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
         with caplog.at_level(logging.WARNING, logger="nvila_quant.kernels.linear"):
             caplog.clear()
             for _ in range(3):
                 x = torch.randn(3, qt.in_features, dtype=torch.bfloat16)
                 assert torch.equal(fast(x), ref(x))
-        assert fast.resolve_backend(torch.device("cpu"), torch.bfloat16) == "reference"
-        assert len([r for r in caplog.records if "using 'reference'" in r.message]) <= 1
+            assert fast.resolve_backend(torch.device("cpu"), torch.bfloat16) == "reference"
+        logged = [r.message for r in caplog.records if "using 'reference'" in r.message]
+        assert len(logged) == 1 and reason in logged[0], logged
 
 
 def test_module_api_for_exporters() -> None:

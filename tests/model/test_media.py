@@ -11,7 +11,8 @@ from nvila_quant.model.media import Image, Video, dynamic_preprocess, load_image
 
 
 def _write_video(path, n_frames: int = 24, size=(64, 48)):
-    av = pytest.importorskip("av")
+    import av  # a hard dependency: missing is a failure, not a skip
+
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=8)
         stream.width, stream.height = size

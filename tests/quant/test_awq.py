@@ -15,6 +15,7 @@ from nvila_quant.quant.awq import (
     clip_weight,
     compute_scales,
     reduce_to_rows,
+    scale_quantize,
     search_clip,
     search_scales,
     skip_clip,
@@ -79,7 +80,11 @@ def test_scales_and_grid_equal_reference():
     for ratio in (0.0, 0.35, 0.95):
         s = x_mean.pow(ratio).clamp(min=1e-4)
         assert torch.equal(compute_scales(x_mean, ratio), s / (s.max() * s.min()).sqrt())
-    assert torch.equal(compute_scales(x_mean, 0.0), torch.ones(32))  # ratio 0 = plain RTN
+    assert torch.equal(compute_scales(x_mean, 0.0), torch.ones(32))  # ratio 0 = plain RTN:
+    w = torch.randn(16, 32) * 3
+    for q in (QuantArgs(4, 16, True), QuantArgs(3, -1, False)):
+        ones = compute_scales(x_mean, 0.0)
+        assert torch.equal(scale_quantize(w, ones, q), ref_pseudo_quantize(w, q.bits, q.group_size, q.zero_point))
     w_mean = torch.rand(32)
     s = (x_mean.pow(0.3) / (w_mean.pow(0.7) + 1e-4)).clamp(min=1e-4)
     assert torch.allclose(compute_scales(x_mean, 0.3, w_mean), s / (s.max() * s.min()).sqrt())
