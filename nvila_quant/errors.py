@@ -1,6 +1,7 @@
 """Exception types. Every error names the file or field at fault and, where one exists, a fix."""
 
-__all__ = ["CheckpointError", "ConfigError", "MediaError", "NVILAError", "OutputExistsError", "PromptError"]
+__all__ = ["CheckpointError", "ConfigError", "DecodeError", "MediaError", "NVILAError", "OutputExistsError",
+           "PromptError"]
 
 
 class NVILAError(Exception):
@@ -25,3 +26,7 @@ class PromptError(NVILAError, ValueError):
 
 class OutputExistsError(NVILAError, FileExistsError):
     """The output folder exists and --overwrite was not given."""
+
+
+class DecodeError(NVILAError, RuntimeError):
+    """A decode mode asked for explicitly (NVILA_QUANT_DECODE=graph|compiled) cannot run here."""

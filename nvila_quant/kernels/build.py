@@ -50,10 +50,8 @@ def build_shared_library(
     depends: Sequence[Path] = (),
 ) -> Path:
     """Compile ``sources`` into ``<cache>/<name>-<hash>/lib<name>.so`` unless already there; return its path.
-    ``depends``: headers the sources include (hashed, not compiled)."""
-    exe = shutil.which(compiler)
-    if exe is None:
-        raise BuildError(f"{compiler} is not on PATH: cannot build {name}")
+    ``depends``: headers the sources include (hashed, not compiled). A cached library needs no compiler; a failed
+    build leaves its command and compiler output in ``build.log`` beside it, named in the :class:`BuildError`."""
     digest = hashlib.sha256()
     for src in (*sources, *depends):
         digest.update(Path(src).read_bytes())
@@ -62,18 +60,25 @@ def build_shared_library(
     lib = folder / f"lib{name}.so"
     if lib.is_file():
         return lib
+    exe = shutil.which(compiler)
+    if exe is None:
+        raise BuildError(f"the compiler {compiler!r} is not on PATH (needed once to build {name})")
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".lib{name}-", suffix=".so", dir=folder)
     os.close(fd)
     cmd = [exe, *flags, "-o", tmp, *(str(s) for s in sources)]
     logger.info("building %s: %s", name, " ".join(cmd))
+    log = folder / "build.log"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         Path(tmp).unlink(missing_ok=True)
-        raise BuildError(f"building {name} failed: {e}") from e
+        log.write_text(f"{' '.join(cmd)}\n{e}\n")
+        raise BuildError(f"building {name} failed: {e} (log: {log})") from e
     if proc.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
-        raise BuildError(f"building {name} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+        log.write_text(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        raise BuildError(f"building {name} failed: {last} (full log: {log})")
     os.replace(tmp, lib)
     return lib

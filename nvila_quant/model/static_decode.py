@@ -10,9 +10,10 @@ back after (:meth:`StaticDecoder.store`), so chat sessions and ``stream_gen`` ke
 ``NVILA_QUANT_DECODE`` (:class:`DecodeSettings`): "auto" (default: graphs on CUDA, the dynamic cache elsewhere),
 "graph", "compiled" (the step compiled with ``torch.compile`` first, so inductor fuses the norms, rotary embeddings
 and activations between the linears, then captured on CUDA; the first decode pays the compile), "static" (static
-cache, eager steps: any device), "dynamic" (always the eager dynamic-cache loop). A compile or capture that fails
-logs the reason and falls back to the eager step on the same static cache. ``NVILA_QUANT_DECODE_COMPILE_BACKEND``
-(default "inductor") picks the torch.compile backend.
+cache, eager steps: any device), "dynamic" (always the eager dynamic-cache loop). Under "auto" a capture that fails
+logs the reason and falls back to eager steps on the same static cache; "graph" and "compiled" are what the user
+asked for, so there a capture or compile that fails (or "graph" off CUDA) is a :class:`DecodeError` naming why.
+``NVILA_QUANT_DECODE_COMPILE_BACKEND`` (default "inductor") picks the torch.compile backend.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from nvila_quant.errors import DecodeError
 from nvila_quant.model.llm import cache_kwarg
 from nvila_quant.settings import Lazy, Settings, knob
 
@@ -64,27 +66,27 @@ class StaticDecoder:
         self.cache_kwarg = cache_kwarg(type(llm))
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (1, V), rewritten by every step
-        self.asked = (graph, compiled)  # what it was built for (kept when a capture or compile falls back)
+        self.asked = (graph, compiled)  # what it was built for (kept when an "auto" capture falls back)
         self.want_compile = compiled
         self.compiled = False  # whether the step is the compiled one (set by the first step)
         self._step = self._forward
 
     def _run(self) -> torch.Tensor:
-        """One forward through the step; the first one compiles it when asked (a compile that fails is logged and
-        the eager step kept)."""
+        """One forward through the step; the first one compiles it when asked (only NVILA_QUANT_DECODE=compiled
+        asks: a compile that fails is a DecodeError)."""
         if not self.want_compile or self.compiled:
             return self._step()
-        try:
-            step = torch.compile(self._forward, fullgraph=True, dynamic=False,
-                                 backend=decode_settings().compile_backend)
+        backend = decode_settings().compile_backend
+        try:  # torch.compile's failures (dynamo, inductor, a bad backend name) are RuntimeErrors
+            step = torch.compile(self._forward, fullgraph=True, dynamic=False, backend=backend)
             out = step()
-            self._step, self.compiled = step, True
-            return out
-        except Exception as e:  # noqa: BLE001 (any compile failure: the eager step still works)
-            logger.warning("torch.compile of the decode step failed (%s); decoding with the eager step", e)
-            self._step = self._forward
-            self.want_compile = False
-            return self._step()
+        except RuntimeError as e:
+            raise DecodeError(
+                f"NVILA_QUANT_DECODE=compiled: torch.compile of the decode step (backend {backend!r}) failed: "
+                f"{type(e).__name__}: {e}; use NVILA_QUANT_DECODE=auto or static to decode without compiling"
+            ) from e
+        self._step, self.compiled = step, True
+        return out
 
     def _forward(self) -> torch.Tensor:
         out = self.llm(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
@@ -129,10 +131,14 @@ class StaticDecoder:
             with torch.cuda.graph(graph):
                 self.logits = self._step()
             self.graph = graph
-        except Exception as e:  # noqa: BLE001 (any capture failure: eager steps still work)
+        except RuntimeError as e:  # what CUDA (and a compile inside the capture) raise
+            torch.cuda.synchronize(self.device)
+            if decode_settings().mode in ("graph", "compiled"):  # asked for by name: no silent fallback
+                raise DecodeError(f"NVILA_QUANT_DECODE={decode_settings().mode}: CUDA graph capture of the decode step "
+                                  f"failed: {type(e).__name__}: {e}; NVILA_QUANT_DECODE=auto falls back to eager "
+                                  "steps") from e
             logger.warning("CUDA graph capture of the decode step failed (%s); decoding with eager steps", e)
             self.want_graph, self.graph = False, None
-            torch.cuda.synchronize(self.device)
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(n)
 
@@ -171,4 +177,7 @@ def static_decode_wanted(device: torch.device) -> bool:
 def decoder_kind(device: torch.device) -> tuple[bool, bool]:
     """(graph, compiled): what a static decoder on ``device`` is built for under the current mode."""
     mode = decode_settings().mode
+    if mode == "graph" and device.type != "cuda":
+        raise DecodeError(f"NVILA_QUANT_DECODE=graph replays CUDA graphs, which need a CUDA device; the model is on "
+                          f"{device.type} (use static, compiled, auto or dynamic)")
     return mode in ("auto", "graph", "compiled") and device.type == "cuda", mode == "compiled"

@@ -49,6 +49,22 @@ def test_make_tiny_info_generate(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == plain
 
 
+def test_info_kernels_describes_this_machine(capsys):
+    from nvila_quant.kernels.cpu.native import native_available
+
+    assert main(["info", "--kernels"]) == 0
+    text = capsys.readouterr().out
+    for line in ("bf16 activations, LLM-shaped layers: ", "fp32 activations, other layers: ", "CUDA: "):
+        assert line in text, line
+    if native_available():
+        assert text.startswith("CPU: native int4 kernels built (") and "T16" in text
+    assert main(["info", "--kernels", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["kernels"]
+    ranges = d["cpu"]["bf16"]["LLM-shaped layers"]
+    assert ranges[0]["tokens"].startswith("1") and ranges[-1]["tokens"].endswith("+")
+    assert main(["info"]) == 2 and "--kernels" in capsys.readouterr().err
+
+
 def test_generate_errors(tmp_path, tiny_nvila, capsys):
     assert main(["generate", "--model", str(tiny_nvila), "--image", str(tmp_path / "none.jpg"), "--prompt", "x"]) == 2
     assert "media file not found" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from nvila_quant.errors import ConfigError
+from nvila_quant.errors import ConfigError, DecodeError
 from nvila_quant.model import NVILAQwen2
 from nvila_quant.model.generation import ChatSession
 from nvila_quant.model.llm import cache_kwarg, make_cache
@@ -108,9 +108,10 @@ def test_static_step_reads_no_tensor_values_on_the_host(tiny_model, monkeypatch)
     assert reads == []
 
 
-def test_compiled_static_decode_matches_and_falls_back(tiny_model, images, monkeypatch, caplog) -> None:
+def test_compiled_static_decode_matches_and_failures_are_errors(tiny_model, images, monkeypatch) -> None:
     """NVILA_QUANT_DECODE=compiled: the step traced whole by torch.compile (aot_eager here: the trace, without
-    inductor's code generation) gives the same text; a backend that fails is logged and the eager step kept."""
+    inductor's code generation) gives the same text; a compile that fails is an error naming why (the user asked
+    for compiled steps by name), as is NVILA_QUANT_DECODE=graph without a GPU."""
     prompt = [images["cat"], "What is shown?"]
     monkeypatch.setattr(decode_settings(), "mode", "dynamic")
     text = tiny_model.generate_content(prompt, GREEDY)
@@ -121,6 +122,12 @@ def test_compiled_static_decode_matches_and_falls_back(tiny_model, images, monke
     assert tiny_model.decode_session.static.compiled
     tiny_model.decode_session.static = None
     monkeypatch.setattr(decode_settings(), "compile_backend", "no-such-backend")
-    assert tiny_model.generate_content(prompt, GREEDY) == text
-    assert not tiny_model.decode_session.static.compiled and "torch.compile of the decode step failed" in caplog.text
+    with pytest.raises(DecodeError, match="NVILA_QUANT_DECODE=compiled: torch.compile of the decode step "
+                                          "\\(backend 'no-such-backend'\\) failed: InvalidBackend"):
+        tiny_model.generate_content(prompt, GREEDY)
     tiny_model.decode_session.static = None
+    monkeypatch.setattr(decode_settings(), "mode", "graph")
+    with pytest.raises(DecodeError, match="NVILA_QUANT_DECODE=graph replays CUDA graphs, which need a CUDA device; "
+                                          "the model is on cpu"):
+        tiny_model.generate_content(prompt, GREEDY)
+    assert tiny_model.decode_session.static is None

@@ -54,6 +54,7 @@ __all__ = [
     "t16_linear",
     "t16_route",
     "t16_shape_ok",
+    "unavailable_reason",
     "vnni_thresholds",
 ]
 
@@ -144,17 +145,44 @@ def _apply_thresholds(lib: ctypes.CDLL, settings: CpuSettings) -> None:
     lib.nq_set_vnni_max_tokens(f32, 1)
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
+SLOW_PATH = ("int4 matmuls run on torch's int4 op (few tokens) or dequantize + matmul instead: several times "
+             "slower; `nvila-quant info --kernels` shows what runs where")
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if cpu_settings().no_native:
-        return None
+        return None, "turned off by NVILA_QUANT_NO_NATIVE=1"
     try:
         lib = load_library()
-    except (BuildError, OSError) as e:
-        logger.info("native CPU int4 kernels unavailable (%s); using torch ops", e)
-        return None
-    _apply_thresholds(lib, cpu_settings())
-    return lib
+    except BuildError as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"the built library does not load: {e}"
+    if lib.nq_caps() == 0:
+        return None, "this CPU has neither AVX-512 nor AVX2 with FMA and F16C, which the kernels need"
+    return lib, None
+
+
+@functools.lru_cache(maxsize=1)
+def _state() -> tuple[ctypes.CDLL | None, str | None]:
+    """(the library, None) or (None, why not): built and loaded once per process."""
+    lib, reason = _load()
+    if lib is None:
+        # a warning (once per process) unless the user turned them off: the CPU speeds depend on these kernels
+        level = logging.INFO if cpu_settings().no_native else logging.WARNING
+        logger.log(level, "native CPU int4 kernels unavailable: %s; %s", reason, SLOW_PATH)
+    else:
+        _apply_thresholds(lib, cpu_settings())
+    return lib, reason
+
+
+def _library() -> ctypes.CDLL | None:
+    return _state()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why the native CPU kernels cannot run here (None when they can); builds the library on first use."""
+    return _state()[1]
 
 
 def library() -> ctypes.CDLL | None:
@@ -164,9 +192,9 @@ def library() -> ctypes.CDLL | None:
 
 def _settings_changed(name: str) -> None:
     if name == "no_native":
-        _library.cache_clear()
+        _state.cache_clear()
         native_caps.cache_clear()
-    elif _library.cache_info().currsize and (lib := _library()) is not None:
+    elif _state.cache_info().currsize and (lib := _library()) is not None:
         _apply_thresholds(lib, cpu_settings())
 
 

@@ -13,7 +13,6 @@ registered ops (:mod:`.ops`). Knobs: :class:`~nvila_quant.kernels.cuda.settings.
 from __future__ import annotations
 
 import functools
-import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -62,8 +61,6 @@ def _built_reason(device_index: int) -> str | None:
     cap = torch.cuda.get_device_capability(device_index)
     if cap < MIN_CAPABILITY:
         return f"compute capability {cap[0]}.{cap[1]} < 8.0 (bf16 tensor cores)"
-    if shutil.which("nvcc") is None:
-        return "nvcc is not on PATH (needed once to build the kernels)"
     try:
         library(device_index)
     except (BuildError, OSError) as e:
