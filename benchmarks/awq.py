@@ -10,7 +10,8 @@ Three parts, each with its baseline in the same run:
 2. time: wall seconds per LLM block and in total (from each run's quant_log.json);
 3. memory: peak RSS of an AWQ run on the same synthetic model at two depths, each in its own process,
    next to the peak RSS of just loading that float model (what a whole-model pipeline starts from).
-Writes benchmarks/results/awq.json.
+Writes one result file per run, benchmarks/results/awq/<time>-<machine>[-<parts>].json, with each run's
+quant_log.json (``quant_log``: per-block times and losses) and each memory run's per-block times.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_json  # noqa: E402
+from _common import add_results_arg, table, write_result  # noqa: E402
 
 from nvila_quant.calibration import build_samples, embed_samples, load_records  # noqa: E402
 from nvila_quant.machine import peak_rss_mb  # noqa: E402
@@ -54,7 +56,8 @@ def child(args: argparse.Namespace) -> None:
     else:
         cfg = AWQConfig(n_samples=args.n_samples, seqlen=args.seqlen, text_ratio=0.25)
         log = quantize(args.model, cfg, "builtin", args.output, progress=False).log
-        out = {"blocks_s": [b["time_s"]["total"] for b in log["blocks"]]}
+        out = {"blocks_s": [b["time_s"]["total"] for b in log["blocks"]],
+               "blocks_time_s": [b["time_s"] for b in log["blocks"]], "timings": log["timings"]}
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - t0, **out}))
 
 
@@ -97,7 +100,7 @@ def accuracy(name: str, path: Path, tmp: Path, n_samples: int, seqlen: int, abla
             "kl": m["kl"], "top1": m["top1"], "ppl": m["ppl"], "ppl_float": m["ppl_ref"], "eval_tokens": m["tokens"],
             "block_mse_rtn": statistics.mean(b["mse_rtn"] for b in awq_blocks) if awq_blocks else None,
             "block_mse_awq": statistics.mean(b["mse_awq"] for b in awq_blocks) if awq_blocks else None,
-            "blocks_s": blocks, "timings": log["timings"],
+            "blocks_s": blocks, "timings": log["timings"], "quant_log": log,
         })
         print(f"  {name} {method}: {wall:.1f} s, KL {m['kl']:.4f}, top-1 {m['top1']:.3f}", flush=True)
     return rows
@@ -111,13 +114,15 @@ def memory(tmp: Path, depths: list[int], n_samples: int, seqlen: int) -> list[di
         run = _run_child("awq", path, tmp / f"depth{depth}-awq", n_samples, seqlen)
         rows.append({"layers": depth, "awq_peak_rss_mb": run["peak_rss_mb"],
                      "float_load_peak_rss_mb": load["peak_rss_mb"],
-                     "awq_wall_s": run["wall_s"], "s_per_block": statistics.mean(run["blocks_s"])})
+                     "awq_wall_s": run["wall_s"], "s_per_block": statistics.mean(run["blocks_s"]),
+                     "float_load_wall_s": load["wall_s"], "awq_blocks_s": run["blocks_s"],
+                     "awq_blocks_time_s": run["blocks_time_s"], "awq_timings": run["timings"]})
         print(f"  depth {depth}: AWQ peak RSS {run['peak_rss_mb']:.0f} MB "
               f"(float load alone {load['peak_rss_mb']:.0f} MB)", flush=True)
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-samples", type=int, default=4, help="calibration conversations (default: 4)")
     parser.add_argument("--seqlen", type=int, default=1024, help="tokens per conversation (default: 1024)")
@@ -129,7 +134,8 @@ def main() -> None:
     parser.add_argument("--child", choices=["load", "awq"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    add_results_arg(parser)
+    args = parser.parse_args(argv)
     if args.child:
         child(args)
         return
@@ -158,9 +164,12 @@ def main() -> None:
         "n_samples": args.n_samples, "seqlen": args.seqlen, "eval": "data/eval, 4 image + 4 text conversations",
         "options": OPTIONS, "memory_runs": {"depths": args.depths, "n_samples": args.memory_samples, "seqlen": 512},
         "load_average_at_end": os.getloadavg(),  # other processes on the machine inflate wall times
+        "specs": {name: {k: v for k, v in asdict(spec).items() if k.startswith("llm_")}
+                  for name, spec in SPECS.items()},
+        "memory_spec": {"llm_layers": args.depths, **LARGE}, "w_bit": 4, "group_size": 128,
     }
-    name = "awq" if set(args.parts) == {"accuracy", "memory"} else f"awq-{'-'.join(args.parts)}"
-    path = write_json(name, {"settings": settings, "accuracy": acc, "memory": mem})
+    variant = None if set(args.parts) == {"accuracy", "memory"} else "-".join(args.parts)
+    path = write_result("awq", {"settings": settings, "accuracy": acc, "memory": mem}, variant, "cpu", args.results)
     print(f"\nwrote {path}")
 
 

@@ -7,7 +7,9 @@ The model is ``make_tiny`` with an LLM whose linears dominate (hidden 2048, inte
 then the float checkpoint (bf16, fp32) and the quantized one (bf16 activations) are timed with
 ``NVILAQwen2.benchmark`` on a text prompt, interleaved. On a GPU the comparison is fp16 float vs the quantized
 model's CUDA kernels (``--spec 7b-stack``: Qwen2-7B-wide layers), each decoding with one CUDA graph replay per
-token by default (``--decode-mode dynamic`` for the eager loop). Writes benchmarks/results/decode-<cpu|cuda>.json.
+token by default (``--decode-mode dynamic`` for the eager loop). Writes one result file per run,
+benchmarks/results/decode/<time>-<machine>[-<T>thread][-<decode mode>].json, with each timed run's dict from
+``NVILAQwen2.benchmark`` (``runs``) next to the medians (``rows``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import os
 import statistics
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_json  # noqa: E402
+from _common import add_results_arg, table, write_result  # noqa: E402
 
 from nvila_quant.model import NVILAQwen2  # noqa: E402
 from nvila_quant.model.quantized import quantized_modules  # noqa: E402
@@ -32,6 +35,7 @@ from nvila_quant.quant.rtn import write_rtn_checkpoint  # noqa: E402
 from nvila_quant.testing.factory import TinySpec, make_tiny  # noqa: E402
 
 SPECS = {
+    "tiny": TinySpec(seed=0),  # the tests' model: smoke runs only
     "cpu": TinySpec(seed=0, llm_hidden=2048, llm_intermediate=5632, llm_layers=4, llm_heads=16, llm_kv_heads=4),
     "7b-stack": TinySpec(seed=0, llm_hidden=3584, llm_intermediate=18944, llm_layers=4, llm_heads=28, llm_kv_heads=4),
 }
@@ -89,7 +93,9 @@ def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Pat
         r["x_vs_fp32" if not cuda else "x_vs_fp16"] = r["decode_tokens_per_s"] / base["fp16" if cuda else "fp32"]
     del models
     gc.collect()
-    return {"spec": spec_name, "format": fmt, "device": device, "rows": rows, "runs": runs}
+    sizes = {k: v for k, v in asdict(SPECS[spec_name]).items() if k.startswith("llm_")}
+    return {"spec": spec_name, "spec_sizes": sizes, "format": fmt, "device": device, "decode_tokens": decode_tokens,
+            "repeats": repeats, "rows": rows, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (interleaved; medians)")
     parser.add_argument("--spec", choices=sorted(SPECS), default=None,
-                        help="synthetic model size (default: cpu on CPU, 7b-stack on a GPU)")
+                        help="synthetic model size (default: cpu on CPU, 7b-stack on a GPU; tiny: the tests' model, "
+                             "for smoke runs)")
     parser.add_argument("--format", default="autoawq", choices=["autoawq", "compressed-tensors", "tinychat"],
                         help="checkpoint format of the quantized model")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
                         help="decode steps: auto (CUDA graphs on a GPU), graph, static, dynamic (default: "
                              "$NVILA_QUANT_DECODE or auto)")
+    add_results_arg(parser)
     args = parser.parse_args(argv)
     if args.decode_mode:
         decode_settings().mode = args.decode_mode
@@ -130,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print("goal:", result["goal"])
     result["decode_mode"] = decode_settings().mode
-    name = "decode-cuda" if torch.cuda.is_available() else "decode-cpu"
-    suffix = (f"-{args.threads}thread" if args.threads else "") + (f"-{args.decode_mode}" if args.decode_mode else "")
-    path = write_json(name + suffix, result)
+    variant = "-".join(([f"{args.threads}thread"] if args.threads else []) + ([args.decode_mode] if args.decode_mode
+                                                                                else []))
+    path = write_result("decode", result, variant or None, "cuda" if torch.cuda.is_available() else "cpu",
+                        args.results)
     print(f"wrote {path}")
 
 

@@ -6,7 +6,8 @@
 # 2. benchmarks/kernels.py --skip-cpu (GEMV/GEMM vs fp16 cuBLAS, bandwidth fraction, nibble-row GEMV, same run);
 # 3. benchmarks/decode.py --spec 7b-stack (int4 vs fp16 decode, CUDA graphs), then the eager loop for comparison
 #    (WITH_COMPILED=1: also torch.compile-d decode steps).
-# Results JSON go to benchmarks/results/ and, when $OUT is set, are copied there. Kernel builds are cached under
+# Result files go to benchmarks/results/<benchmark>/ (one per run) and, when $OUT is set, this run's are copied there
+# as $OUT/benchmarks/results/<benchmark>/... (commit them to the repository). Kernel builds are cached under
 # $NVILA_QUANT_CACHE (default here: /tmp/nqcache).
 set -u
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export NVILA_QUANT_CACHE="${NVILA_QUANT_CACHE:-/tmp/nqcache}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY="${PYTHON:-python}"
 status=0
+MARK=$(mktemp)  # result files newer than this are this run's
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/ || status=1
 "$PY" benchmarks/kernels.py --skip-cpu --repeats 5 || status=1
@@ -22,5 +24,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 if [ "${WITH_COMPILED:-0}" = 1 ]; then  # torch.compile-d decode steps (a compile per model: minutes)
     "$PY" benchmarks/decode.py --spec 7b-stack --repeats 3 --decode-mode compiled --skip-bf16 || status=1
 fi
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null || true; fi
+if [ -n "${OUT:-}" ]; then
+    find benchmarks/results -name '*.json' -newer "$MARK" -exec cp --parents {} "$OUT"/ \; 2>/dev/null || true
+fi
+rm -f "$MARK"
 exit $status

@@ -20,7 +20,9 @@ On a GPU: the CUDA kernels vs fp16 cuBLAS, kernel time from CUDA-graph replays w
 dispatch excluded) and eager time per call, and the fraction of the measured copy bandwidth at M = 1; in the same
 run the fused kernel forced where the runtime dequantizes + cuBLAS, and the nibble-row GEMV for M <= 4
 (``--ksplit`` fixes the mma kernel's K slices).
-Writes benchmarks/results/kernels-<cpu|cuda>[-<T>thread][-cputime].json.
+Writes one result file per run, benchmarks/results/kernels/<time>-<machine>[-<T>thread][-cputime].json, with every
+timed sample next to the medians (``samples_ms`` in each row, in its ``all_cold`` and ``ring`` measures, and the GPU's
+CUDA-graph and eager samples).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_json  # noqa: E402
+from _common import add_results_arg, table, write_result  # noqa: E402
 
 from nvila_quant.kernels.cpu import dispatch as cpu_backend  # noqa: E402
 from nvila_quant.kernels.cpu import native as cpu_native  # noqa: E402
@@ -73,9 +75,11 @@ def _flush_caches() -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                primers: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
+                primers: dict[str, Callable[[], object]] | None = None,
+                samples: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Median milliseconds of each fn, run round-robin so background load hits all of them alike; ``primers[name]``
-    runs untimed between the cache eviction and the timed call of ``name``."""
+    runs untimed between the cache eviction and the timed call of ``name``. ``samples``, when given, receives every
+    timed call's milliseconds per name."""
     clock = CLOCK["fn"]
     for fn in fns.values():
         for _ in range(warmup):
@@ -91,6 +95,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             fn()
             _sync()
             times[name].append((clock() - t) * 1e3)
+    if samples is not None:
+        samples.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -192,6 +198,7 @@ def ring_m1(layer: QuantLinear, w16: torch.Tensor, w32: torch.Tensor, rounds: in
                 if r:
                     times[name].append((clock() - t) * 1e3)
     out = {f"{name}_ms": statistics.median(v) for name, v in times.items()}
+    out["samples_ms"] = times  # every call of every pass after the first, per kind
     out["layers_per_ring"] = {"int4": len(int4), "dense_bf16": len(d16), "dense_fp32": len(d32)}
     out["x_vs_bf16"], out["x_vs_fp32"] = out["dense_bf16_ms"] / out["cpu_ms"], out["dense_fp32_ms"] / out["cpu_ms"]
     out["fp32_act_x_vs_fp32"] = out["dense_fp32_ms"] / out["cpu_fp32_act_ms"]
@@ -217,10 +224,11 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
             oracle = {"reference": fns.pop("reference")} if "reference" in fns else {}
             oracle_primer = {"reference": primers.pop("reference")} if oracle and primers else None
             # (a median of 3 fell to two hiccups)
-            ms = interleaved(fns, repeats if m <= 128 else max(5, repeats // 2), primers=primers)
+            samples: dict[str, list[float]] = {}
+            ms = interleaved(fns, repeats if m <= 128 else max(5, repeats // 2), primers=primers, samples=samples)
             if oracle:
-                ms |= interleaved(oracle, repeats, primers=oracle_primer)
-            row = {"N": n, "K": k, "M": m, **{f"{name}_ms": v for name, v in ms.items()}}
+                ms |= interleaved(oracle, repeats, primers=oracle_primer, samples=samples)
+            row = {"N": n, "K": k, "M": m, **{f"{name}_ms": v for name, v in ms.items()}, "samples_ms": samples}
             plan = layer._prepared["cpu"].plan(layer.q, torch.bfloat16)
             row["path"] = plan.kernel if plan.kernel and m < plan.dense_from else "dense"
             if row["path"] == "native-t16":
@@ -230,10 +238,11 @@ def bench_cpu(tokens: list[int], repeats: int, group: int) -> list[dict]:
             row["fp32_act_x_vs_fp32"] = ms["dense_fp32"] / ms["cpu_fp32_act"]
             cold = ""
             if decode and m == 1:
-                cms = interleaved({name: fns[name] for name in ALL_COLD}, repeats)
+                cold_samples: dict[str, list[float]] = {}
+                cms = interleaved({name: fns[name] for name in ALL_COLD}, repeats, samples=cold_samples)
                 row["all_cold"] = {**{f"{name}_ms": v for name, v in cms.items()},
                                    "x_vs_bf16": cms["dense_bf16"] / cms["cpu"],
-                                   "x_vs_fp32": cms["dense_fp32"] / cms["cpu"]}
+                                   "x_vs_fp32": cms["dense_fp32"] / cms["cpu"], "samples_ms": cold_samples}
                 cold = (f"; all cold: cpu {cms['cpu']:.2f} ms, {row['all_cold']['x_vs_bf16']:.2f}x / "
                         f"{row['all_cold']['x_vs_fp32']:.2f}x")
                 if RING["mb"]:
@@ -280,9 +289,10 @@ def check_cpu_goals(rows: list[dict]) -> dict:
     }
 
 
-def graph_ms(fn: Callable[[], object], reps: int = 30) -> float:
+def graph_ms(fn: Callable[[], object], reps: int = 30, samples: dict | None = None) -> float:
     """Median GPU time (ms) of one call with a cold L2, without host overhead: CUDA-graph replays of (zero a
-    256 MB buffer, call) minus replays of the zeroing alone, each bracketed by CUDA events."""
+    256 MB buffer, call) minus replays of the zeroing alone, each bracketed by CUDA events. ``samples``, when given,
+    receives every replay's milliseconds (``with_call``, ``flush_only``)."""
     flush = torch.empty(256 * 1024**2, dtype=torch.uint8, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -313,20 +323,23 @@ def graph_ms(fn: Callable[[], object], reps: int = 30) -> float:
     for _ in range(3):  # alternate so clocks and background hit both alike
         both += replay_ms(with_call)
         alone += replay_ms(flush_only)
+    if samples is not None:
+        samples.update(with_call=both, flush_only=alone)
     return max(statistics.median(both) - statistics.median(alone), 1e-4)
 
 
-def measured_bandwidth_gbs() -> float:
+def measured_bandwidth_gbs(samples: dict | None = None) -> float:
     """Device-to-device copy bandwidth (read + write bytes per second), from CUDA-graph replays."""
     a = torch.empty(1024**3, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    return 2 * a.numel() / (graph_ms(lambda: b.copy_(a)) / 1e3) / 1e9
+    return 2 * a.numel() / (graph_ms(lambda: b.copy_(a), samples=samples) / 1e3) / 1e9
 
 
 def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
     """Kernel time (CUDA graphs, cold L2: what a captured decode step pays) and eager time per call (host
     dispatch included: what an uncaptured PyTorch loop pays), int4 CUDA vs fp16 cuBLAS, same shapes."""
-    bw = measured_bandwidth_gbs()
+    bw_samples: dict[str, list[float]] = {}
+    bw = measured_bandwidth_gbs(bw_samples)
     rows = []
     for n, k in SHAPES:
         layer = _layer(n, k, group, "cuda")
@@ -337,26 +350,32 @@ def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             fns = {"cuda": lambda: layer(x), "cublas_fp16": lambda: F.linear(x, w16)}  # noqa: B023
-            kernel = {name: graph_ms(fn) for name, fn in fns.items()}
+            graph_samples: dict[str, dict] = {name: {} for name in fns}
+            kernel = {name: graph_ms(fn, samples=graph_samples[name]) for name, fn in fns.items()}
             fused_max = cuda_settings().mma_max_tokens if layer.q_layout == "mma" else GEMV_MAX_TOKENS
             if m > fused_max:  # the runtime dequantizes + cuBLAS there; the fused kernel forced, for comparison
-                kernel["cuda_fused_gemm"] = graph_ms(_fused_gemm(layer, x))
+                graph_samples["cuda_fused_gemm"] = {}
+                kernel["cuda_fused_gemm"] = graph_ms(_fused_gemm(layer, x), samples=graph_samples["cuda_fused_gemm"])
             if m <= GEMV_MAX_TOKENS:  # the nibble-row GEMV (the path before the mma layout), same run
                 out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+                graph_samples["cuda_rows_gemv"] = {}
                 kernel["cuda_rows_gemv"] = graph_ms(
                     lambda: cuda_native.rows_launch(x, nibble_rows.qweight, nibble_rows.scales, nibble_rows.zeros, None,  # noqa: B023
-                                             group, out))  # noqa: B023
-            eager = interleaved(fns, repeats)
+                                             group, out), samples=graph_samples["cuda_rows_gemv"])  # noqa: B023
+            eager_samples: dict[str, list[float]] = {}
+            eager = interleaved(fns, repeats, samples=eager_samples)
             bytes_moved = n * k // 2 + layer.scale.numel() * 4 + layer.zero.numel() + m * (k + n) * 2
             rows.append({"N": n, "K": k, "M": m, "cuda_ms": kernel["cuda"], "cublas_fp16_ms": kernel["cublas_fp16"],
                          "x_vs_fp16": kernel["cublas_fp16"] / kernel["cuda"],
                          "bandwidth_fraction": bytes_moved / (kernel["cuda"] / 1e3) / 1e9 / bw,
                          "cuda_fused_gemm_ms": kernel.get("cuda_fused_gemm"),
                          "cuda_rows_gemv_ms": kernel.get("cuda_rows_gemv"), "layout": layer.q_layout,
-                         "eager_cuda_ms": eager["cuda"], "eager_cublas_fp16_ms": eager["cublas_fp16"]})
+                         "eager_cuda_ms": eager["cuda"], "eager_cublas_fp16_ms": eager["cublas_fp16"],
+                         "samples_ms": {"graph": graph_samples, "eager": eager_samples}})
     m1 = [r for r in rows if r["M"] == 1]
     big = [r for r in rows if r["M"] >= 512]
-    out = {"device": torch.cuda.get_device_name(0), "copy_bandwidth_gbs": bw, "rows": rows, "goals": GPU_GOALS,
+    out = {"device": torch.cuda.get_device_name(0), "copy_bandwidth_gbs": bw, "copy_bandwidth_samples_ms": bw_samples,
+           "rows": rows, "goals": GPU_GOALS,
            "timing": "cuda_ms / cublas_fp16_ms: CUDA-graph replays with L2 flushed, minus the flush; eager_*: "
                      "wall clock per call with host dispatch",
            "gemv_bandwidth_fraction_m1_min": min(r["bandwidth_fraction"] for r in m1) if m1 else None,
@@ -387,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall time, or this thread's CPU time (robust on a shared machine; needs --threads 1)")
+    add_results_arg(parser)
     args = parser.parse_args(argv)
     if args.skip_cpu and not torch.cuda.is_available():
         print("--skip-cpu: no GPU here, nothing to measure (no results written)")
@@ -450,9 +470,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             payload["gpu"] = {"status": "not measured: no GPU", "goals": {k: "not measured: no GPU" for k in GPU_GOALS}}
     payload["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    name = "kernels-cuda" if torch.cuda.is_available() else "kernels-cpu"
-    suffix = (f"-{args.threads}thread" if args.threads else "") + ("-cputime" if args.clock == "thread" else "")
-    path = write_json(name + suffix, payload)
+    variant = "-".join(([f"{args.threads}thread"] if args.threads else []) + (["cputime"] if args.clock == "thread"
+                                                                                else []))
+    path = write_result("kernels", payload, variant or None, "cuda" if torch.cuda.is_available() else "cpu",
+                        args.results)
     print(f"wrote {path}")
 
 

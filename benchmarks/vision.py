@@ -18,7 +18,8 @@ Runs alternate (PyTorch, then each onnxruntime variant, 50 ms apart so idle thre
 background load hits all sides alike;
 the minimum (best of N, the robust statistic under background load) and the median per image are reported, and
 the speed-up is the ratio of minima. ``--threads 1`` also reports each side's CPU time (robust on a busy
-machine). Writes benchmarks/results/<name>.json.
+machine). Writes one result file per run, benchmarks/results/vision/<time>-<machine>[-<variant>].json, with every
+timed run per image and backend (``runs_s``, ``thread_cpu_s``) next to the minima and medians.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_json  # noqa: E402
+from _common import add_results_arg, table, write_result  # noqa: E402
 
 from nvila_quant.export import ExportOptions, default_max_tiles, export_onnx, load_vision_source  # noqa: E402
 from nvila_quant.model.media import dynamic_s2_preprocess, load_image  # noqa: E402
@@ -69,7 +70,7 @@ def timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - w, time.thread_time() - c, out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per image and backend; median kept")
     parser.add_argument("--opset", type=int, nargs="+", default=[18], help="opsets to export and time (default: 18)")
@@ -83,8 +84,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both backends (default: all cores); 1 also reports CPU time, which "
                         "background load does not inflate")
-    parser.add_argument("--name", default="vision", help="results file name under benchmarks/results/")
-    args = parser.parse_args()
+    parser.add_argument("--variant", "--name", default=None,
+                        help="a label for this configuration, kept in the result file and its name (default: none)")
+    add_results_arg(parser)
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -161,13 +164,13 @@ def main() -> None:
     if threads != 1:
         print("wall clock follows the machine's background load; `--threads 1` adds CPU-time ratios, which it "
               "does not inflate")
-    path = write_json(args.name, {
+    path = write_result("vision", {
         "benchmark": "vision tower + dynamic S2 per image, CPU, fp32",
         "spec": {k: getattr(spec, k) for k in ("vision_hidden", "vision_intermediate", "vision_layers", "vision_heads",
                                                 "image_size", "patch_size")},
         "threads": threads, "repeats": args.repeats, "graphs": graph_files, "results": results,
         "speedup_vs_torch": summary,
-    })
+    }, args.variant, "cpu", args.results)
     print(f"wrote {path}")
 
 
