@@ -48,6 +48,31 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin"
 
 
+def test_onnxruntime_distribution_is_the_one_the_markers_pick() -> None:
+    """onnxruntime-gpu where PyPI has wheels of it, onnxruntime elsewhere: the installed one is the one the
+    project's requirement markers select here (and the other is absent: the two cannot share an environment)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    picked = {}
+    for line in metadata.requires("nvila-quant") or []:
+        req = Requirement(line)
+        if req.name in ("onnxruntime", "onnxruntime-gpu") and not (req.marker and "extra" in str(req.marker)):
+            picked[req.name] = req.marker is None or req.marker.evaluate()
+    assert set(picked) == {"onnxruntime", "onnxruntime-gpu"} and sum(picked.values()) == 1, picked
+    for name, wanted in picked.items():
+        try:
+            metadata.version(name)
+            installed = True
+        except metadata.PackageNotFoundError:
+            installed = False
+        assert installed == wanted, (name, wanted)
+    import onnxruntime
+
+    assert "CPUExecutionProvider" in onnxruntime.get_available_providers()
+
+
 @pytest.mark.slow
 def test_wheel_runs_awq_compare_and_demo_outside_the_repository(installed: Path, tiny_nvila: Path,
                                                                 tmp_path: Path) -> None:

@@ -35,9 +35,9 @@ class QTensor:
         if self.q.dim() != 2:
             raise ValueError(f"q must be (out_features, in_features), got shape {tuple(self.q.shape)}")
         n, k = self.q.shape
-        g = group_count(k, self.group_size)
         if self.group_size != -1 and (self.group_size <= 0 or k % self.group_size):
             raise ValueError(f"group_size must divide in_features (got in_features={k}, group_size={self.group_size})")
+        g = group_count(k, self.group_size)
         for name in ("scale", "zero"):
             t = getattr(self, name)
             if tuple(t.shape) != (n, g):
@@ -79,12 +79,15 @@ class QTensor:
         )
 
     def equal(self, other: QTensor) -> bool:
-        """Bit-exact equality of every stored tensor and field."""
-        same_bias = (self.bias is None and other.bias is None) or (
-            self.bias is not None and other.bias is not None and torch.equal(self.bias, other.bias)
-        )
+        """Bit-exact equality of every stored tensor (values and dtypes) and field."""
+
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            if a is None or b is None:
+                return a is None and b is None
+            return a.dtype == b.dtype and torch.equal(a, b)
+
         return (
             self.bits == other.bits and self.group_size == other.group_size and self.symmetric == other.symmetric
-            and torch.equal(self.q, other.q) and torch.equal(self.zero, other.zero)
-            and self.scale.dtype == other.scale.dtype and torch.equal(self.scale, other.scale) and same_bias
+            and same(self.q, other.q) and same(self.zero, other.zero) and same(self.scale, other.scale)
+            and same(self.bias, other.bias)
         )

@@ -218,3 +218,190 @@ def test_scaled_activation_is_act_over_scales():
     act.scales.data = torch.tensor([1.0, 2.0, 4.0, 0.5])
     x = torch.randn(3, 4)
     assert torch.allclose(act(x), nn.functional.gelu(x) / act.scales)
+
+
+# ---------------------------------------------------------------------------------------------- hand-computed oracles
+def _raises_exactly(exc: type[BaseException], message: str, fn, *args) -> None:
+    with pytest.raises(exc) as info:
+        fn(*args)
+    assert info.value.args == (message,)
+
+
+def test_act_mean_hand_computed_dtype_and_device():
+    """mean |x| over every token: (2 + 3 tokens of 2 channels); float32 whatever the default dtype; input's device."""
+    xs = [torch.tensor([[1.0, -2.0], [3.0, 0.0]], dtype=torch.float64), torch.tensor([[[-5.0, 4.0]], [[0.0, 0.0]],
+                                                                                     [[1.0, 1.0]]])]
+    assert torch.equal(act_mean(xs), torch.tensor([2.0, 1.4]))
+    assert torch.equal(act_mean([torch.tensor([[-3.0, 6.0, 1.0]])]), torch.tensor([3.0, 6.0, 1.0]))  # one token
+    assert torch.equal(act_mean([torch.ones(5, 2)]), torch.ones(2))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert act_mean([torch.ones(3, 2, dtype=torch.float64)]).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+    assert act_mean([torch.ones(3, 4, device="meta")]).device.type == "meta"
+
+
+def test_weight_mean_hand_computed():
+    w = torch.tensor([[1.0, -2.0, 4.0, 0.0], [0.5, 0.5, -1.0, 3.0]])
+    # groups of 2 normalised by their absmax: [0.5, 1 | 1, 0], [1, 1 | 1/3, 1]
+    assert torch.equal(weight_mean([w], 2), torch.tensor([0.75, 1.0, 2 / 3, 0.5]))
+    # one group per row (-1): [0.25, 0.5, 1, 0], [1/6, 1/6, 1/3, 1]
+    assert torch.allclose(weight_mean([w[:1], w[1:]], -1), torch.tensor([5 / 24, 1 / 3, 2 / 3, 0.5]), atol=0, rtol=1e-6)
+    small = torch.tensor([[1e-3, -2e-3]])
+    assert torch.equal(weight_mean([small], 2), torch.tensor([0.5, 1.0]))  # scale free
+    assert torch.equal(weight_mean([torch.zeros(2, 2)], 2), torch.zeros(2))  # an all-zero group stays 0
+    assert weight_mean([w.half()], 2).dtype == torch.float32
+
+
+def test_reduce_to_rows_hand_computed():
+    stat = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    assert reduce_to_rows(stat, None) is stat
+    index = torch.tensor([0, 2, 0, 2])
+    out = reduce_to_rows(stat, index)
+    assert out.dtype == torch.float64 and out.tolist() == [2.5, 0.0, 5.0]  # row 1 feeds no column: 0
+    assert reduce_to_rows(stat, index, n_rows=5).tolist() == [2.5, 0.0, 5.0, 0.0, 0.0]
+    assert reduce_to_rows(stat, torch.tensor([1, 0, 0, 0])).tolist() == [14 / 3, 1.0]  # a single column: itself
+    assert reduce_to_rows(torch.ones(4, device="meta"), index, n_rows=3).device.type == "meta"
+
+
+def test_compute_scales_clamps_and_duo_formula():
+    x_mean = torch.tensor([0.0, 1.0, 4.0, 16.0])
+    s = compute_scales(x_mean, 0.5)  # sqrt: [0 -> 1e-4, 1, 2, 4], over sqrt(4 * 1e-4) = 0.02
+    assert torch.equal(s, torch.tensor([1e-4, 1.0, 2.0, 4.0]).clamp(min=1e-4) / torch.tensor(4 * 1e-4).sqrt())
+    assert torch.allclose(s, torch.tensor([0.005, 50.0, 100.0, 200.0]), rtol=1e-6, atol=0)
+    w_mean = torch.tensor([1.0, 0.25, 0.0, 4.0])
+    for ratio in (0.0, 0.25, 1.0):
+        d = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        assert torch.equal(compute_scales(x_mean, ratio, w_mean), d / (d.max() * d.min()).sqrt()), ratio
+    # ratio 1: w_mean^0 = 1, s = x / (1 + 1e-4), and the normalisation cancels the constant
+    assert torch.allclose(compute_scales(x_mean.clamp(min=1), 1.0, w_mean), torch.tensor([0.25, 0.25, 1.0, 4.0]),
+                          rtol=1e-6, atol=0)
+    s = compute_scales(torch.tensor([1.0, 100.0]), 1.0, torch.tensor([1.0, 1.0]))  # max * min normalised to 1
+    assert torch.allclose(s.max() * s.min(), torch.tensor(1.0)) and torch.allclose(s, torch.tensor([0.1, 10.0]))
+    assert compute_scales(torch.ones(4, device="meta"), 0.5, torch.ones(4, device="meta")).device.type == "meta"
+
+
+def test_scale_quantize_is_q_of_w_times_s_over_s():
+    from nvila_quant.numerics.quantizer import pseudo_quantize
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 32, generator=gen)
+    s = torch.rand(32, generator=gen) * 4 + 0.25
+    q = QuantArgs(4, 16, True)
+    assert torch.equal(scale_quantize(w, s, q), ref_pseudo_quantize(w * s, 4, 16) / s)
+    wb = w.bfloat16()
+    out = scale_quantize(wb, s, QuantArgs(3, -1, False))
+    assert out.dtype == torch.bfloat16
+    sb = s.bfloat16()
+    assert torch.equal(out, pseudo_quantize(wb * sb, 3, -1, False) / sb)
+    assert QuantArgs() == QuantArgs(4, 128, True)
+
+
+def test_search_scales_per_linear_quantizers_index_duo_and_progress():
+    """q as a mapping (None: the linear stays float), a GQA index, duo scaling, the progress callback, ratios."""
+    gen = torch.Generator().manual_seed(6)
+    x_mean, w_mean = torch.rand(4, generator=gen) + 0.5, torch.rand(8, generator=gen) + 0.1
+    index = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    weights = {"a": torch.randn(4, 8, generator=gen), "b": torch.randn(2, 8, generator=gen)}
+    seen, ticks = [], []
+    losses = [3.0, 1.0, 2.0]
+
+    def loss_fn(cands):
+        seen.append(cands)
+        return losses[len(seen) - 1]
+
+    ratios = (0.0, 0.5, 0.9)
+    res = search_scales(loss_fn, weights, x_mean, {"a": QuantArgs(4, 4), "b": None}, ratios, reduce_to_rows(
+        w_mean, index), index, progress=lambda: ticks.append(1))
+    assert len(ticks) == 3 and res.ratios == [0.0, 0.5, 0.9] and res.losses == losses and res.ratio == 0.5
+    s = compute_scales(x_mean, 0.5, reduce_to_rows(w_mean, index))
+    assert torch.equal(res.scales, s) and res.scales.dtype == torch.float32 and res.best_loss == 1.0
+    assert torch.equal(seen[1]["a"], ref_pseudo_quantize(weights["a"] * s[index], 4, 4) / s[index])
+    assert all(c["b"] is weights["b"] for c in seen)  # no quantizer: the float weight itself
+
+
+def test_search_scales_failures_name_the_losses():
+    w = {"fc": torch.randn(2, 4)}
+    losses = iter([float("nan"), float("inf")])
+    _raises_exactly(FloatingPointError, "scale search found no finite loss (losses: [nan, inf])", search_scales,
+                    lambda c: next(losses), w, torch.ones(4), QuantArgs(4, -1), [0.0, 0.5])
+    _raises_exactly(FloatingPointError, "scale search produced NaN scales", search_scales, lambda c: 1.0, w,
+                    torch.tensor([1.0, float("nan"), 2.0, 3.0]), QuantArgs(4, -1), [0.5])
+
+
+def test_clip_weight_hand_computed():
+    w = torch.tensor([[-5.0, -1.0, 2.0, 6.0], [0.5, -0.5, -9.0, 9.0]])
+    mv = torch.tensor([[3.0, 4.0], [1.0, 8.5]])
+    assert torch.equal(clip_weight(w, mv), torch.tensor([[-3.0, -1.0, 2.0, 4.0], [0.5, -0.5, -8.5, 8.5]]))
+    out = clip_weight(w.bfloat16(), mv)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, clip_weight(w, mv).bfloat16())
+    assert torch.equal(clip_weight(w, torch.tensor([[2.0], [1.0]])), torch.tensor([[-2.0, -1.0, 2.0, 2.0],
+                                                                                   [0.5, -0.5, -1.0, 1.0]]))
+
+
+def test_apply_clip_replaces_the_weight():
+    from nvila_quant.quant.awq import apply_clip
+
+    state = {"fc.weight": torch.tensor([[-5.0, 1.0, 2.0, 6.0]]).bfloat16(), "other.weight": torch.ones(1)}
+    apply_clip(state, "fc", torch.tensor([[3.0, 4.0]]))
+    assert state["fc.weight"].dtype == torch.bfloat16
+    assert state["fc.weight"].tolist() == [[-3.0, 1.0, 2.0, 4.0]] and state["other.weight"].tolist() == [1.0]
+
+
+def test_apply_scales_every_prev_kind_hand_computed():
+    from nvila_quant.quant.mappings import ScaleGroup
+
+    s = torch.tensor([2.0, 4.0])
+    state = {"p.norm.weight": torch.tensor([1.0, 8.0]), "p.norm.bias": torch.tensor([2.0, -4.0]),
+             "p.fc.weight": torch.tensor([[1.0, 1.0], [3.0, 5.0]], dtype=torch.bfloat16),
+             "p.up.weight": torch.tensor([[2.0, 4.0], [6.0, 8.0]]), "p.up.bias": torch.tensor([8.0, 8.0]),
+             "p.down.weight": torch.tensor([[1.0, 1.0]]), "p.act.scales": torch.tensor([1.0, 0.5]),
+             "p.out.weight": torch.tensor([[1.0, 2.0]])}
+    apply_scales(state, ScaleGroup("n", "norm", "norm", ("fc",), "fc"), s, prefix="p.")
+    assert state["p.norm.weight"].tolist() == [0.5, 2.0] and state["p.norm.bias"].tolist() == [1.0, -1.0]
+    assert state["p.fc.weight"].dtype == torch.bfloat16 and state["p.fc.weight"].tolist() == [[2.0, 4.0], [6.0, 20.0]]
+    apply_scales(state, ScaleGroup("l", "up", "linear", ("down",), "down"), s, prefix="p.")
+    assert state["p.up.weight"].tolist() == [[1.0, 2.0], [1.5, 2.0]] and state["p.up.bias"].tolist() == [4.0, 2.0]
+    assert state["p.down.weight"].tolist() == [[2.0, 4.0]]
+    apply_scales(state, ScaleGroup("a", "act", "act", ("out",), "out"), s, prefix="p.")
+    assert state["p.act.scales"].tolist() == [2.0, 2.0] and state["p.out.weight"].tolist() == [[2.0, 8.0]]
+    no_bias = {"norm.weight": torch.ones(2), "fc.weight": torch.ones(1, 2), "up.weight": torch.ones(2, 2),
+               "down.weight": torch.ones(1, 2)}
+    apply_scales(no_bias, ScaleGroup("n", "norm", "norm", ("fc",), "fc"), s)
+    apply_scales(no_bias, ScaleGroup("l", "up", "linear", ("down",), "down"), s)
+    assert set(no_bias) == {"norm.weight", "fc.weight", "up.weight", "down.weight"}
+    assert no_bias["norm.weight"].tolist() == [0.5, 0.25]
+    assert no_bias["up.weight"].tolist() == [[0.5, 0.5], [0.25, 0.25]]
+    _raises_exactly(KeyError, "p.act.scales missing: wrap the activation with wrap_scaled_activations first",
+                    apply_scales, {}, ScaleGroup("a", "act", "act", ("out",), "out"), s, "p.")
+    _raises_exactly(ValueError, "unknown prev_kind 'conv'", apply_scales, {"c.weight": torch.ones(2)},
+                    ScaleGroup("c", "c", "conv", ("o",), "o"), s)
+
+
+def test_apply_scales_gqa_columns_follow_the_index():
+    from nvila_quant.quant.mappings import ScaleGroup
+
+    group = ScaleGroup("attn.vo", "v", "linear", ("o",), "o", kv_heads=1, heads=2, head_dim=2)
+    assert group.index().tolist() == [0, 1, 0, 1]
+    state = {"v.weight": torch.ones(2, 3), "v.bias": torch.ones(2), "o.weight": torch.ones(1, 4)}
+    apply_scales(state, group, torch.tensor([2.0, 4.0]))
+    assert state["v.weight"].tolist() == [[0.5] * 3, [0.25] * 3] and state["v.bias"].tolist() == [0.5, 0.25]
+    assert state["o.weight"].tolist() == [[2.0, 4.0, 2.0, 4.0]]
+
+
+@pytest.mark.cuda
+def test_apply_scales_and_clip_keep_each_tensor_on_its_device():
+    """Scales on the GPU, the state on the CPU (the runner's layout): arithmetic where the scales are, results back
+    on each tensor's own device and dtype."""
+    from nvila_quant.quant.awq import apply_clip
+    from nvila_quant.quant.mappings import ScaleGroup
+
+    s = torch.tensor([2.0, 4.0], device="cuda")
+    state = {"n.weight": torch.tensor([1.0, 8.0], dtype=torch.bfloat16), "fc.weight": torch.ones(1, 2)}
+    apply_scales(state, ScaleGroup("n", "n", "norm", ("fc",), "fc"), s)
+    assert all(t.device.type == "cpu" for t in state.values()) and state["n.weight"].dtype == torch.bfloat16
+    assert state["n.weight"].tolist() == [0.5, 2.0] and state["fc.weight"].tolist() == [[2.0, 4.0]]
+    apply_clip(state, "fc", torch.tensor([[3.0]], device="cuda"))
+    assert state["fc.weight"].device.type == "cpu" and state["fc.weight"].tolist() == [[2.0, 3.0]]
