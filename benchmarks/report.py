@@ -307,15 +307,17 @@ def loading_rows(runs: list[dict], cpu: str) -> list[str]:
         res = g[0]["result"]
         linears = span((r["result"]["checkpoints"]["int4"]["int4_linear_MB"] for r in g), _fixed(0))
         mb = _fixed(0)
+
+        def cell(model: str, key: str, digits: Callable[[float], int] = mb, q: list[dict] = q) -> str:
+            return span((b[model][key] for b in q if key in b[model]), digits)
+
         result = (
-            f"peak RSS {span((b['int4']['peak_above_interpreter_mb'] for b in q), mb)} MB above the interpreter's vs "
-            f"{span((b['float']['peak_above_interpreter_mb'] for b in q), mb)} MB for the float model "
-            f"({span(b['int4']['peak_above_interpreter_mb_x_float'] for b in q)}x); after the load "
-            f"{span((b['int4']['after_load_above_interpreter_mb'] for b in q), mb)} vs "
-            f"{span((b['float']['after_load_above_interpreter_mb'] for b in q), mb)} MB; load "
-            f"{span((b['int4']['load_s'] for b in q), _seconds_digits)} vs "
-            f"{span((b['float']['load_s'] for b in q), _seconds_digits)} s "
-            f"({span(b['int4']['load_s_x_float'] for b in q)}x)")
+            f"resident after the load and a first forward {cell('int4', 'after_forward_above_interpreter_mb')} MB "
+            f"above the interpreter's vs {cell('float', 'after_forward_above_interpreter_mb')} MB for the float model "
+            f"({cell('int4', 'after_forward_above_interpreter_mb_x_float', _ratio_digits)}x); peak while loading "
+            f"{cell('int4', 'peak_above_interpreter_mb')} vs {cell('float', 'peak_above_interpreter_mb')} MB (the "
+            f"float weights stay mapped from the file until used); load {cell('int4', 'load_s', _seconds_digits)} vs "
+            f"{cell('float', 'load_s', _seconds_digits)} s")
         fmt = res.get("format")
         rows.append(_row(
             f"loading a quantized model on {cpu}, bf16 (`loading.py`, {res.get('label')}, {linears} MB of int4 "

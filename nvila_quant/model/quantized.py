@@ -13,6 +13,8 @@ quantization of a float folder is the engine's (:func:`nvila_quant.quant.rtn.wri
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -146,6 +148,20 @@ def _reset_non_persistent_buffers(model: nn.Module, device: torch.device) -> Non
         setattr(model.get_submodule(parent) if parent else model, child, fresh.to(device))
 
 
+def release_freed_memory() -> None:
+    """Give the heap memory the loaders' temporaries freed (unpacked codes, repacks) back to the OS.
+
+    glibc keeps freed chunks of its heaps and per-thread arenas for reuse, so without this the resident size after a
+    load varies from run to run by up to the model's size again (benchmarks/loading.py measures it).
+    ``malloc_trim(0)`` returns them; a no-op where glibc is absent."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    with contextlib.suppress(AttributeError):
+        libc.malloc_trim(0)
+
+
 def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> PreTrainedModel:
     """The LLM of a quantized ``llm/`` as a transformers causal LM whose packed linears are QuantLinear."""
     llm_dir, device = Path(llm_dir), torch.device(device)
@@ -183,6 +199,7 @@ def load_quantized_llm(llm_dir: str | os.PathLike, dtype: torch.dtype, device: t
     if (llm_dir / "generation_config.json").is_file():
         llm.generation_config = GenerationConfig.from_pretrained(str(llm_dir))
     llm.nvila_quant_spec = spec
+    release_freed_memory()
     return llm.eval()
 
 
@@ -198,6 +215,7 @@ def load_quantized_projector(
     projector.scale_activations(read_json(mp_dir / "config.json").get("scaled_activations", []))  # AWQ GELU -> Linear
     _load_floats(projector, floats, mp_dir)
     projector.nvila_quant_spec = spec
+    release_freed_memory()
     return projector.eval()
 
 
