@@ -11,7 +11,8 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +24,9 @@ from nvila_quant.errors import CheckpointError, OutputExistsError
 __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
+    "KeyMap",
+    "Part",
+    "as_part",
     "atomic_output_dir",
     "check_output_dir",
     "list_weight_files",
@@ -30,6 +34,7 @@ __all__ = [
     "read_json",
     "read_tensors",
     "safetensors_key_map",
+    "tensor_shapes",
     "save_state_dict",
     "validate_safetensors",
     "write_json",
@@ -135,33 +140,74 @@ def list_weight_files(folder: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"no safetensors weights in {folder} (expected {SINGLE_NAME} or {INDEX_NAME})")
 
 
-def safetensors_key_map(folder: str | os.PathLike, validate: bool = True) -> dict[str, Path]:
-    """Map every tensor name in a folder to the file that holds it (validating each file)."""
-    out: dict[str, Path] = {}
+class KeyMap(dict[str, Path]):
+    """Tensor name -> the shard holding it. Names are the sub-model's own (``model.layers.0...``): in a flat
+    checkpoint the stored names carry ``prefix`` (``llm.model.layers.0...``), which :func:`read_tensors` adds back."""
+
+    def __init__(self, items: Mapping[str, Path] | None = None, prefix: str = "",
+                 stored: Mapping[str, str] | None = None) -> None:
+        super().__init__(items or {})
+        self.prefix = prefix
+        self._stored = dict(stored or {})
+
+    def stored_name(self, key: str) -> str:
+        """The name the file gives tensor ``key``."""
+        return self._stored.get(key) or self.prefix + key
+
+    def renamed(self, rename: Callable[[str], str]) -> KeyMap:
+        """The same tensors under the names ``rename`` gives them (reads still use the stored names)."""
+        return KeyMap({rename(k): f for k, f in self.items()}, self.prefix,
+                      {rename(k): self.stored_name(k) for k in self})
+
+
+def safetensors_key_map(folder: str | os.PathLike | Part, validate: bool = True, prefix: str = "") -> KeyMap:
+    """Map every tensor name in a folder (or a :class:`Part` of one) to the file that holds it, validating each
+    file. With ``prefix`` only names that start with it are kept, without it."""
+    if isinstance(folder, Part):
+        folder, prefix = folder.folder, folder.prefix
+    out = KeyMap(prefix=prefix)
     for f in list_weight_files(folder):
         keys = validate_safetensors(f).keys() if validate else safe_open(str(f), "pt").keys()
         for k in keys:
-            if k in out:
-                raise CheckpointError(f"tensor {k!r} appears in both {out[k].name} and {f.name} in {folder}")
-            out[k] = f
+            if not k.startswith(prefix):
+                continue
+            name = k[len(prefix):]
+            if name in out:
+                raise CheckpointError(f"tensor {k!r} appears in both {out[name].name} and {f.name} in {folder}")
+            out[name] = f
+    return out
+
+
+def tensor_shapes(key_map: KeyMap, keys: Iterable[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """The stored shape of each tensor in ``key_map`` (or of ``keys``): headers only, no tensor data is read."""
+    by_file: dict[Path, list[str]] = {}
+    for k in key_map if keys is None else keys:
+        by_file.setdefault(key_map[k], []).append(k)
+    out: dict[str, tuple[int, ...]] = {}
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            for k in names:
+                out[k] = tuple(h.get_slice(key_map.stored_name(k)).get_shape())
     return out
 
 
 def load_state_dict(
-    folder: str | os.PathLike,
+    folder: str | os.PathLike | Part,
     keys: Iterable[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load tensors from a folder's safetensors files (all, or only ``keys``).
 
-    Floating tensors are cast to ``dtype`` when given; integer tensors keep theirs.
+    Floating tensors are cast to ``dtype`` when given; integer tensors keep theirs. A :class:`Part` reads its
+    sub-model's tensors, named without the part's prefix.
     """
     key_map = safetensors_key_map(folder)
     wanted = list(key_map) if keys is None else list(keys)
     missing = [k for k in wanted if k not in key_map]
     if missing:
-        raise CheckpointError(f"{folder} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        names = [key_map.stored_name(k) for k in missing[:5]]
+        raise CheckpointError(f"{folder} lacks tensors {names}{' ...' if len(missing) > 5 else ''}")
     return read_tensors(key_map, wanted, dtype, device)
 
 
@@ -171,6 +217,7 @@ def read_tensors(
 ) -> dict[str, torch.Tensor]:
     """The tensors ``keys`` from the shards ``key_map`` names (each shard opened once), in the order given;
     floating tensors cast to ``dtype`` when given."""
+    stored = key_map.stored_name if isinstance(key_map, KeyMap) else (lambda k: k)
     keys = list(keys)
     by_file: dict[Path, list[str]] = {}
     for k in keys:
@@ -179,9 +226,57 @@ def read_tensors(
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt", device=str(device)) as h:
             for k in names:
-                t = h.get_tensor(k)
+                t = h.get_tensor(stored(k))
                 loaded[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return {k: loaded[k] for k in keys}
+
+
+@dataclass(frozen=True)
+class Part:
+    """The files of one sub-model (``llm``, ``vision_tower``, ``mm_projector``) of a checkpoint.
+
+    Three-folder layout: a folder of its own (``prefix`` ""), its ``config.json`` and side files (tokenizer,
+    preprocessor) inside. Flat "-hf" layout: the tensors named ``<prefix>...`` in the root's shards, ``config`` the
+    sub-config the root ``config.json`` embeds, side files at the root.
+    """
+
+    folder: Path
+    prefix: str = ""
+    config: dict | None = field(default=None, compare=False)  # None: read folder/config.json
+    name: str = ""
+
+    @property
+    def flat(self) -> bool:
+        return bool(self.prefix)
+
+    def read_config(self) -> dict:
+        return dict(self.config) if self.config is not None else read_json(self.folder / "config.json")
+
+    def key_map(self, validate: bool = True) -> KeyMap:
+        return safetensors_key_map(self, validate=validate)
+
+    def weight_files(self) -> list[Path]:
+        """The shards holding this part's tensors."""
+        return sorted(set(self.key_map(validate=False).values())) if self.prefix else list_weight_files(self.folder)
+
+    def weight_bytes(self) -> int:
+        """Bytes on disk of this part's weights: its files, or (flat) the data of its tensors."""
+        if not self.prefix:
+            return sum(f.stat().st_size for f in list_weight_files(self.folder))
+        total = 0
+        for f in self.weight_files():
+            for k, info in validate_safetensors(f).items():
+                if k.startswith(self.prefix):
+                    total += info["data_offsets"][1] - info["data_offsets"][0]
+        return total
+
+    def __str__(self) -> str:
+        return f"{self.folder} ({self.prefix}*)" if self.prefix else str(self.folder)
+
+
+def as_part(source: str | os.PathLike | Part) -> Part:
+    """A folder path as the :class:`Part` it holds (a Part is returned as is)."""
+    return source if isinstance(source, Part) else Part(Path(source))
 
 
 def save_state_dict(

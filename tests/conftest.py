@@ -60,3 +60,16 @@ def images():
 
     root = builtin_calib_dir()
     return {name: load_image(root / f"{name}.jpg") for name in ("astronaut", "cat", "coffee", "rocket")}
+
+
+@pytest.fixture(scope="session")
+def tiny_nvila_hf(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_nvila``'s weights in the flat -hf layout (made by the factory, as NVIDIA's -hf repositories are)."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "nvila-tiny-hf", TinySpec(variant="nvila", seed=0), layout="hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_nvila_lite_hf(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_nvila_lite``'s weights in the flat -hf layout."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "nvila-lite-tiny-hf", TinySpec(variant="nvila-lite", seed=1),
+                     layout="hf")

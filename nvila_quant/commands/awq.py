@@ -18,8 +18,12 @@ _DEFAULTS = AWQConfig()
 
 def quantizer_flags(p: argparse.ArgumentParser) -> None:
     """The flags ``awq`` and ``rtn`` share: model, output, quantizer, format, device, dtype."""
-    add_model(p, help="float NVILA checkpoint folder (config.json, llm/, vision_tower/, mm_projector/)")
+    add_model(p, help="float NVILA checkpoint folder: three folders (config.json, llm/, vision_tower/, "
+              "mm_projector/) or a flat -hf checkpoint")
     add_output(p, help="quantized NVILA folder to create (written to a temporary folder and renamed when complete)")
+    p.add_argument("--layout", choices=["vila", "hf"], default=None,
+                   help="layout of OUTPUT: vila (three folders; OUTPUT/llm is what vLLM serves) or hf (flat, what "
+                   "SGLang serves with --trust-remote-code; autoawq or compressed-tensors) (default: the input's)")
     p.add_argument("--w-bit", type=int, choices=BITS, default=_DEFAULTS.bits, help="weight bits (default: 4; "
                    "autoawq and tinychat pack 4 only, compressed-tensors 2/3/4/8)")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=_DEFAULTS.group_size,
@@ -105,6 +109,6 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, "awq")
     with logging_redirect_tqdm():
         result = quantize(args.model, config, args.calib, args.output, resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.quiet)
+                          progress=not args.quiet, layout=args.layout)
     report(result)
     return 0

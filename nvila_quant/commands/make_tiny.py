@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "make-tiny",
         help="write a tiny seeded NVILA checkpoint (for tests and the demo)",
-        description="Write a tiny, seeded NVILA checkpoint in NVIDIA's three-folder layout: a locally trained "
+        description="Write a tiny, seeded NVILA checkpoint in one of NVIDIA's layouts: a locally trained "
         "byte-level BPE tokenizer, SigLIP at 448 px / patch 14, a small GQA Qwen2 and the projector.",
     )
     add_output(p, help="folder to create (must not exist unless --overwrite)", positional=True)
@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-heads", type=int, default=TinySpec.llm_heads, help="attention heads")
     p.add_argument("--llm-kv-heads", type=int, default=TinySpec.llm_kv_heads, help="KV heads (GQA)")
     add_dtype(p, "bf16", help="dtype of the stored weights (default: bf16, as NVIDIA ships)")
+    p.add_argument("--layout", choices=["vila", "hf"], default="vila",
+                   help="vila: three folders (llm/, vision_tower/, mm_projector/), as VILA saves them; hf: one flat "
+                   "set of prefixed shards with tokenizer, processor and remote code at the root, as NVIDIA's -hf "
+                   "repositories (default: vila)")
     add_overwrite(p)
     p.set_defaults(func=run)
 
@@ -40,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         llm_intermediate=args.llm_intermediate, llm_layers=args.llm_layers, llm_heads=args.llm_heads,
         llm_kv_heads=args.llm_kv_heads, dtype=args.dtype,
     )
-    out = make_tiny(args.output, spec, overwrite=args.overwrite)
+    out = make_tiny(args.output, spec, overwrite=args.overwrite, layout=args.layout)
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    print(f"wrote {spec.variant} checkpoint to {out} ({', '.join(f'{k}={v}' for k, v in list(fields.items())[:3])})")
+    shown = ", ".join(f"{k}={v}" for k, v in list(fields.items())[:3])
+    print(f"wrote {spec.variant} checkpoint ({args.layout} layout) to {out} ({shown})")
     return 0

@@ -26,6 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     with logging_redirect_tqdm():
         result = quantize(args.model, config_from_args(args, "rtn"), None, args.output, overwrite=args.overwrite,
-                          progress=not args.quiet)
+                          progress=not args.quiet, layout=args.layout)
     report(result)
     return 0

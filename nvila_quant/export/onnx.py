@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -47,7 +48,7 @@ from nvila_quant.export.graphs import (
 from nvila_quant.export.ort_graph import optimize_for_onnxruntime
 from nvila_quant.export.verify import verify_export
 from nvila_quant.formats.onnx_manifest import FORMAT, MANIFEST_NAME, VERSION, describe_graph
-from nvila_quant.io import atomic_output_dir, check_output_dir, list_weight_files, read_json, write_json
+from nvila_quant.io import atomic_output_dir, check_output_dir, write_json
 from nvila_quant.model.config import NVILAConfig, load_config
 from nvila_quant.model.nvila import NVILAQwen2, build_vision_tower
 from nvila_quant.model.vision import VisionTower
@@ -107,13 +108,13 @@ class VisionSource:
 def _llm_hidden_size(config: NVILAConfig) -> int:
     if config.hidden_size:
         return int(config.hidden_size)
-    return int(read_json(config.subfolder("llm") / "config.json")["hidden_size"])
+    return int(config.part("llm").read_config()["hidden_size"])
 
 
 def _build_projector(config: NVILAConfig, mm_hidden: int, hidden: int) -> nn.Module:
     """The projector exactly as the runtime builds it (``NVILAQwen2.build_projector``, which a quantized
     runtime overrides), without loading the LLM."""
-    mp_dir = config.subfolder("mm_projector")
+    mp_dir = config.part("mm_projector")
     stub = SimpleNamespace(config=config)
     try:
         return NVILAQwen2.build_projector(stub, mp_dir, mm_hidden, hidden, torch.float32, torch.device("cpu"))
@@ -129,16 +130,17 @@ def load_vision_source(path: str | os.PathLike, include_projector: bool = False)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
     config = load_config(path)
-    vt_dir = config.subfolder("vision_tower")
+    vt_dir = config.part("vision_tower")
     tower = build_vision_tower(vt_dir, config, torch.float32, torch.device("cpu")).eval()
     projector = None
     if include_projector:
         projector = _build_projector(config, tower.hidden_size, _llm_hidden_size(config)).eval()
-    weights = list_weight_files(vt_dir)
+    weights = vt_dir.weight_files()
     extra = {
         "vision_weight_files": [f.name for f in weights],
-        "vision_weight_bytes": sum(f.stat().st_size for f in weights),
-        "vision_config_sha256": hashlib.sha256((vt_dir / "config.json").read_bytes()).hexdigest(),
+        "vision_weight_bytes": vt_dir.weight_bytes(),
+        "vision_config_sha256": hashlib.sha256(json.dumps(vt_dir.read_config(), sort_keys=True).encode()).hexdigest()
+        if vt_dir.flat else hashlib.sha256((vt_dir.folder / "config.json").read_bytes()).hexdigest(),
     }
     return VisionSource(config, tower, projector, str(path.absolute()), extra)
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from nvila_quant.errors import CheckpointError, ConfigError
 from nvila_quant.formats import autoawq, compressed_tensors, tinychat
-from nvila_quant.io import INDEX_NAME, SINGLE_NAME, read_json, read_tensors, safetensors_key_map, write_json
+from nvila_quant.io import INDEX_NAME, SINGLE_NAME, Part, as_part, read_tensors, write_json
 from nvila_quant.numerics.qtensor import QTensor
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "PackedLinears",
     "QuantSpec",
     "QuantizedCheckpointWriter",
+    "ShardWriter",
     "check_packable",
     "convert_linear",
     "copy_side_files",
@@ -220,34 +221,24 @@ def spec_from_config(config: Mapping) -> QuantSpec:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-class QuantizedCheckpointWriter:
-    """Stream float tensors and packed linears into safetensors shards (memory bounded by one shard).
+class ShardWriter:
+    """Stream tensors into HF-style safetensors shards + index (memory bounded by one shard).
 
-    >>> w = QuantizedCheckpointWriter(out / "llm", "autoawq", bits=4, group_size=128, symmetric=False)
-    >>> w.add_tensor("model.embed_tokens.weight", emb)
-    >>> w.add_linear("model.layers.0.self_attn.q_proj", qt)
-    >>> w.finish(llm_config_dict, modules_to_not_convert=["lm_head"])
+    >>> w = ShardWriter(out)
+    >>> w.add_tensor("vision_tower.vision_model.embeddings.patch_embedding.weight", t)
+    >>> w.finish()  # model.safetensors or model-0000i-of-0000n.safetensors, and model.safetensors.index.json
     """
 
-    def __init__(self, folder: Path, fmt: str, bits: int, group_size: int, symmetric: bool,
-                 max_shard_bytes: int = 2 * 1024**3) -> None:
-        self.module = format_module(fmt)
-        if bits not in self.module.BITS:
-            raise ConfigError(f"{fmt} packs only {list(self.module.BITS)}-bit weights, got bits={bits}")
-        if group_size != -1 and group_size <= 0:
-            raise ConfigError(f"group_size must be -1 (per channel) or positive, got {group_size}")
+    def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.fmt, self.bits, self.group_size, self.symmetric = fmt, bits, group_size, symmetric
         self.max_shard_bytes = max_shard_bytes
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._shards: list[tuple[Path, list[str], int]] = []  # (temporary path, keys, bytes)
         self._keys: set[str] = set()
-        self._modules: list[str] = []
-        self._overrides: dict[str, int] = {}
         self._finished = False
 
     def _put(self, key: str, tensor: torch.Tensor) -> None:
@@ -272,35 +263,11 @@ class QuantizedCheckpointWriter:
         self._buffer, self._buffer_bytes = {}, 0
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """A float tensor under its checkpoint key (e.g. ``model.embed_tokens.weight``)."""
+        """A tensor under its checkpoint key (e.g. ``model.embed_tokens.weight``)."""
         self._put(name, tensor)
 
-    def add_linear(self, name: str, qt: QTensor) -> None:
-        """A quantized Linear under its module name: writes the format's packed tensors (+ bias)."""
-        if qt.bits != self.bits or qt.symmetric != self.symmetric:
-            raise ConfigError(
-                f"{name}: the writer holds bits={self.bits}, symmetric={self.symmetric}, "
-                f"got a QTensor with bits={qt.bits}, symmetric={qt.symmetric}"
-            )
-        try:
-            check_packable(self.fmt, qt.bits, qt.group_size, tuple(qt.q.shape))
-        except ConfigError as e:
-            raise ConfigError(f"{name}: {e}") from e
-        if name in self._modules:
-            raise ValueError(f"linear {name!r} was already written")
-        for suffix, tensor in pack_linear(self.fmt, qt).items():
-            self._put(f"{name}.{suffix}", tensor)
-        self._modules.append(name)
-        if qt.group_size != self.group_size:
-            self._overrides[name] = qt.group_size
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.fmt, self.bits, self.group_size, self.symmetric, dict(self._overrides),
-                         quantized_modules=list(self._modules))
-
-    def finish(self, config: dict, modules_to_not_convert: list[str] | None = None) -> None:
-        """Write the last shard, give shards their final names, the index, and config.json."""
+    def finish_shards(self) -> None:
+        """Write the last shard, give shards their final names, and the index."""
         if self._finished:
             raise RuntimeError("finish() was already called")
         self._flush()
@@ -315,6 +282,61 @@ class QuantizedCheckpointWriter:
             weight_map.update({k: name for k in keys})
             total += nbytes
         write_json(self.folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        self._finished = True
+
+
+class QuantizedCheckpointWriter(ShardWriter):
+    """Stream float tensors and packed linears into safetensors shards (memory bounded by one shard).
+
+    >>> w = QuantizedCheckpointWriter(out / "llm", "autoawq", bits=4, group_size=128, symmetric=False)
+    >>> w.add_tensor("model.embed_tokens.weight", emb)
+    >>> w.add_linear("model.layers.0.self_attn.q_proj", qt)
+    >>> w.finish(llm_config_dict, modules_to_not_convert=["lm_head"])
+
+    ``module_prefix``: the prefix of the quantized sub-model's keys in a flat checkpoint (``"llm."``): the linears are
+    written under their full keys, the metadata names them without it (as the sub-model sees them).
+    """
+
+    def __init__(self, folder: Path, fmt: str, bits: int, group_size: int, symmetric: bool,
+                 max_shard_bytes: int = 2 * 1024**3, module_prefix: str = "") -> None:
+        self.module = format_module(fmt)
+        if bits not in self.module.BITS:
+            raise ConfigError(f"{fmt} packs only {list(self.module.BITS)}-bit weights, got bits={bits}")
+        if group_size != -1 and group_size <= 0:
+            raise ConfigError(f"group_size must be -1 (per channel) or positive, got {group_size}")
+        super().__init__(folder, max_shard_bytes)
+        self.fmt, self.bits, self.group_size, self.symmetric = fmt, bits, group_size, symmetric
+        self.module_prefix = module_prefix
+        self._modules: list[str] = []
+        self._overrides: dict[str, int] = {}
+
+    def add_linear(self, name: str, qt: QTensor) -> None:
+        """A quantized Linear under its module name: writes the format's packed tensors (+ bias)."""
+        if qt.bits != self.bits or qt.symmetric != self.symmetric:
+            raise ConfigError(
+                f"{name}: the writer holds bits={self.bits}, symmetric={self.symmetric}, "
+                f"got a QTensor with bits={qt.bits}, symmetric={qt.symmetric}"
+            )
+        try:
+            check_packable(self.fmt, qt.bits, qt.group_size, tuple(qt.q.shape))
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from e
+        module = name.removeprefix(self.module_prefix)
+        if module in self._modules:
+            raise ValueError(f"linear {name!r} was already written")
+        for suffix, tensor in pack_linear(self.fmt, qt).items():
+            self._put(f"{name}.{suffix}", tensor)
+        self._modules.append(module)
+        if qt.group_size != self.group_size:
+            self._overrides[module] = qt.group_size
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.fmt, self.bits, self.group_size, self.symmetric, dict(self._overrides),
+                         quantized_modules=list(self._modules))
+
+    def quantized_config(self, config: dict, modules_to_not_convert: list[str] | None = None) -> dict:
+        """``config`` with the format's ``quantization_config`` and this package's metadata."""
         not_convert = list(modules_to_not_convert or [])
         if self.fmt == "compressed-tensors":
             qc = compressed_tensors.quantization_config(self.bits, self.group_size, self.symmetric, not_convert,
@@ -326,8 +348,12 @@ class QuantizedCheckpointWriter:
         out = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config", METADATA_KEY)}
         out["quantization_config"] = qc
         out[METADATA_KEY] = spec.metadata()
-        write_json(self.folder / "config.json", out)
-        self._finished = True
+        return out
+
+    def finish(self, config: dict, modules_to_not_convert: list[str] | None = None) -> None:
+        """Write the last shard, give shards their final names, the index, and config.json."""
+        self.finish_shards()
+        write_json(self.folder / "config.json", self.quantized_config(config, modules_to_not_convert))
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -369,25 +395,27 @@ class PackedLinears(Mapping[str, QTensor]):
 
 
 def read_quantized_submodel(
-    folder: str | os.PathLike, names: Iterable[str] | None = None, device: str | torch.device = "cpu",
+    folder: str | os.PathLike | Part, names: Iterable[str] | None = None, device: str | torch.device = "cpu",
     lazy: bool = False,
 ) -> tuple[dict[str, torch.Tensor], Mapping[str, QTensor], QuantSpec]:
     """Read a quantized folder: (float tensors by key, canonical QTensors by module name, QuantSpec).
 
+    ``folder``: a quantized sub-model folder, or a :class:`~nvila_quant.io.Part` (a prefix in a flat checkpoint).
     ``names`` restricts reading to modules, tensor keys or dotted prefixes (``"model.layers.3"``). ``lazy``: the
     QTensors come as :class:`PackedLinears`, each read and unpacked when looked up (loaders that convert one module
     at a time then peak at one module's unpacked form, not the model's); else a dict of all of them.
     Raises CheckpointError when metadata and tensors disagree (missing/extra modules, shapes, dtypes); with ``lazy``,
     a module's shapes and dtypes are checked when it is looked up.
     """
-    folder = Path(folder)
-    config = read_json(folder / "config.json")
+    part = as_part(folder)
+    folder = part  # messages name the folder (and the key prefix of a flat checkpoint)
+    config = part.read_config()
     try:
         spec = spec_from_config(config)
     except ConfigError as e:
-        raise CheckpointError(f"{folder}/config.json: {e}") from e
+        raise CheckpointError(f"{part.folder / 'config.json'}: {e}") from e
     fmt = format_module(spec.format)
-    key_map = safetensors_key_map(folder)
+    key_map = part.key_map()
     marker = "." + fmt.MARKER
     found = sorted(k[: -len(marker)] for k in key_map if k.endswith(marker))
     if spec.quantized_modules is not None:

@@ -62,3 +62,19 @@ def llm_forward(
         **{cache_kwarg(type(llm)): cache},
     )
     return out.logits
+
+
+def mean_row(weight: torch.Tensor, round_to: torch.dtype) -> torch.Tensor:
+    """The mean of an embedding / head matrix's rows (1, H): the value NVILA gives the rows of tokens it adds
+    (media tokens), computed in fp32 and rounded to the checkpoint's dtype ``round_to``, so a model loaded in
+    another dtype and a checkpoint written with the rows already grown hold the same values."""
+    return weight.float().mean(0, keepdim=True).to(round_to).to(weight.dtype)
+
+
+def grow_rows(weight: torch.Tensor, rows: int, round_to: torch.dtype) -> torch.Tensor:
+    """``weight`` grown to ``rows`` rows with :func:`mean_row` (unchanged when it has as many already)."""
+    old = weight.shape[0]
+    if rows <= old:
+        return weight
+    return torch.cat([weight, mean_row(weight, round_to).expand(rows - old, *weight.shape[1:])])
+

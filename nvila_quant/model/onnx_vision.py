@@ -30,7 +30,7 @@ from transformers import SiglipVisionConfig
 
 from nvila_quant.errors import CheckpointError, ConfigError, MediaError
 from nvila_quant.formats.onnx_manifest import read_manifest
-from nvila_quant.io import list_weight_files, read_json
+from nvila_quant.io import Part, as_part
 from nvila_quant.model.vision import TowerGeometry, load_image_processor
 
 __all__ = ["OnnxVisionGraphs", "OnnxVisionTower", "build_onnx_vision_tower", "default_providers"]
@@ -273,7 +273,7 @@ class OnnxVisionTower(TowerGeometry, nn.Module):
                 f"tile_batch={g.tile_batch or g.max_tiles}")
 
 
-def _check_against_checkpoint(manifest: dict, vt_dir: Path, config: Any, vision_cfg: SiglipVisionConfig) -> None:
+def _check_against_checkpoint(manifest: dict, vt: Part, config: Any, vision_cfg: SiglipVisionConfig) -> None:
     """Refuse an export folder made from a different vision tower (architecture, layer, scales, weight files)."""
     vision = manifest["vision"]
     want = {
@@ -291,17 +291,17 @@ def _check_against_checkpoint(manifest: dict, vt_dir: Path, config: Any, vision_
         raise CheckpointError(f"the ONNX export does not match the checkpoint's vision tower ({detail}); re-export it")
     sizes = manifest.get("source", {}).get("vision_weight_bytes")
     if sizes is not None:
-        now = sum(f.stat().st_size for f in list_weight_files(vt_dir))
+        now = vt.weight_bytes()
         if now != sizes:
             raise CheckpointError(
-                f"the ONNX export was made from vision weights of {sizes} bytes but {vt_dir} holds {now}; re-export it"
+                f"the ONNX export was made from vision weights of {sizes} bytes but {vt} holds {now}; re-export it"
             )
 
 
 def build_onnx_vision_tower(
     vision_backend: str,
     onnx_dir: str | os.PathLike | None,
-    vt_dir: Path,
+    vt_dir: Path | Part,
     config: Any,
     dtype: torch.dtype,
     device: torch.device,
@@ -314,11 +314,11 @@ def build_onnx_vision_tower(
     if vision_backend != "onnx" or onnx_dir is None:
         raise ConfigError("onnx_dir= is used with vision_backend='onnx', and vision_backend='onnx' needs onnx_dir=")
     graphs = OnnxVisionGraphs(onnx_dir, providers=providers, allow_spinning=False)
-    cfg = read_json(vt_dir / "config.json")
-    vision_cfg = SiglipVisionConfig(**cfg.get("vision_config", {})) if cfg.get("model_type") == "siglip" else (
-        SiglipVisionConfig.from_pretrained(str(vt_dir))
-    )
-    _check_against_checkpoint(graphs.manifest, vt_dir, config, vision_cfg)
+    vt = as_part(vt_dir)
+    cfg = vt.read_config()
+    cfg = cfg.get("vision_config", {}) if cfg.get("model_type") == "siglip" else cfg
+    vision_cfg = SiglipVisionConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    _check_against_checkpoint(graphs.manifest, vt, config, vision_cfg)
     tower = OnnxVisionTower(
         graphs,
         vision_cfg,
@@ -329,7 +329,7 @@ def build_onnx_vision_tower(
         dtype=dtype,
         device=device,
     )
-    tower.image_processor = load_image_processor(vt_dir, vision_cfg.image_size)
+    tower.image_processor = load_image_processor(vt.folder, vision_cfg.image_size)
     logger.info("vision tower: onnxruntime (%s) from %s", ", ".join(map(str, graphs.providers)),
                 graphs.graph_file("vision_tower"))
     return tower

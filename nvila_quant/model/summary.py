@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nvila_quant.io import list_weight_files, read_json, validate_safetensors
+from nvila_quant.io import Part, validate_safetensors
 from nvila_quant.model.config import SUBMODELS, NVILAConfig
 
 __all__ = ["describe_checkpoint", "format_description"]
@@ -15,25 +15,26 @@ __all__ = ["describe_checkpoint", "format_description"]
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _folder_summary(folder: Path) -> dict[str, Any]:
-    files = list_weight_files(folder)
+def _part_summary(part: Part) -> dict[str, Any]:
+    files = part.weight_files()
     dtypes: Counter[str] = Counter()
-    n_tensors = n_elems = n_bytes = 0
+    n_tensors = n_elems = 0
     for f in files:
         header = validate_safetensors(f)
-        for info in header.values():
+        for name, info in header.items():
+            if not name.startswith(part.prefix):
+                continue
             numel = 1
             for d in info["shape"]:
                 numel *= int(d)
             dtypes[info["dtype"]] += numel
             n_tensors += 1
             n_elems += numel
-        n_bytes += f.stat().st_size
-    cfg = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    cfg = part.read_config() if part.config is not None or (part.folder / "config.json").is_file() else {}
     return {
-        "folder": folder.name,
+        "folder": f"{part.prefix}*" if part.flat else part.folder.name,
         "files": [f.name for f in files],
-        "bytes": n_bytes,
+        "bytes": part.weight_bytes(),
         "tensors": n_tensors,
         "stored_elements": n_elems,
         "dtypes": dict(dtypes),
@@ -47,8 +48,9 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     config = NVILAConfig.from_pretrained(path)
     out: dict[str, Any] = {
         "path": str(Path(path).absolute()),
-        "model_type": config.model_type,
-        "architectures": config.architectures,
+        "layout": config.layout,
+        "model_type": (config.hf_config or {}).get("model_type", config.model_type),
+        "architectures": (config.hf_config or {}).get("architectures", config.architectures),
         "image_aspect_ratio": config.image_aspect_ratio,
         "s2_scales": config.s2_scales if config.is_dynamic_s2 else None,
         "model_dtype": config.model_dtype,
@@ -58,7 +60,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "submodels": {},
     }
     for name in SUBMODELS:
-        out["submodels"][name] = _folder_summary(config.subfolder(name))
+        out["submodels"][name] = _part_summary(config.part(name))
     out["total_bytes"] = sum(s["bytes"] for s in out["submodels"].values())
     q = {k: bool(v["quantization_config"]) for k, v in out["submodels"].items()}
     out["quantized"] = q
@@ -75,7 +77,7 @@ def _human(n: float) -> str:
 
 def format_description(d: dict[str, Any]) -> str:
     lines = [
-        f"NVILA checkpoint {d['path']}",
+        f"NVILA checkpoint {d['path']} ({'flat -hf' if d.get('layout') == 'hf' else 'three-folder'} layout)",
         f"  type {d['model_type']} {d['architectures']}, image_aspect_ratio={d['image_aspect_ratio']}"
         + (f", s2_scales={d['s2_scales']}" if d["s2_scales"] else ""),
         f"  hidden_size={d['hidden_size']} mm_hidden_size={d['mm_hidden_size']} projector={d['projector_type']} "
@@ -92,7 +94,8 @@ def format_description(d: dict[str, Any]) -> str:
             if qc.get("quant_method") != "compressed-tensors" else "compressed-tensors pack-quantized"
         )
         lines.append(
-            f"  {name + '/':<13} {len(s['files']):>5} {s['tensors']:>8} {s['stored_elements']:>14,} "
+            f"  {name + ('' if d.get('layout') == 'hf' else '/'):<13} {len(s['files']):>5} {s['tensors']:>8} "
+            f"{s['stored_elements']:>14,} "
             f"{_human(s['bytes']):>10}  {dt}; {qs}"
         )
     lines.append(f"  {'total':<13} {'':>5} {'':>8} {'':>14} {_human(d['total_bytes']):>10}")

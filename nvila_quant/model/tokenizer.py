@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nvila_quant.errors import CheckpointError, PromptError
+from nvila_quant.model.llm import quiet_transformers
 
 __all__ = [
     "IGNORE_INDEX",
@@ -126,12 +127,14 @@ def setup_tokenizer(
 def load_tokenizer(
     llm_dir: str | os.PathLike, model_max_length: int | None = None, chat_template: str | None = None
 ) -> PreTrainedTokenizerBase:
-    """Load the tokenizer stored in ``llm/`` and set it up for NVILA (padding side from the config)."""
+    """Load the tokenizer in ``llm/`` (or an -hf checkpoint's root) and set it up for NVILA (padding side: config)."""
     llm_dir = Path(llm_dir)
     if not any((llm_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise CheckpointError(f"no tokenizer files in {llm_dir} (expected tokenizer.json or vocab.json + merges.txt)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), padding_side="right", use_fast=True)
+        with quiet_transformers():  # an -hf root's config.json names remote code: the tokenizer never needs it
+            tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), padding_side="right", use_fast=True,
+                                                      trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the tokenizer in {llm_dir}: {e}") from e
     return setup_tokenizer(tokenizer, model_max_length, chat_template)

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from nvila_quant.errors import CheckpointError, ConfigError
-from nvila_quant.io import load_state_dict, read_tensors, safetensors_key_map
+from nvila_quant.io import Part, as_part, load_state_dict, read_tensors
 from nvila_quant.model import NVILAQwen2
+from nvila_quant.model.quantized import llm_config_from_dict
 
 __all__ = ["BlockInputCatcher", "LLMBlocks", "NVILAShell"]
 
@@ -42,20 +43,21 @@ class BlockInputCatcher(nn.Module):
         raise _Caught(hidden_states, {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS})
 
 
-def _llm_config(llm_dir: Path) -> PretrainedConfig:
-    cfg = AutoConfig.from_pretrained(str(llm_dir))
-    if getattr(cfg, "quantization_config", None):
-        raise CheckpointError(f"{llm_dir} is already quantized; quantize the float checkpoint instead")
+def _llm_config(llm: Part) -> PretrainedConfig:
+    data = llm.read_config()
+    if data.get("quantization_config") or data.get("compression_config"):
+        raise CheckpointError(f"{llm} is already quantized; quantize the float checkpoint instead")
+    cfg = llm_config_from_dict(data, llm)
     types = set(getattr(cfg, "layer_types", None) or [])
     if len(types) > 1:
-        raise ConfigError(f"{llm_dir}: mixed attention layer types {sorted(types)} (sliding windows) are not supported")
+        raise ConfigError(f"{llm}: mixed attention layer types {sorted(types)} (sliding windows) are not supported")
     return cfg
 
 
 class NVILAShell(NVILAQwen2):
     """NVILA with an LLM that holds only embeddings, final norm and rotary embeddings (tied head)."""
 
-    def build_llm(self, llm_dir: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    def build_llm(self, llm_dir: Part, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
         cfg = _llm_config(llm_dir)
         shell_cfg = _one_layer(cfg)
         shell_cfg.tie_word_embeddings = True
@@ -91,16 +93,18 @@ class NVILAShell(NVILAQwen2):
 
 
 class LLMBlocks:
-    """Decoder blocks of ``llm/`` built one at a time from the safetensors shards."""
+    """Decoder blocks of ``llm/`` (or the ``llm.`` tensors of a flat checkpoint) built one at a time from the
+    safetensors shards."""
 
-    def __init__(self, llm_dir: Path, block_class: type[nn.Module], block_config: PretrainedConfig) -> None:
-        self.llm_dir = Path(llm_dir)
+    def __init__(self, llm_dir: Path | Part, block_class: type[nn.Module], block_config: PretrainedConfig) -> None:
+        self.llm_dir = as_part(llm_dir)
         self.block_class, self.config = block_class, block_config
-        self.key_map = safetensors_key_map(llm_dir)
+        self.key_map = self.llm_dir.key_map()
         self.num_layers = int(block_config.num_hidden_layers)
 
     @classmethod
-    def from_folder(cls, llm_dir: Path) -> LLMBlocks:
+    def from_folder(cls, llm_dir: Path | Part) -> LLMBlocks:
+        llm_dir = as_part(llm_dir)
         cfg = _llm_config(llm_dir)
         with torch.device("meta"):
             probe = AutoModelForCausalLM.from_config(_one_layer(cfg))

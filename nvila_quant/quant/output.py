@@ -11,15 +11,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from nvila_quant.formats.checkpoint import QuantizedCheckpointWriter, copy_side_files
+from nvila_quant.formats.checkpoint import QuantizedCheckpointWriter
 from nvila_quant.io import read_json, read_tensors
 from nvila_quant.model.config import NVILAConfig
+from nvila_quant.model.layout import materialize_part, write_side_files
 from nvila_quant.quant.config import AWQConfig
 from nvila_quant.quant.lazy import LLMBlocks
 from nvila_quant.quant.plan import LayerPlan
@@ -34,10 +34,11 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
     results = AWQResultsWriter()
     fmt_args = (config.format, config.bits, config.group_size, config.symmetric)
     summary: dict[str, Any] = {}
-    root_cfg = json.loads((root / "config.json").read_text())
+    # the three-folder root config (an -hf source's, rebuilt from its text/vision configs and geometry)
+    root_cfg = json.loads((root / "config.json").read_text()) if nv_config.layout == "vila" else nv_config.to_dict()
 
     # llm/
-    llm_src = nv_config.subfolder("llm")
+    llm_src = nv_config.part("llm")
     if "llm" in config.targets:
         writer = QuantizedCheckpointWriter(tmp / "llm", *fmt_args)
         blocks = LLMBlocks.from_folder(llm_src)
@@ -54,16 +55,16 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
             results.add(f"llm.{prefix}", result)
             block_logs.append(result.log)
         floats = [f"model.layers.{i}.{n}" for i in range(blocks.num_layers) for n, q in plan.llm.items() if q is None]
-        writer.finish(read_json(llm_src / "config.json"), modules_to_not_convert=["lm_head", *floats])
-        copy_side_files(llm_src, tmp / "llm")
+        writer.finish(llm_src.read_config(), modules_to_not_convert=["lm_head", *floats])
+        write_side_files(llm_src, tmp / "llm")
         log["blocks"] = block_logs
         summary.update(_block_summary(block_logs))
         root_cfg["llm_cfg"] = {**read_json(tmp / "llm" / "config.json"), "_name_or_path": "./llm"}
     else:
-        shutil.copytree(llm_src, tmp / "llm")
+        materialize_part(llm_src, tmp / "llm", progress)
 
     # mm_projector/
-    mp_src = nv_config.subfolder("mm_projector")
+    mp_src = nv_config.part("mm_projector")
     if "projector" in config.targets:
         result = load_block_result(work.projector_path)
         writer = QuantizedCheckpointWriter(tmp / "mm_projector", *fmt_args)
@@ -71,22 +72,22 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
             writer.add_linear(name, qt)
         for key, t in result.floats.items():
             writer.add_tensor(key, t)
-        mp_cfg = read_json(mp_src / "config.json")
+        mp_cfg = mp_src.read_config()
         acts = sorted(k.removesuffix(".scales") for k in result.floats if k.endswith(".scales"))
         if acts:
             mp_cfg["scaled_activations"] = acts  # act(x) / <act>.scales (AutoAWQ's ScaledActivation)
         floats = [n for n, q in plan.projector.items() if q is None]
         writer.finish(mp_cfg, modules_to_not_convert=floats)
-        copy_side_files(mp_src, tmp / "mm_projector")
+        write_side_files(mp_src, tmp / "mm_projector")
         results.add("mm_projector.", result)
         summary["projector"] = {k: result.log.get(k) for k in ("mse_rtn", "mse_awq")}
         root_cfg["mm_projector_cfg"] = {**read_json(tmp / "mm_projector" / "config.json"),
                                         "_name_or_path": "./mm_projector"}
     else:
-        shutil.copytree(mp_src, tmp / "mm_projector")
+        materialize_part(mp_src, tmp / "mm_projector", progress)
 
     # vision_tower/ unchanged, root config, AWQ results
-    shutil.copytree(nv_config.subfolder("vision_tower"), tmp / "vision_tower")
+    materialize_part(nv_config.part("vision_tower"), tmp / "vision_tower", progress)
     root_cfg["_name_or_path"] = str(output)
     root_cfg["quantization_config"] = {
         "quant_method": config.method, "format": config.format, "bits": config.bits,

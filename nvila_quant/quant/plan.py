@@ -15,7 +15,6 @@ import torch
 
 from nvila_quant.errors import ConfigError
 from nvila_quant.formats.checkpoint import check_packable, format_module
-from nvila_quant.io import read_json
 from nvila_quant.model.config import NVILAConfig
 from nvila_quant.model.projector import MultimodalProjector
 from nvila_quant.quant.awq import QuantArgs
@@ -74,7 +73,7 @@ def plan_layers(nv_config: NVILAConfig, config: AWQConfig) -> LayerPlan:
     plan = LayerPlan()
     shapes: dict[str, tuple[int, int]] = {}
     if "llm" in config.targets:
-        block = LLMBlocks.from_folder(nv_config.subfolder("llm")).meta_block(0)
+        block = LLMBlocks.from_folder(nv_config.part("llm")).meta_block(0)
         for name in block_linears(block):
             shapes[f"llm:{name}"] = tuple(block.get_submodule(name).weight.shape)
     if "projector" in config.targets:
@@ -98,9 +97,9 @@ def plan_layers(nv_config: NVILAConfig, config: AWQConfig) -> LayerPlan:
 
 
 def meta_projector(nv_config: NVILAConfig) -> MultimodalProjector:
-    mp_cfg = read_json(nv_config.subfolder("mm_projector") / "config.json")
+    mp_cfg = nv_config.part("mm_projector").read_config()
     ptype = mp_cfg.get("mm_projector_type") or (nv_config.mm_projector_cfg or {}).get("mm_projector_type")
-    vt_cfg = read_json(nv_config.subfolder("vision_tower") / "config.json")
+    vt_cfg = nv_config.part("vision_tower").read_config()
     vt_hidden = vt_cfg.get("hidden_size") or vt_cfg.get("vision_config", {}).get("hidden_size")
     mm_hidden = nv_config.mm_hidden_size or vt_hidden * (len(nv_config.s2_scales) if nv_config.is_dynamic_s2 else 1)
     return MultimodalProjector(ptype, mm_hidden, nv_config.hidden_size or nv_config.llm_cfg["hidden_size"])

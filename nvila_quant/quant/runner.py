@@ -41,9 +41,11 @@ from nvila_quant.calibration import (
     replay,
 )
 from nvila_quant.errors import ConfigError
+from nvila_quant.formats.checkpoint import QuantSpec
 from nvila_quant.io import atomic_output_dir, check_output_dir, write_json
 from nvila_quant.model import NVILAQwen2
-from nvila_quant.model.config import NVILAConfig, load_config
+from nvila_quant.model.config import LAYOUTS, NVILAConfig, load_config
+from nvila_quant.model.layout import check_flat_quantization, write_hf
 from nvila_quant.model.nvila import build_mm_projector
 from nvila_quant.quant.awq import wrap_scaled_activations
 from nvila_quant.quant.block import BlockInputs, BlockResult, effective_state, quantize_block
@@ -74,10 +76,11 @@ def _model_root(model: str | os.PathLike | NVILAQwen2) -> Path:
     return Path(model)
 
 
-def _weights_fingerprint(root: Path) -> str:
+def _weights_fingerprint(nv_config: NVILAConfig) -> str:
     h = hashlib.sha256()
     for sub in ("llm", "mm_projector", "vision_tower"):
-        for f in sorted((root / sub).glob("*.safetensors")):
+        part = nv_config.part(sub)
+        for f in part.weight_files():
             st = f.stat()
             h.update(f"{sub}/{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
@@ -112,12 +115,14 @@ def quantize(
     overwrite: bool = False,
     progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
+    layout: str | None = None,
 ) -> QuantizeResult:
     """Quantize an NVILA checkpoint folder (AWQ or RTN) and write the quantized NVILA folder ``output``.
 
     ``calib``: "builtin", "coco", a folder / ``.jsonl`` path, or records / samples (ignored by RTN when None).
     ``on_block_done(i)`` is called after LLM block i is saved to the work folder (progress reporting; an exception
     it raises stops the run there, as a crash would, and ``resume=True`` continues after block i).
+    ``layout``: "vila" (three folders) or "hf" (flat, what SGLang serves); default: the input's.
     """
     t_start = time.perf_counter()
     config = config or AWQConfig()
@@ -126,6 +131,9 @@ def quantize(
     output = check_output_dir(output, overwrite)
     root = _model_root(model)
     nv_config = load_config(root)
+    layout = layout or nv_config.layout
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     device = resolve_device(config.device)
     run = _Run(root, nv_config, config, device, resolve_dtype(config.dtype, device), nv_config.dtype,
                plan_layers(nv_config, config), WorkDir(work_dir_for(output)), progress)
@@ -135,7 +143,8 @@ def quantize(
     if config.method == "awq" or calib is not None:
         samples, calib_info = _calibration(calib if calib is not None else "builtin", config)
     fingerprint = {
-        "config": config.search_fingerprint(), "model": str(root.absolute()), "weights": _weights_fingerprint(root),
+        "config": config.search_fingerprint(), "model": str(root.absolute()),
+        "weights": _weights_fingerprint(nv_config),
         "calibration": calib_info, "compute_dtype": str(run.dtype), "save_dtype": str(run.save_dtype),
     }
     next_block = run.work.start(fingerprint, resume, overwrite)
@@ -155,14 +164,36 @@ def quantize(
         run.llm(next_block, on_block_done)
     run.shell = run.calib = None  # free memory before writing
     t0 = time.perf_counter()
+    if layout == "hf" and "llm" in config.targets:  # refuse what the flat layout cannot state, before long work
+        quantized, overrides = _llm_modules(run.plan, nv_config, config.group_size)
+        check_flat_quantization(QuantSpec(config.format, config.bits, config.group_size, not config.zero_point,
+                                          overrides), quantized, config.format)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
-        summary = write_output(tmp, Path(output).absolute(), root, nv_config, config, run.plan, run.work, run.log,
-                                progress)
+        staged = tmp / ".three-folders" if layout == "hf" else tmp
+        summary = write_output(staged, Path(output).absolute(), root, nv_config, config, run.plan, run.work,
+                               run.log, progress)
+        if layout == "hf":
+            write_hf(load_config(staged), tmp, progress=progress)
+            os.replace(staged / "awq_results.safetensors", tmp / "awq_results.safetensors")
+            shutil.rmtree(staged)
         run.timings.update(write_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_start)
         run.log.update(timings=run.timings, summary=summary)
         write_json(tmp / "quant_log.json", run.log)
     shutil.rmtree(run.work.path, ignore_errors=True)
     return QuantizeResult(Path(output), run.log)
+
+
+def _llm_modules(plan: LayerPlan, nv_config: NVILAConfig, group_size: int) -> tuple[list[str], dict[str, int]]:
+    """The LLM modules the plan quantizes, and those with another group size than ``group_size``."""
+    layers = int(nv_config.part("llm").read_config()["num_hidden_layers"])
+    quantized, overrides = [], {}
+    for i in range(layers):
+        for name, q in plan.llm.items():
+            if q is not None:
+                quantized.append(f"model.layers.{i}.{name}")
+                if q.group_size != group_size:
+                    overrides[f"model.layers.{i}.{name}"] = q.group_size
+    return quantized, overrides
 
 
 @dataclass
@@ -217,7 +248,7 @@ class _Run:
     def llm(self, next_block: int | None, on_block_done: Callable[[int], None] | None) -> None:
         """Every decoder block in turn: load from the shards, quantize, save result and next inputs."""
         t0 = time.perf_counter()
-        blocks = LLMBlocks(self.nv_config.subfolder("llm"), *_block_spec(self.shell, self.nv_config))
+        blocks = LLMBlocks(self.nv_config.part("llm"), *_block_spec(self.shell, self.nv_config))
         groups = qwen2_block_groups(blocks.config, self.config.gqa_vo)
         hidden, block_kwargs = None, None
         if self.calib is not None:
@@ -261,13 +292,13 @@ def _log_block(name: str, log: dict) -> None:
 def _block_spec(shell: NVILAShell | None, nv_config: NVILAConfig):
     if shell is not None:
         return shell.block_class, shell.block_config
-    probe = LLMBlocks.from_folder(nv_config.subfolder("llm"))
+    probe = LLMBlocks.from_folder(nv_config.part("llm"))
     return probe.block_class, probe.config
 
 
 def _load_projector(root: Path, nv_config: NVILAConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     meta = meta_projector(nv_config)
-    return build_mm_projector(nv_config.subfolder("mm_projector", root), nv_config, meta.mm_hidden_size,
+    return build_mm_projector(nv_config.part("mm_projector"), nv_config, meta.mm_hidden_size,
                               meta.hidden_size, dtype, device)
 
 

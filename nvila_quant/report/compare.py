@@ -83,9 +83,9 @@ def _llm_geometry(path: Path) -> dict:
     """Sizes that must agree between reference and candidate. The vocabulary is the runtime's: the
     stored embedding rows, grown to the tokenizer once the media tokens are added."""
     config = NVILAConfig.from_pretrained(path)
-    llm_dir = config.subfolder("llm")
-    llm = read_json(llm_dir / "config.json")
-    vocab = max(int(llm.get("vocab_size") or 0), len(load_tokenizer(llm_dir)))
+    part = config.part("llm")
+    llm = part.read_config()
+    vocab = max(int(llm.get("vocab_size") or 0), len(load_tokenizer(part.folder)))
     return {"vocab_size": vocab, "hidden_size": llm.get("hidden_size"),
             "mm_hidden_size": config.mm_hidden_size, "num_hidden_layers": llm.get("num_hidden_layers")}
 
@@ -104,7 +104,7 @@ def check_compatible(reference: Path, candidate: Path) -> None:
 def _quantization(path: Path) -> dict:
     """Method and settings of a candidate, from its quant_log.json and quantization_config."""
     info: dict[str, Any] = {"method": "float"}
-    qc = read_json(path / "llm" / "config.json").get("quantization_config")
+    qc = NVILAConfig.from_pretrained(path).part("llm").read_config().get("quantization_config")
     if qc:
         info.update({"method": qc.get("quant_method"), "bits": qc.get("bits", qc.get("w_bit")),
                      "group_size": qc.get("group_size", qc.get("q_group_size"))})

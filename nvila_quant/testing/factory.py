@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from transformers import logging as hf_logging
 
 from nvila_quant.errors import ConfigError
 from nvila_quant.io import atomic_output_dir, save_state_dict, write_json
-from nvila_quant.model.config import dtype_from_str
+from nvila_quant.model.config import LAYOUTS, dtype_from_str, load_config
+from nvila_quant.model.layout import write_hf
 from nvila_quant.model.projector import MultimodalProjector
 from nvila_quant.model.tokenizer import QWEN2_CHAT_TEMPLATE
 
@@ -273,8 +275,20 @@ def _dtype(spec: TinySpec) -> torch.dtype:
     return dtype_from_str(spec.dtype)
 
 
-def make_tiny(output: str | os.PathLike, spec: TinySpec | None = None, overwrite: bool = False) -> Path:
-    """Write a seeded synthetic NVILA (or NVILA-Lite) checkpoint to ``output`` in the published layout."""
+def make_tiny(output: str | os.PathLike, spec: TinySpec | None = None, overwrite: bool = False,
+              layout: str = "vila") -> Path:
+    """Write a seeded synthetic NVILA (or NVILA-Lite) checkpoint to ``output`` in a published layout: ``"vila"``
+    (three folders, as VILA's ``save_pretrained``) or ``"hf"`` (flat, as NVIDIA's "-hf" repositories)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "hf":
+        with atomic_output_dir(output, overwrite=overwrite) as tmp:
+            stage = make_tiny(tmp / ".vila", spec)
+            write_hf(load_config(stage), tmp, progress=False)
+            shutil.copy2(stage / "make_tiny.json", tmp / "make_tiny.json")
+            shutil.rmtree(stage)
+            (tmp / "nvila_quant_export.json").unlink()
+        return Path(output)
     spec = spec or TinySpec()
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
