@@ -260,9 +260,7 @@ class Part:
         return sorted(set(self.key_map(validate=False).values())) if self.prefix else list_weight_files(self.folder)
 
     def weight_bytes(self) -> int:
-        """Bytes on disk of this part's weights: its files, or (flat) the data of its tensors."""
-        if not self.prefix:
-            return sum(f.stat().st_size for f in list_weight_files(self.folder))
+        """Bytes of this part's tensor data (headers excluded: the same in either layout)."""
         total = 0
         for f in self.weight_files():
             for k, info in validate_safetensors(f).items():
