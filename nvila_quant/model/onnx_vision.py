@@ -292,7 +292,8 @@ def _check_against_checkpoint(manifest: dict, vt: Part, config: Any, vision_cfg:
     sizes = manifest.get("source", {}).get("vision_weight_bytes")
     if sizes is not None:
         now = vt.weight_bytes()
-        legacy = None if vt.flat else sum(f.stat().st_size for f in vt.weight_files())  # older exports recorded file sizes
+        # older exports recorded the file sizes
+        legacy = None if vt.flat else sum(f.stat().st_size for f in vt.weight_files())
         if sizes not in (now, legacy):
             raise CheckpointError(
                 f"the ONNX export was made from vision weights of {sizes} bytes but {vt} holds {now}; re-export it"
