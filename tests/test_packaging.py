@@ -35,7 +35,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for shipped in ("nvila_quant/data/builtin/metadata.jsonl", "nvila_quant/data/builtin/cat.jpg",
                     "nvila_quant/data/eval/text.jsonl", "nvila_quant/data/DATACARD.md",
                     "nvila_quant/testing/corpus.json", "nvila_quant/kernels/cpu/csrc/nq_shared.h",
-                    "nvila_quant/kernels/cuda/csrc/w4a16_mma.cu"):
+                    "nvila_quant/kernels/cuda/csrc/w4a16_mma.cu", "nvila_quant/data/remote_code/processing_nvila.py",
+                    "nvila_quant/data/remote_code/configuration_nvila.py"):
         assert shipped in names, shipped
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=root)
@@ -84,6 +85,10 @@ def test_wheel_runs_awq_compare_and_demo_outside_the_repository(installed: Path,
     _run([str(installed / "nvila-quant"), "compare", "--reference", str(tiny_nvila), "--candidate", str(out),
           "--output", str(report), "--no-speed", "--generations", "1", "--max-new-tokens", "4"], cwd=tmp_path)
     assert json.loads((report / "report.json").read_text())["candidates"][0]["accuracy"]["kl_mean"] >= 0
+    flat = tmp_path / "awq-hf"  # the -hf export ships the remote code from the wheel's package data
+    _run([str(installed / "nvila-quant"), "convert", "--model", str(out), "--to", "hf", "--output", str(flat),
+          "--quiet"], cwd=tmp_path)
+    assert (flat / "processing_nvila.py").is_file() and (flat / "configuration_nvila.py").is_file()
     demo = _run([str(installed / "nvila-quant"), "demo", "--workdir", str(tmp_path / "demo"), "--n-samples", "2",
                  "--no-speed"], cwd=tmp_path)
     assert "report" in demo.stdout.lower()

@@ -180,10 +180,11 @@ def write_hf(config: NVILAConfig, out: Path, *, fmt: str | None = None, progress
     for name in tqdm(list(qlinears), desc="llm (int4)", leave=False, disable=not progress):
         writer.add_linear(HF_PREFIXES["llm"] + name, qlinears[name])
     _stream(vt, writer, HF_PREFIXES["vision_tower"], rename=_vision_key, desc="vision tower", progress=progress)
-    projector, _ = float_projector_state(mp, config.dtype)
+    # a quantized projector in fp32: the int4 x scale products exactly (the engines cast to their dtype on load)
+    projector, _ = float_projector_state(mp, torch.float32 if is_quantized(mp) else config.dtype)
     if is_quantized(mp):
-        manifest["notes"].append("mm_projector: int4 linears written dequantized (the engines run it in float), "
-                                 "AWQ activation scales folded into the next Linear")
+        manifest["notes"].append("mm_projector: int4 linears written dequantized in fp32 (the engines run the "
+                                 "projector in float), AWQ activation scales folded into the next Linear")
     for key, t in projector.items():
         writer.add_tensor(HF_PREFIXES["mm_projector"] + key, t)
 

@@ -5,7 +5,8 @@
                                 the format's quantization_config (a standard AWQ / compressed-tensors checkpoint)
     mm_projector/               packed linears + LayerNorms + activation scales (``scaled_activations``)
     vision_tower/               copied unchanged
-    awq_results.safetensors     searched scales and clips (see :mod:`nvila_quant.quant.results`)
+    awq_results.safetensors     searched scales and clips (see :mod:`nvila_quant.quant.results`); in the flat -hf
+                                layout ``quantization/awq_results.safetensors``
 """
 
 from __future__ import annotations

@@ -174,7 +174,9 @@ def quantize(
                                run.log, progress)
         if layout == "hf":
             write_hf(load_config(staged), tmp, progress=progress)
-            os.replace(staged / "awq_results.safetensors", tmp / "awq_results.safetensors")
+            # not beside the weights: an engine without the shard index would take it for a weight file
+            (tmp / "quantization").mkdir()
+            os.replace(staged / "awq_results.safetensors", tmp / "quantization" / "awq_results.safetensors")
             shutil.rmtree(staged)
         run.timings.update(write_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_start)
         run.log.update(timings=run.timings, summary=summary)

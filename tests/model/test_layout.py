@@ -173,7 +173,7 @@ def test_quantize_to_and_from_the_flat_layout(tiny_nvila, tiny_nvila_hf, tmp_pat
     from_hf = quantize(tiny_nvila_hf, config, None, tmp_path / "from-hf", progress=False).output
     to_hf = quantize(tiny_nvila, config, None, tmp_path / "to-hf", progress=False, layout="hf").output
     assert load_config(from_hf).layout == "hf" and load_config(to_hf).layout == "hf"
-    assert (from_hf / "quant_log.json").is_file() and (from_hf / "awq_results.safetensors").is_file()
+    assert (from_hf / "quant_log.json").is_file() and (from_hf / "quantization" / "awq_results.safetensors").is_file()
     _, q_ref, _ = read_quantized_submodel(ref / "llm")
     for out in (from_hf, to_hf):
         _, q, _ = read_quantized_submodel(load_config(out).part("llm"))
