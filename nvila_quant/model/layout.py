@@ -59,6 +59,7 @@ _QUANT_KEYS = ("quantization_config", "compression_config", METADATA_KEY)
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # stacked into one layer by SGLang / vLLM
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
+_REMOTE_SIDE_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 _SIGLIP_DEFAULT_PROCESSOR = {
     "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5], "image_processor_type": "SiglipImageProcessor", "resample": 3,
@@ -140,10 +141,14 @@ def _stream(part: Part, writer: ShardWriter, prefix: str, rename=None, transform
                 bar.update()
 
 
-def write_hf(config: NVILAConfig, out: Path, *, fmt: str | None = None, progress: bool = True) -> dict:
+def write_hf(config: NVILAConfig, out: Path, *, fmt: str | None = None, progress: bool = True,
+             carry_from: NVILAConfig | None = None) -> dict:
     """Write ``config``'s checkpoint (either layout, float or quantized) as a flat -hf checkpoint into the empty
     folder ``out`` (the caller makes it atomic). ``fmt``: the LLM's int4 format (default: the source's, tinychat
-    -> autoawq). Returns the manifest (also written as ``nvila_quant_export.json``)."""
+    -> autoawq). ``carry_from``: the -hf checkpoint whose identity (architectures, model_type, auto_map) and
+    remote code the output keeps (default: ``config`` itself when it is -hf; else this package's remote code).
+    Returns the manifest (also written as ``nvila_quant_export.json``)."""
+    carry = carry_from if carry_from is not None else (config if config.layout == "hf" else None)
     out = Path(out)
     variant = config.variant
     manifest: dict[str, Any] = {"layout": "hf", "variant": variant, "source": str(config.root),
@@ -216,6 +221,11 @@ def write_hf(config: NVILAConfig, out: Path, *, fmt: str | None = None, progress
         "video_encoder": copy.deepcopy(config.video_encoder),
         "chat_template": None,
     }
+    source = carry.hf_config if carry is not None else None
+    if source:  # an -hf input keeps its identity and its remote code's entry points unchanged
+        for key in ("architectures", "model_type", "auto_map"):
+            if key in source:
+                root[key] = copy.deepcopy(source[key])
     if spec is not None:
         assert isinstance(writer, QuantizedCheckpointWriter)
         llm_linears = [n for n in _llm_linear_names(llm) if n not in qlinears]
@@ -231,7 +241,13 @@ def write_hf(config: NVILAConfig, out: Path, *, fmt: str | None = None, progress
     save_tokenizer(tokenizer, out)
     if (llm.folder / "generation_config.json").is_file():
         shutil.copy2(llm.folder / "generation_config.json", out / "generation_config.json")
-    write_remote_code(out, variant, _image_processor_config(config), geometry)
+    if carry is not None:  # carried over unchanged: the checkpoint's own remote code and processor files
+        for f in sorted(carry.root.iterdir()):
+            if f.is_file() and (f.suffix == ".py" or f.name in _REMOTE_SIDE_FILES):
+                shutil.copy2(f, out / f.name)
+        manifest["notes"].append("remote code and processor files carried over from the -hf input")
+    else:
+        write_remote_code(out, variant, _image_processor_config(config), geometry)
     manifest["files"] = sorted(p.name for p in out.iterdir())
     write_json(out / "nvila_quant_export.json", manifest)
     return manifest

@@ -173,7 +173,8 @@ def quantize(
         summary = write_output(staged, Path(output).absolute(), root, nv_config, config, run.plan, run.work,
                                run.log, progress)
         if layout == "hf":
-            write_hf(load_config(staged), tmp, progress=progress)
+            write_hf(load_config(staged), tmp, progress=progress,
+                     carry_from=nv_config if nv_config.layout == "hf" else None)
             # not beside the weights: an engine without the shard index would take it for a weight file
             (tmp / "quantization").mkdir()
             os.replace(staged / "awq_results.safetensors", tmp / "quantization" / "awq_results.safetensors")

@@ -231,3 +231,21 @@ def test_convert_refusals_write_nothing(tiny_nvila, rtn_symmetric, tmp_path, cap
         convert(tiny_nvila, tmp_path / "warned", "hf", progress=False)
     assert any("SGLang would mis-serve" in r.getMessage() and "mm_hidden_size" in r.getMessage()
                for r in caplog.records)
+
+
+def test_hf_input_keeps_its_remote_code(tiny_nvila_hf, tmp_path):
+    """From an -hf input, its own remote code, processor files, model_type and auto_map are carried over unchanged."""
+    src = tmp_path / "nvidia-like"
+    shutil.copytree(tiny_nvila_hf, src)
+    (src / "modeling_nvila.py").write_text("# the checkpoint's own modeling code\n")
+    with open(src / "processing_nvila.py", "a") as f:
+        f.write("# patched by the checkpoint's authors\n")
+    cfg = read_json(src / "config.json")
+    cfg["auto_map"]["AutoModel"] = "modeling_nvila.NVILAForConditionalGeneration"
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = quantize(src, AWQConfig(method="rtn", targets="llm"), None, tmp_path / "q", progress=False).output
+    for name in ("modeling_nvila.py", "processing_nvila.py", "configuration_nvila.py", "processor_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    got = read_json(out / "config.json")
+    assert got["auto_map"] == cfg["auto_map"] and got["model_type"] == cfg["model_type"]
+    assert got["quantization_config"]["quant_method"] == "awq"
