@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 COMPAT_SPEC ?= transformers==5.17.0
 
-.PHONY: setup demo test test-fast compat lint bench clean
+.PHONY: setup demo test test-fast test-serving compat lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test: setup
 # The inner loop: everything but the tests marked slow (the longest end-to-end runs).
 test-fast: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"
+
+# The engines' loader rules and the real CPU client of our int4 LLM (transformers + gptqmodel, the `serving` extra:
+# installed here on first use with the pinned torch held in place; its numpy==2.2.6 pin moves numpy down).
+test-serving: setup
+	$(BIN)/python -c "import gptqmodel" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[dev,serving]" "$(TORCH_SPEC)"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests/serving
 
 # The suite against the oldest transformers pyproject.toml accepts, in its own venv (.venv-compat).
 compat:
