@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 COMPAT_SPEC ?= transformers==5.17.0
 
-.PHONY: setup demo test test-fast test-serving compat lint bench clean
+.PHONY: setup demo test test-fast test-serving test-eval compat lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,22 @@ test-fast: setup
 test-serving: setup
 	$(BIN)/python -c "import gptqmodel" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[dev,serving]" "$(TORCH_SPEC)"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests/serving
+
+# Benchmark accuracy through lmms-eval (nvila-quant eval, compare --tasks): the `eval` extra is installed into the venv
+# on first use, then the tests that need it run (`make test` skips them, with the reason, until it is installed). Not in
+# `dev`: lmms-eval moves av, protobuf and filelock down and pulls a torchvision, and PyPI's torchvision for Linux is
+# built for the CUDA torch: next to a CPU torch it cannot be imported, and transformers imports it when present (image
+# processors fail), so such a torchvision is removed again (lmms-eval's own code does not need it).
+EVAL_TESTS ?= tests/eval tests/report/test_benchmark.py
+test-eval: $(VENV)/.installed-eval
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(EVAL_TESTS)
+
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[dev,eval]" "$(TORCH_SPEC)"
+	@$(BIN)/python -c "import torchvision" 2>/dev/null || { echo "torchvision does not match $(TORCH_SPEC) (a build for \
+	another torch): uninstalling it"; $(BIN)/python -m pip uninstall -q -y torchvision; }
+	$(BIN)/python -c "import lmms_eval.evaluator"
+	touch $@
 
 # The suite against the oldest transformers pyproject.toml accepts, in its own venv (.venv-compat).
 compat:

@@ -220,6 +220,34 @@ def decode_rows(runs: list[dict], machine: str, cuda: bool) -> list[str]:
     return rows
 
 
+def lm_head_rows(runs: list[dict], machine: str, cuda: bool) -> list[str]:
+    """lm_head.py: llm/ bytes on disk and decode speed of the int4 head against the int4 model with a float head."""
+    mine = [r for r in runs if (r["result"].get("device") == "cuda") == cuda
+            and (_gpu(r) if cuda else _cpu(r)) == machine and r["result"].get("rows")]
+    rows = []
+    for g in groups(mine, lambda r: (_decode_label(r["result"]), r["result"].get("vocab"), r["result"].get("format"),
+                                     r.get("variant"))):
+        res = g[0]["result"]
+        by = [{x["model"]: x for x in r["result"]["rows"]} for r in g]
+
+        def pair(key: str, a: str, b: str, digits: Callable[[float], int], by: list[dict] = by) -> str:
+            return f"{span((x[a][key] for x in by), digits)} vs {span((x[b][key] for x in by), digits)}"
+
+        cells = [f"llm/ on disk {pair('llm_disk_MB', 'int4+head', 'int4', _fixed(0))} MB "
+                 f"({span(r['result']['disk_int4_head_vs_int4'] for r in g)}x)"]
+        for head, base, label in (("int4+head", "int4", "fp16" if cuda else "bf16"),
+                                  ("int4+head fp32-act", "int4 fp32-act", "fp32")):
+            if all(head in b and base in b for b in by):
+                cells.append(f"decode {pair('decode_tokens_per_s', head, base, _rate_digits)} tokens/s with {label} "
+                             f"activations ({span(b[head]['x_vs_int4'] for b in by)}x)")
+        fmt = res.get("format")
+        what = (f"int4 lm_head vs the same int4 model with a float head on {machine} (`lm_head.py`, "
+                f"{_decode_label(res)}, vocabulary {res.get('vocab')}"
+                + ("" if fmt in (None, "autoawq") else f", {fmt}") + f"{_variant(g[0])}; {_runs(len(g))})")
+        rows.append(_row(what, "; ".join(cells), "lm_head"))
+    return rows
+
+
 def vision_rows(runs: list[dict], cpu: str) -> list[str]:
     mine = [r for r in runs if _cpu(r) == cpu and r["result"].get("speedup_vs_torch")]
 
@@ -357,9 +385,11 @@ def render(root: str | os.PathLike = RESULTS) -> str:
     for cpu in cpus:
         rows += kernels_cpu_rows(runs.get("kernels", []), cpu)
         rows += decode_rows(runs.get("decode", []), cpu, cuda=False)
+        rows += lm_head_rows(runs.get("lm_head", []), cpu, cuda=False)
     for gpu in gpus:
         rows += kernels_gpu_rows(runs.get("kernels", []), gpu)
         rows += decode_rows(runs.get("decode", []), gpu, cuda=True)
+        rows += lm_head_rows(runs.get("lm_head", []), gpu, cuda=True)
     for name, make in (("vision", vision_rows), ("awq", awq_accuracy_rows), ("awq", awq_memory_rows),
                        ("loading", loading_rows), ("suite", suite_rows)):
         for cpu in cpus:

@@ -22,7 +22,7 @@ __all__ = ["PROGRAMS", "build_parser", "export_main", "main", "run"]
 PROGRAMS: dict[str, tuple[str, list[str]]] = {
     "nvila-quant": (
         "Quantize, run and report on NVIDIA NVILA vision-language models.",
-        ["make_tiny", "info", "generate", "compare", "awq", "rtn", "convert", "demo"],
+        ["make_tiny", "info", "generate", "compare", "eval", "awq", "rtn", "convert", "demo"],
     ),
     "nvila-export": (
         "Export NVILA's vision side (SigLIP tower, dynamic-S2 stage, projector) for deployment.",

@@ -36,7 +36,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "nvila_quant/data/eval/text.jsonl", "nvila_quant/data/DATACARD.md",
                     "nvila_quant/testing/corpus.json", "nvila_quant/kernels/cpu/csrc/nq_shared.h",
                     "nvila_quant/kernels/cuda/csrc/w4a16_mma.cu", "nvila_quant/data/remote_code/processing_nvila.py",
-                    "nvila_quant/data/remote_code/configuration_nvila.py"):
+                    "nvila_quant/data/remote_code/configuration_nvila.py",
+                    "nvila_quant/data/eval_tasks/nvq_mc.yaml"):
         assert shipped in names, shipped
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=root)

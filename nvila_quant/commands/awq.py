@@ -34,6 +34,15 @@ def quantizer_flags(p: argparse.ArgumentParser) -> None:
                    "projector (default: llm,projector)")
     p.add_argument("--format", choices=FORMATS, default=_DEFAULTS.format, help="packed checkpoint format "
                    "(default: autoawq, which vLLM/SGLang/transformers load)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize lm_head (off by default; the reference keeps it in float). The head is the "
+                   "largest single matrix (NVILA-8B: 152k x 3584, ~1 GB of each bf16 decode step's weight reads; "
+                   "int4 makes it ~4x smaller) but every next-token distribution goes through it: `nvila-quant "
+                   "compare` reports the KL it costs. awq searches it as one more scale group (final RMSNorm -> "
+                   "lm_head) on a subset of the calibration tokens. A tied head is untied (embed_tokens stays "
+                   "float) and the vocabulary is grown to the tokenizer and padded to a multiple of 64 first. The "
+                   "config says \"lm_head\": true (AutoAWQ; a compressed-tensors target), which vLLM and SGLang "
+                   "read; TensorRT-LLM's PyTorch backend keeps lm_head in float, so `convert --to trtllm` refuses it")
     add_device(p, default=_DEFAULTS.device, help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     add_dtype(p, "auto", auto=True, help="compute dtype (default: auto = fp16 on CUDA as the reference, fp32 on "
               "CPU); saved tensors keep the checkpoint's dtype")
@@ -86,7 +95,8 @@ def config_from_args(args: argparse.Namespace, method: str) -> AWQConfig:
         )
     return AWQConfig(
         method=method, bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point,
-        targets=args.targets, format=args.format, device=args.device, dtype=args.dtype, **extra,
+        targets=args.targets, format=args.format, device=args.device, dtype=args.dtype,
+        quantize_lm_head=args.quantize_lm_head, **extra,
     )
 
 
@@ -100,6 +110,10 @@ def report(result) -> None:  # noqa: ANN001 (a QuantizeResult)
     if summary.get("projector", {}).get("mse_rtn") is not None:
         p = summary["projector"]
         print(f"  projector output MSE: RTN {p['mse_rtn']:.3g}, {log['method']} {p['mse_awq']:.3g}")
+    if summary.get("lm_head", {}).get("kl_rtn") is not None:
+        h = summary["lm_head"]
+        print(f"  int4 lm_head, next-token KL vs the float head on calibration tokens: RTN {h['kl_rtn']:.3g}, "
+              f"{log['method']} {h['kl_awq']:.3g}")
     print(f"  log: {result.output / 'quant_log.json'}")
     if log.get("notes"):
         print("  notes:\n    " + "\n    ".join(log["notes"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nvila_quant.commands.common import add_device, add_dtype, add_output, add_overwrite
+from nvila_quant.commands.eval import add_benchmark_flags, print_deltas
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model; medians are reported (default: 3)")
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per timed run (default: 16)")
     p.add_argument("--html", action="store_true", help="also write a single self-contained report.html")
+    add_benchmark_flags(p)
     add_overwrite(p, what="the output folder")
     p.set_defaults(func=run)
 
@@ -44,11 +46,14 @@ def run(args: argparse.Namespace) -> int:
         eval_data=args.eval_data, device=args.device, dtype=args.dtype, n_generate=args.generations,
         max_new_tokens=args.max_new_tokens, speed=not args.no_speed, repeats=args.repeats,
         decode_tokens=args.decode_tokens, html=args.html, overwrite=args.overwrite,
+        tasks=(args.tasks or "").split(",") if args.tasks else [], tasks_paths=args.tasks_path, limit=args.limit,
     )
     report = compare(args.reference, args.candidate, args.output, cfg, onnx_dir=args.onnx)
     for c in report["candidates"]:
         a = c["accuracy"]
         print(f"{c['name']}: mean KL {a['kl_mean']}, argmax agreement {a['top1_agreement']}, "
               f"size ratio {c['size_ratio']['total_mb']}")
+    if report.get("benchmark"):
+        print_deltas(report["benchmark"])
     print(f"report written to {args.output}/report.md")
     return 0

@@ -18,8 +18,8 @@ Layout written into ``tmp`` (the caller renames it into place)::
     nvila_quant_export.json   the manifest: what was written and how
 
 Refused before any file is written (ConfigError): LLM weights that are not 4-bit, asymmetric (zero points), with
-more than one group size or a group size TRT-LLM's W4A16 kernels lack (64, 128), or a fused group (q/k/v,
-gate/up) that is part quantized.
+more than one group size or a group size TRT-LLM's W4A16 kernels lack (64, 128), a fused group (q/k/v,
+gate/up) that is part quantized, or an int4 lm_head (TRT-LLM's PyTorch backend builds its LMHead in float).
 """
 
 from __future__ import annotations
@@ -133,6 +133,12 @@ def _check_llm_quantization(llm_cfg: dict, llm_dir: Path | Part) -> tuple[int, l
     if not modules:  # a third-party checkpoint without our metadata: the tensor names say which
         marker = "." + format_module(spec.format).MARKER
         modules = [k.removesuffix(marker) for k in safetensors_key_map(llm_dir) if k.endswith(marker)]
+    if "lm_head" in modules:
+        raise ConfigError(
+            f"{where}: lm_head is int4 (--quantize-lm-head), but TensorRT-LLM's PyTorch backend builds lm_head as a "
+            "float LMHead without a quantization config (DecoderModelForCausalLM in "
+            "tensorrt_llm/_torch/models/modeling_utils.py: \"lm_head Linear will not accept QuantConfig\"), so "
+            "it cannot load a W4A16 head; re-quantize without --quantize-lm-head for TensorRT-LLM")
     groups = sorted({spec.group_size_for(m) for m in modules})
     if len(groups) > 1:
         raise ConfigError(f"{where}: W4A16_AWQ has one group size per checkpoint, but layers use {groups} (a "

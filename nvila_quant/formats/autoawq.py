@@ -84,9 +84,11 @@ def unpack(
     return QTensor(q, scales.t().contiguous(), zero.contiguous(), bits, group_size, symmetric, bias)
 
 
-def quantization_config(bits: int, group_size: int, symmetric: bool, modules_to_not_convert: list[str]) -> dict:
-    """The standard ``quantization_config`` (zero_point stays true: symmetric weights store qzeros = 8)."""
-    return {
+def quantization_config(bits: int, group_size: int, symmetric: bool, modules_to_not_convert: list[str],
+                        lm_head: bool = False) -> dict:
+    """The standard ``quantization_config`` (zero_point stays true: symmetric weights store qzeros = 8).
+    ``lm_head``: the head is packed too; vLLM and SGLang quantize it only when the config says ``"lm_head": true``."""
+    qc = {
         "quant_method": "awq",
         "bits": bits,
         "group_size": group_size,
@@ -94,3 +96,6 @@ def quantization_config(bits: int, group_size: int, symmetric: bool, modules_to_
         "version": "gemm",
         "modules_to_not_convert": list(modules_to_not_convert),
     }
+    if lm_head:
+        qc["lm_head"] = True
+    return qc

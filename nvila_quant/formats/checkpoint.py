@@ -199,7 +199,8 @@ def spec_from_config(config: Mapping) -> QuantSpec:
             if (b, s) != (bits, symmetric):
                 raise ConfigError("mixed bits/symmetry across config_groups is not supported "
                                   f"(got {b}/{s} vs {bits}/{symmetric})")
-            overrides.update({t: g for t in grp.get("targets", []) if not t.startswith("re:") and "." in t})
+            overrides.update({t: g for t in grp.get("targets", [])
+                              if not t.startswith("re:") and ("." in t or t == "lm_head")})
         not_convert = list(qc.get("ignore") or [])
     else:
         bits = int(qc.get("bits", qc.get("w_bit", 4)))
@@ -336,13 +337,19 @@ class QuantizedCheckpointWriter(ShardWriter):
                          quantized_modules=list(self._modules))
 
     def quantized_config(self, config: dict, modules_to_not_convert: list[str] | None = None) -> dict:
-        """``config`` with the format's ``quantization_config`` and this package's metadata."""
+        """``config`` with the format's ``quantization_config`` and this package's metadata. A packed ``lm_head``
+        is stated the way the engines look for it (``"lm_head": true``; a compressed-tensors target) and must not be
+        in ``modules_to_not_convert``."""
         not_convert = list(modules_to_not_convert or [])
+        lm_head = "lm_head" in self._modules
+        if lm_head and "lm_head" in not_convert:
+            raise ConfigError("lm_head is packed but listed in modules_to_not_convert: the engines would skip it")
         if self.fmt == "compressed-tensors":
             qc = compressed_tensors.quantization_config(self.bits, self.group_size, self.symmetric, not_convert,
-                                                        self._overrides)
+                                                        self._overrides, lm_head=lm_head)
         else:
-            qc = self.module.quantization_config(self.bits, self.group_size, self.symmetric, not_convert)
+            qc = self.module.quantization_config(self.bits, self.group_size, self.symmetric, not_convert,
+                                                 lm_head=lm_head)
         spec = self.spec
         spec.modules_to_not_convert = not_convert
         out = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config", METADATA_KEY)}

@@ -117,12 +117,15 @@ def weights_args(bits: int, group_size: int, symmetric: bool) -> dict:
 
 def quantization_config(
     bits: int, group_size: int, symmetric: bool, modules_to_not_convert: list[str],
-    overrides: Mapping[str, int] | None = None,
+    overrides: Mapping[str, int] | None = None, lm_head: bool = False,
 ) -> dict:
     """``quantization_config`` for config.json. ``group_0`` targets every Linear; each per-module group-size
-    override becomes its own group whose targets are exact module names (exact names win over class names)."""
+    override becomes its own group whose targets are exact module names (exact names win over class names).
+    ``lm_head``: the head is packed too; it is named in group_0's targets (unless an override names it), since an
+    engine's head is not a ``Linear`` by class (vLLM's ``ParallelLMHead``) and is matched by name."""
+    targets = ["Linear", "lm_head"] if lm_head and "lm_head" not in (overrides or {}) else ["Linear"]
     groups: dict[str, dict] = {
-        "group_0": {"targets": ["Linear"], "weights": weights_args(bits, group_size, symmetric),
+        "group_0": {"targets": targets, "weights": weights_args(bits, group_size, symmetric),
                     "input_activations": None, "output_activations": None, "format": "pack-quantized"},
     }
     by_size: dict[int, list[str]] = {}

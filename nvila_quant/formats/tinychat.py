@@ -128,10 +128,12 @@ def unpack(
     return QTensor(_unpack_q(qweight), scale, zero.to(torch.int32), bits, group_size, symmetric, bias)
 
 
-def quantization_config(bits: int, group_size: int, symmetric: bool, modules_to_not_convert: list[str]) -> dict:
+def quantization_config(bits: int, group_size: int, symmetric: bool, modules_to_not_convert: list[str],
+                        lm_head: bool = False) -> dict:
     """AutoAWQ's key set with ``version: "gemv_fast"`` (the name AutoAWQ gives this layout). vLLM and SGLang
-    do not read this layout: they would treat the checkpoint as GEMM and fail on the shapes."""
-    return {
+    do not read this layout: they would treat the checkpoint as GEMM and fail on the shapes. ``lm_head``: the head
+    is packed too (``"lm_head": true``, as in AutoAWQ's GEMM config)."""
+    qc = {
         "quant_method": "awq",
         "bits": bits,
         "group_size": group_size,
@@ -139,3 +141,6 @@ def quantization_config(bits: int, group_size: int, symmetric: bool, modules_to_
         "version": "gemv_fast",
         "modules_to_not_convert": list(modules_to_not_convert),
     }
+    if lm_head:
+        qc["lm_head"] = True
+    return qc

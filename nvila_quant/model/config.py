@@ -17,6 +17,7 @@ Two layouts are read:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -226,6 +227,16 @@ class NVILAConfig:
                 if (self.hf_config or {}).get(key):
                     sub[key] = copy.deepcopy(self.hf_config[key])
         return Part(self.root, HF_PREFIXES[name], sub, name=name)
+
+    def weights_fingerprint(self) -> str:
+        """A short hash of every weight file's name, size and mtime (what the work folder and result caches key on:
+        cheap, and it changes when a file is rewritten)."""
+        h = hashlib.sha256()
+        for sub in ("llm", "mm_projector", "vision_tower"):
+            for f in self.part(sub).weight_files():
+                st = f.stat()
+                h.update(f"{sub}/{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+        return h.hexdigest()[:16]
 
     def subfolder(self, name: str, root: str | os.PathLike | None = None) -> Path:
         """The folder of sub-model ``name`` ("llm", "vision_tower", "mm_projector") of a three-folder checkpoint."""

@@ -229,7 +229,7 @@ def write_hf(config: NVILAConfig, out: Path, *, fmt: str | None = None, progress
     if spec is not None:
         assert isinstance(writer, QuantizedCheckpointWriter)
         llm_linears = [n for n in _llm_linear_names(llm) if n not in qlinears]
-        not_convert = ["vision_tower", "mm_projector", "lm_head",
+        not_convert = ["vision_tower", "mm_projector", *([] if "lm_head" in qlinears else ["lm_head"]),
                        *(HF_PREFIXES["llm"] + n for n in llm_linears if n != "lm_head")]
         root = writer.quantized_config(root, not_convert)
         manifest["quantization"] = {"format": writer.fmt, "bits": spec.bits, "group_size": spec.group_size,

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, SiglipVisionConf
 
 from nvila_quant.errors import CheckpointError
 from nvila_quant.io import Part, as_part, load_state_dict, read_tensors
+from nvila_quant.kernels import QuantLinear
 from nvila_quant.model.config import NVILAConfig, dtype_from_str, load_config
 from nvila_quant.model.encoders import build_encoder
 from nvila_quant.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
@@ -273,11 +274,19 @@ class NVILAQwen2(nn.Module, LlavaMetaModel, LlavaMetaForCausalLM):
                                       f"{self.tokenizer.media_tokens[name]!r} the id {got}")
 
     def _grow_embeddings(self, n_tokens: int) -> None:
-        """Grow input/output embeddings to the tokenizer (media tokens); new rows = mean of the old ones."""
+        """Grow input/output embeddings to the tokenizer (media tokens); new rows = mean of the old ones. A packed
+        (int4) head cannot grow: its checkpoint must already have the rows (``--quantize-lm-head`` writes them)."""
         llm = self.llm
         old = llm.get_input_embeddings().weight.shape[0]
         if n_tokens <= old:
             return
+        head = llm.get_output_embeddings()
+        if isinstance(head, QuantLinear):
+            raise CheckpointError(
+                f"{self.config.root}: the embeddings have {old} rows and the int4 lm_head {head.out_features}, but the "
+                f"tokenizer (with its media tokens) has {n_tokens}; a packed head cannot be grown at load. Re-quantize "
+                "with --quantize-lm-head, which grows the head to the tokenizer before quantizing it"
+            )
         llm.resize_token_embeddings(n_tokens, mean_resizing=False)
         with torch.no_grad():
             emb = llm.get_input_embeddings().weight

@@ -15,9 +15,15 @@ __all__ = ["cosine", "first_divergence", "kl_divergence", "max_abs", "nll", "per
 
 
 def kl_divergence(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
-    """Per-position KL(P_ref || P_cand) in nats. logits: (T, V) -> (T,), computed in float32."""
+    """Per-position KL(P_ref || P_cand) in nats. logits: (T, V), (T, V') -> (T,), computed in float32.
+
+    The candidate may have more vocabulary rows than the reference (V' > V: a head padded to a multiple of 64): the
+    reference gives those tokens probability 0, so they count only through the candidate's normalization."""
+    if cand_logits.shape[-1] < ref_logits.shape[-1]:
+        raise ValueError(f"the candidate has fewer vocabulary rows than the reference "
+                         f"({cand_logits.shape[-1]} vs {ref_logits.shape[-1]})")
     ref = F.log_softmax(ref_logits.float(), dim=-1)
-    cand = F.log_softmax(cand_logits.float(), dim=-1)
+    cand = F.log_softmax(cand_logits.float(), dim=-1)[..., : ref.shape[-1]]
     return (ref.exp() * (ref - cand)).sum(-1).clamp(min=0)
 
 

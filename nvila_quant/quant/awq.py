@@ -30,6 +30,7 @@ __all__ = [
     "apply_scales",
     "clip_weight",
     "compute_scales",
+    "grid_search",
     "reduce_to_rows",
     "scale_quantize",
     "search_clip",
@@ -128,33 +129,20 @@ class ScaleSearchResult:
         return min(x for x in self.losses if not math.isnan(x))
 
 
-def search_scales(
-    loss_fn: Callable[[dict[str, torch.Tensor]], float],
-    weights: Mapping[str, torch.Tensor],
+def grid_search(
+    loss_of_scales: Callable[[torch.Tensor], float],
     x_mean: torch.Tensor,
-    q: QuantArgs | Mapping[str, QuantArgs | None],
     ratios: Sequence[float],
     w_mean: torch.Tensor | None = None,
-    index: torch.Tensor | None = None,
     progress: Callable[[], None] | None = None,
 ) -> ScaleSearchResult:
-    """Grid search of the AWQ scale ratio.
-
-    ``loss_fn(candidates)`` returns the fp32 MSE of the inspected module's output when the group's linears
-    use ``candidates`` ({name: (N, K) weight}); ``x_mean``/``w_mean`` are per prev-op output channel;
-    ``index`` maps linear input columns to those channels (GQA); ``q`` may give each linear its own
-    quantizer (None: the linear stays in float). The first minimum wins (strict <), as in the reference.
-    """
-    qs = q if isinstance(q, Mapping) else {name: q for name in weights}
+    """The ratio grid: ``loss_of_scales(s)`` for each ratio's :func:`compute_scales` (s per prev-op output channel);
+    the first minimum wins (strict <), as in the reference."""
     best, best_ratio, best_scales = float("inf"), -1.0, None
     losses = []
     for ratio in ratios:
         s = compute_scales(x_mean, ratio, w_mean)
-        s_cols = _cols(s, index)
-        candidates = {
-            name: w if qs[name] is None else scale_quantize(w, s_cols, qs[name]) for name, w in weights.items()
-        }
-        loss = float(loss_fn(candidates))
+        loss = float(loss_of_scales(s))
         losses.append(loss)
         if loss < best:
             best, best_ratio, best_scales = loss, ratio, s
@@ -165,6 +153,35 @@ def search_scales(
     if torch.isnan(best_scales).any():
         raise FloatingPointError("scale search produced NaN scales")
     return ScaleSearchResult(best_scales.float(), best_ratio, losses, list(ratios))
+
+
+def search_scales(
+    loss_fn: Callable[[dict[str, torch.Tensor]], float],
+    weights: Mapping[str, torch.Tensor],
+    x_mean: torch.Tensor,
+    q: QuantArgs | Mapping[str, QuantArgs | None],
+    ratios: Sequence[float],
+    w_mean: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    progress: Callable[[], None] | None = None,
+) -> ScaleSearchResult:
+    """Grid search of the AWQ scale ratio (:func:`grid_search`).
+
+    ``loss_fn(candidates)`` returns the fp32 MSE of the inspected module's output when the group's linears
+    use ``candidates`` ({name: (N, K) weight}); ``x_mean``/``w_mean`` are per prev-op output channel;
+    ``index`` maps linear input columns to those channels (GQA); ``q`` may give each linear its own
+    quantizer (None: the linear stays in float).
+    """
+    qs = q if isinstance(q, Mapping) else {name: q for name in weights}
+
+    def loss_of_scales(s: torch.Tensor) -> float:
+        s_cols = _cols(s, index)
+        candidates = {
+            name: w if qs[name] is None else scale_quantize(w, s_cols, qs[name]) for name, w in weights.items()
+        }
+        return float(loss_fn(candidates))
+
+    return grid_search(loss_of_scales, x_mean, ratios, w_mean, progress)
 
 
 # ---------------------------------------------------------------------------------------------- clip search

@@ -58,6 +58,9 @@ class AWQConfig:
         max_shrink: the clip search tries max_val = absmax * (1 - i / n_grid) for i < max_shrink * n_grid.
         clip_tokens: tokens sub-sampled (stride n_tokens // clip_tokens) for the clip search.
         clip_batch: output channels per clip-search batch (memory bound; does not change results).
+        quantize_lm_head: also quantize ``lm_head`` (the final RMSNorm -> lm_head scale group, searched like a
+            block's) and write ``"lm_head": true``; a tied head is untied (embed_tokens stays float).
+        lm_head_tokens: calibration tokens (a seeded random subset) the lm_head's scale and clip searches use.
         chunk_tokens: tokens per chunk in loss evaluation of token-wise modules (memory bound only).
         device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
         dtype: compute dtype of the search, "auto", "fp32", "fp16" or "bf16" (stored as "float32", ...); "auto" =
@@ -84,6 +87,8 @@ class AWQConfig:
     clip_tokens: int = 512
     clip_batch: int = 256
     chunk_tokens: int = 4096
+    quantize_lm_head: bool = False
+    lm_head_tokens: int = 4096
     device: str = "auto"
     dtype: str = "auto"
     version: int = field(default=1)
@@ -102,9 +107,11 @@ class AWQConfig:
         bad = [t for t in self.targets if t not in TARGETS]
         if not self.targets or bad or len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"targets must be a non-empty subset of {TARGETS} without repeats, got {self.targets}")
+        if self.quantize_lm_head and "llm" not in self.targets:
+            raise ConfigError(f"quantize_lm_head quantizes the LLM's head: add 'llm' to targets (got {self.targets})")
         if self.format not in FORMATS:
             raise ConfigError(f"format must be one of {FORMATS}, got {self.format!r}")
-        for name in ("n_samples", "seqlen", "n_grid", "clip_tokens", "clip_batch", "chunk_tokens"):
+        for name in ("n_samples", "seqlen", "n_grid", "clip_tokens", "clip_batch", "chunk_tokens", "lm_head_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.text_ratio <= 1.0:
@@ -146,6 +153,8 @@ class AWQConfig:
     def search_fingerprint(self) -> dict:
         """The fields that change results (used to refuse resuming a run made with other settings)."""
         skip = {"clip_batch", "chunk_tokens", "device"}
+        if not self.quantize_lm_head:  # as before the option existed: earlier work folders still resume
+            skip |= {"quantize_lm_head", "lm_head_tokens"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 

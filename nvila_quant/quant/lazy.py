@@ -4,7 +4,8 @@ The shell is the full NVILA pipeline (tokenizer, vision tower, projector, embedd
 embeddings, mask creation) without decoder blocks: its LLM has a single layer slot holding a
 :class:`BlockInputCatcher`, so a forward on ``inputs_embeds`` stops at block 0 and hands over exactly the
 hidden states and keyword arguments (mask, position ids / embeddings) that block 0 would get.
-Decoder blocks are then built one at a time on the meta device and filled from the safetensors shards.
+Decoder blocks are then built one at a time on the meta device and filled from the safetensors shards, and the
+output head (final RMSNorm + ``lm_head``) on its own (:class:`HeadModule`) when it is quantized too.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from nvila_quant.errors import CheckpointError, ConfigError
 from nvila_quant.io import Part, as_part, load_state_dict, read_tensors
 from nvila_quant.model import NVILAQwen2
+from nvila_quant.model.llm import grow_rows
 from nvila_quant.model.quantized import llm_config_from_dict
 
-__all__ = ["BlockInputCatcher", "LLMBlocks", "NVILAShell"]
+__all__ = ["BlockInputCatcher", "HeadModule", "LLMBlocks", "NVILAShell"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,20 @@ class NVILAShell(NVILAQwen2):
         raise RuntimeError("the LLM forward never reached decoder block 0")
 
 
+class HeadModule(nn.Module):
+    """The LLM's output head as one more "block": ``model.norm`` (the final RMSNorm), then ``lm_head``. Attribute
+    paths are the checkpoint's keys (``model.norm.weight``, ``lm_head.weight``). hidden (..., H) -> logits (..., V)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden_states))
+
+
 class LLMBlocks:
     """Decoder blocks of ``llm/`` (or the ``llm.`` tensors of a flat checkpoint) built one at a time from the
     safetensors shards."""
@@ -134,6 +150,26 @@ class LLMBlocks:
         state = {k[len(prefix):]: v for k, v in read_tensors(self.key_map, keys, dtype, device).items()}
         block.load_state_dict(state, assign=True)
         return block.to(device).eval()
+
+    def head_key(self) -> str:
+        """The tensor the output head computes with: ``lm_head.weight``, or the embeddings when they are tied."""
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        return "lm_head.weight" if not tied and "lm_head.weight" in self.key_map else "model.embed_tokens.weight"
+
+    def load_head(self, rows: int, dtype: torch.dtype, device: torch.device) -> HeadModule:
+        """The final RMSNorm and the head (cast to ``dtype``) on ``device``, the head grown to ``rows`` rows with the
+        mean of the stored rows (computed from the stored values, rounded to their dtype: what the runtime gives the
+        media tokens' rows, whatever ``dtype`` is)."""
+        state = read_tensors(self.key_map, [self.head_key(), "model.norm.weight"])
+        stored = state[self.head_key()]  # (V_stored, H)
+        weight = grow_rows(stored, rows, stored.dtype).to(device=device, dtype=dtype)  # (rows, H)
+        with torch.device("meta"):
+            probe = AutoModelForCausalLM.from_config(_one_layer(self.config))
+        norm = copy.deepcopy(probe.model.norm)
+        norm.load_state_dict({"weight": state["model.norm.weight"].to(device=device, dtype=dtype)}, assign=True)
+        lm_head = nn.Linear(weight.shape[1], rows, bias=False, device="meta")
+        lm_head.weight = nn.Parameter(weight, requires_grad=False)
+        return HeadModule(norm, lm_head).to(device).eval()
 
     def other_keys(self) -> list[str]:
         """Tensors outside the decoder blocks (embeddings, final norm, lm_head)."""

@@ -2,7 +2,9 @@
 
     config.json                 root config (+ quantization_config summary; embedded sub-configs updated)
     llm/                        packed linears + float embeddings/norms/lm_head, tokenizer, config.json with
-                                the format's quantization_config (a standard AWQ / compressed-tensors checkpoint)
+                                the format's quantization_config (a standard AWQ / compressed-tensors checkpoint);
+                                with ``quantize_lm_head`` a packed lm_head, its scales folded into model.norm, and
+                                embed_tokens grown with the head to its rows (vocab_size; tie_word_embeddings false)
     mm_projector/               packed linears + LayerNorms + activation scales (``scaled_activations``)
     vision_tower/               copied unchanged
     awq_results.safetensors     searched scales and clips (see :mod:`nvila_quant.quant.results`); in the flat -hf
@@ -21,6 +23,7 @@ from nvila_quant.formats.checkpoint import QuantizedCheckpointWriter
 from nvila_quant.io import read_json, read_tensors
 from nvila_quant.model.config import NVILAConfig
 from nvila_quant.model.layout import materialize_part, write_side_files
+from nvila_quant.model.llm import grow_rows
 from nvila_quant.quant.config import AWQConfig
 from nvila_quant.quant.lazy import LLMBlocks
 from nvila_quant.quant.plan import LayerPlan
@@ -43,8 +46,20 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
     if "llm" in config.targets:
         writer = QuantizedCheckpointWriter(tmp / "llm", *fmt_args)
         blocks = LLMBlocks.from_folder(llm_src)
+        llm_cfg = llm_src.read_config()
+        head = load_block_result(work.head_path) if plan.lm_head is not None else None
         for key in blocks.other_keys():
-            writer.add_tensor(key, read_tensors(blocks.key_map, [key])[key])
+            if head is not None and (key == "lm_head.weight" or key in head.floats):
+                continue  # written from the head's result below
+            t = read_tensors(blocks.key_map, [key])[key]
+            if head is not None and key == "model.embed_tokens.weight":  # (V_stored, H) -> (rows, H): the head's rows
+                t = grow_rows(t, plan.lm_head_rows, t.dtype)
+            writer.add_tensor(key, t)
+        if head is not None:
+            writer.add_linear("lm_head", head.qlinears["lm_head"])
+            for key, t in head.floats.items():
+                writer.add_tensor(key, t)
+            llm_cfg.update(vocab_size=plan.lm_head_rows, tie_word_embeddings=False)
         block_logs = []
         for i in tqdm(range(blocks.num_layers), desc="writing llm", leave=False, disable=not progress):
             result = load_block_result(work.block_path(i))
@@ -55,8 +70,12 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
                 writer.add_tensor(prefix + key, t)
             results.add(f"llm.{prefix}", result)
             block_logs.append(result.log)
+        if head is not None:
+            results.add("llm.", head)
+            log["lm_head"] = head.log
+            summary["lm_head"] = {k: head.log.get(k) for k in ("mse_rtn", "mse_awq", "kl_rtn", "kl_awq")}
         floats = [f"model.layers.{i}.{n}" for i in range(blocks.num_layers) for n, q in plan.llm.items() if q is None]
-        writer.finish(llm_src.read_config(), modules_to_not_convert=["lm_head", *floats])
+        writer.finish(llm_cfg, modules_to_not_convert=[*([] if head is not None else ["lm_head"]), *floats])
         write_side_files(llm_src, tmp / "llm")
         log["blocks"] = block_logs
         summary.update(_block_summary(block_logs))
@@ -95,6 +114,8 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
         "group_size": config.group_size, "zero_point": config.zero_point, "targets": list(config.targets),
         "tool": "nvila-quant",
     }
+    if "llm" in config.targets and plan.lm_head is not None:
+        root_cfg["quantization_config"]["lm_head"] = True
     (tmp / "config.json").write_text(json.dumps(root_cfg, indent=2) + "\n")
     results.save(tmp / "awq_results.safetensors", {"method": config.method, "settings": config.to_dict()})
     return summary

@@ -3,7 +3,8 @@
 Built from meta modules (shapes only; no weights are read), so bad settings fail before any long work:
 bits the format cannot pack, or a group size that divides no target layer's input width. A layer the
 configured group size does not fit falls back to 64, 32, then per channel (-1), with a warning; a layer
-no setting can pack stays in float.
+no setting can pack stays in float. With ``quantize_lm_head`` the output head is planned the same way, at the rows it
+will have (:func:`nvila_quant.quant.head.head_rows`: the runtime vocabulary padded to a multiple of 64).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import torch
 from nvila_quant.errors import ConfigError
 from nvila_quant.formats.checkpoint import check_packable, format_module
 from nvila_quant.model.config import NVILAConfig
+from nvila_quant.model.layout import runtime_tokenizer
 from nvila_quant.model.projector import MultimodalProjector
 from nvila_quant.quant.awq import QuantArgs
 from nvila_quant.quant.config import AWQConfig
+from nvila_quant.quant.head import head_rows
 from nvila_quant.quant.lazy import LLMBlocks
 from nvila_quant.quant.mappings import block_linears
 
@@ -29,17 +32,23 @@ FALLBACK_GROUPS = (64, 32)
 
 @dataclass
 class LayerPlan:
-    """Quantizer per target linear (None: kept in float), names relative to a block / the projector."""
+    """Quantizer per target linear (None: kept in float), names relative to a block / the projector; the output
+    head's (None: float, or not asked for) and the rows it is quantized with."""
 
     llm: dict[str, QuantArgs | None] = field(default_factory=dict)
     projector: dict[str, QuantArgs | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    lm_head: QuantArgs | None = None
+    lm_head_rows: int | None = None
 
     def overrides(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             part: {n: (None if q is None else q.group_size) for n, q in plan.items()}
             for part, plan in (("llm", self.llm), ("projector", self.projector))
         }
+        if self.lm_head_rows is not None:
+            out["lm_head"] = None if self.lm_head is None else self.lm_head.group_size
+        return out
 
 
 def _choose_group(config: AWQConfig, shape: tuple[int, int], name: str, notes: list[str]) -> QuantArgs | None:
@@ -93,6 +102,11 @@ def plan_layers(nv_config: NVILAConfig, config: AWQConfig) -> LayerPlan:
     for key, shape in shapes.items():
         part, name = key.split(":", 1)
         getattr(plan, part)[name] = _choose_group(config, shape, f"{part} {name}", plan.notes)
+    if config.quantize_lm_head:
+        llm_cfg = nv_config.part("llm").read_config()
+        plan.lm_head_rows = head_rows(llm_cfg.get("vocab_size") or 0, len(runtime_tokenizer(nv_config)))
+        plan.lm_head = _choose_group(config, (plan.lm_head_rows, int(llm_cfg["hidden_size"])), "llm lm_head",
+                                     plan.notes)
     return plan
 
 

@@ -123,6 +123,18 @@ def read_awq_results(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
         return json.loads(raw), {k: f.get_tensor(k) for k in f.keys()}
 
 
+def _untie(model: nn.Module, linears: set[str]) -> None:
+    """Give each of ``linears`` whose weight another module shares (a tied lm_head) a weight of its own: the results
+    scale and clip it alone, as the quantized checkpoint does."""
+    for name in sorted(linears):
+        module = model.get_submodule(name)
+        weight = module.weight
+        shared = [n for n, p in model.named_parameters(remove_duplicate=False)
+                  if p is weight and n != f"{name}.weight"]
+        if shared:
+            module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+
+
 @torch.no_grad()
 def apply_awq_results(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Fold saved scales and clips into a float model (in place), e.g. an ``NVILAQwen2``.
@@ -136,6 +148,16 @@ def apply_awq_results(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                tensors[f"scale.{g['key']}"]) for g in meta["groups"]]
     acts = [g.prev_op for g, _ in groups if g.prev_kind == "act"]
     wrap_scaled_activations(model, [a for a in acts if not isinstance(model.get_submodule(a), ScaledActivation)])
+    changed = {n for g, _ in groups for n in g.linears} | set(meta["clips"])
+    _untie(model, changed)
+    for name in sorted(set(meta["clips"])):
+        rows, clip_rows = model.get_submodule(name).weight.shape[0], tensors[f"clip.{name}"].shape[0]
+        if rows != clip_rows:
+            raise CheckpointError(
+                f"{path}: the clips of {name} have {clip_rows} rows but the model's weight has {rows} (an int4 "
+                "lm_head's results are for the head grown to the tokenizer and padded to a multiple of 64, "
+                "nvila_quant.quant.head.head_rows: grow the model's head to that first)"
+            )
     params = dict(model.named_parameters())
     state = {k: p.data for k, p in params.items()}
     for group, s in groups:

@@ -7,7 +7,8 @@
 3. The projector (its own groups, calibrated on the vision features of the same samples).
 4. The LLM block by block: each block's weights are read from the shards, searched, quantized and saved
    to the work folder with the next block's inputs, so peak memory does not grow with depth and
-   ``resume=True`` continues after the last finished block.
+   ``resume=True`` continues after the last finished block; with ``quantize_lm_head`` the output head after them
+   (:mod:`nvila_quant.quant.head`), saved in the work folder too.
 5. The output folder, written as a temporary sibling and renamed only when complete.
 
 The work folder is ``<output>.work`` (kept when a run fails; removed after success).
@@ -16,7 +17,6 @@ The work folder is ``<output>.work`` (kept when a run fails; removed after succe
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import platform
@@ -50,6 +50,7 @@ from nvila_quant.model.nvila import build_mm_projector
 from nvila_quant.quant.awq import wrap_scaled_activations
 from nvila_quant.quant.block import BlockInputs, BlockResult, effective_state, quantize_block
 from nvila_quant.quant.config import AWQConfig, resolve_device, resolve_dtype
+from nvila_quant.quant.head import quantize_head
 from nvila_quant.quant.lazy import LLMBlocks, NVILAShell
 from nvila_quant.quant.mappings import projector_groups, qwen2_block_groups
 from nvila_quant.quant.output import write_output
@@ -74,16 +75,6 @@ def _model_root(model: str | os.PathLike | NVILAQwen2) -> Path:
             raise ConfigError("the model has no checkpoint folder (config.root); pass the checkpoint path instead")
         return Path(model.config.root)
     return Path(model)
-
-
-def _weights_fingerprint(nv_config: NVILAConfig) -> str:
-    h = hashlib.sha256()
-    for sub in ("llm", "mm_projector", "vision_tower"):
-        part = nv_config.part(sub)
-        for f in part.weight_files():
-            st = f.stat()
-            h.update(f"{sub}/{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
 
 
 def _calibration(calib: Any, config: AWQConfig) -> tuple[list[CalibSample], dict]:
@@ -120,8 +111,9 @@ def quantize(
     """Quantize an NVILA checkpoint folder (AWQ or RTN) and write the quantized NVILA folder ``output``.
 
     ``calib``: "builtin", "coco", a folder / ``.jsonl`` path, or records / samples (ignored by RTN when None).
-    ``on_block_done(i)`` is called after LLM block i is saved to the work folder (progress reporting; an exception
-    it raises stops the run there, as a crash would, and ``resume=True`` continues after block i).
+    ``on_block_done(i)`` is called after LLM block i is saved to the work folder, and with ``quantize_lm_head`` after
+    the output head as i = num_hidden_layers (progress reporting; an exception it raises stops the run there, as a
+    crash would, and ``resume=True`` continues after block i).
     ``layout``: "vila" (three folders) or "hf" (flat, what SGLang serves); default: the input's.
     """
     t_start = time.perf_counter()
@@ -144,7 +136,7 @@ def quantize(
         samples, calib_info = _calibration(calib if calib is not None else "builtin", config)
     fingerprint = {
         "config": config.search_fingerprint(), "model": str(root.absolute()),
-        "weights": _weights_fingerprint(nv_config),
+        "weights": nv_config.weights_fingerprint(),
         "calibration": calib_info, "compute_dtype": str(run.dtype), "save_dtype": str(run.save_dtype),
     }
     next_block = run.work.start(fingerprint, resume, overwrite)
@@ -161,7 +153,9 @@ def quantize(
     if "projector" in config.targets:
         run.projector(next_block)
     if "llm" in config.targets:
-        run.llm(next_block, on_block_done)
+        hidden = run.llm(next_block, on_block_done)
+        if run.plan.lm_head is not None:
+            run.head(hidden, on_block_done)
     run.shell = run.calib = None  # free memory before writing
     t0 = time.perf_counter()
     if layout == "hf" and "llm" in config.targets:  # refuse what the flat layout cannot state, before long work
@@ -189,13 +183,14 @@ def quantize(
 def _llm_modules(plan: LayerPlan, nv_config: NVILAConfig, group_size: int) -> tuple[list[str], dict[str, int]]:
     """The LLM modules the plan quantizes, and those with another group size than ``group_size``."""
     layers = int(nv_config.part("llm").read_config()["num_hidden_layers"])
+    planned = [(f"model.layers.{i}.{name}", q) for i in range(layers) for name, q in plan.llm.items()]
+    planned.append(("lm_head", plan.lm_head))
     quantized, overrides = [], {}
-    for i in range(layers):
-        for name, q in plan.llm.items():
-            if q is not None:
-                quantized.append(f"model.layers.{i}.{name}")
-                if q.group_size != group_size:
-                    overrides[f"model.layers.{i}.{name}"] = q.group_size
+    for name, q in planned:
+        if q is not None:
+            quantized.append(name)
+            if q.group_size != group_size:
+                overrides[name] = q.group_size
     return quantized, overrides
 
 
@@ -248,8 +243,9 @@ class _Run:
             self.calib = replay(self.shell, self.calib, capture_projector=False)
         self.timings["projector_s"] = time.perf_counter() - t0
 
-    def llm(self, next_block: int | None, on_block_done: Callable[[int], None] | None) -> None:
-        """Every decoder block in turn: load from the shards, quantize, save result and next inputs."""
+    def llm(self, next_block: int | None, on_block_done: Callable[[int], None] | None) -> list[torch.Tensor] | None:
+        """Every decoder block in turn: load from the shards, quantize, save result and next inputs. Returns the last
+        block's outputs (None without calibration)."""
         t0 = time.perf_counter()
         blocks = LLMBlocks(self.nv_config.part("llm"), *_block_spec(self.shell, self.nv_config))
         groups = qwen2_block_groups(blocks.config, self.config.gqa_vo)
@@ -280,6 +276,24 @@ class _Run:
             if on_block_done is not None:
                 on_block_done(i)
         self.timings["llm_s"] = time.perf_counter() - t0
+        return hidden
+
+    def head(self, hidden: list[torch.Tensor] | None, on_block_done: Callable[[int], None] | None) -> None:
+        """The output head after the last block (or its saved result on resume)."""
+        t0 = time.perf_counter()
+        if self.work.head_path.is_file():
+            result = load_block_result(self.work.head_path)
+        else:
+            blocks = LLMBlocks(self.nv_config.part("llm"), *_block_spec(self.shell, self.nv_config))
+            head = blocks.load_head(self.plan.lm_head_rows, self.dtype, self.device)
+            result = quantize_head(head, hidden, self.plan.lm_head, self.config, self.save_dtype, self.progress)
+            del head
+            _log_block("lm_head", result.log)
+            save_block_result(self.work.head_path, result)
+            if on_block_done is not None:
+                on_block_done(blocks.num_layers)
+        self.log["lm_head"] = result.log
+        self.timings["lm_head_s"] = time.perf_counter() - t0
 
 
 def _log_block(name: str, log: dict) -> None:

@@ -5,6 +5,7 @@
     projector.safetensors       the projector's result
     hidden.safetensors          inputs of the next LLM block (metadata: next_block)
     blocks/block_<i>.safetensors  each finished LLM block's result
+    lm_head.safetensors         the output head's result (``quantize_lm_head``), after the last block
 Every file is written under a temporary name and renamed, so a killed run leaves no half-written file.
 """
 
@@ -76,6 +77,10 @@ class WorkDir:
     @property
     def projector_path(self) -> Path:
         return self.path / "projector.safetensors"
+
+    @property
+    def head_path(self) -> Path:
+        return self.path / "lm_head.safetensors"
 
     @property
     def hidden_path(self) -> Path:

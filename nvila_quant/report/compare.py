@@ -10,15 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import json
-import math
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nvila_quant.errors import CheckpointError, NVILAError
+from nvila_quant.errors import CheckpointError, ConfigError, NVILAError
+from nvila_quant.eval.runner import EvalConfig, model_names, run_benchmark
+from nvila_quant.formats.checkpoint import detect_format, spec_from_config
 from nvila_quant.io import atomic_output_dir, check_output_dir, read_json
 from nvila_quant.machine import machine_info
 from nvila_quant.model import NVILAQwen2
@@ -26,9 +28,11 @@ from nvila_quant.model.config import NVILAConfig
 from nvila_quant.model.summary import describe_checkpoint
 from nvila_quant.model.tokenizer import load_tokenizer
 from nvila_quant.numerics.metrics import cosine, max_abs
+from nvila_quant.quant.head import head_rows
 from nvila_quant.report import plots
 from nvila_quant.report.accuracy import ModelOutputs, compare_outputs, run_model, visual_tokens
-from nvila_quant.report.document import render_html, render_markdown
+from nvila_quant.report.benchmark import benchmark_blocks, copy_model_folders, work_dir_for
+from nvila_quant.report.document import render_html, render_markdown, round_numbers
 from nvila_quant.report.evalset import load_eval_set
 from nvila_quant.report.speed import measure_in_subprocess
 
@@ -44,6 +48,8 @@ class CompareConfig:
         dtype: activation/float dtype for every model (default: bf16 on CPU, fp16 on CUDA).
         n_generate: prompts whose greedy generations are shown side by side.
         speed: measure speed and memory (each model in its own process).
+        tasks: benchmark tasks run through lmms-eval on every model (``nvila-quant eval``'s; none by default), from
+            lmms-eval or from the task folders ``tasks_paths``, ``limit`` documents each.
     """
 
     eval_data: str = "builtin"
@@ -56,6 +62,9 @@ class CompareConfig:
     decode_tokens: int = 16
     html: bool = False
     overwrite: bool = False
+    tasks: list[str] = field(default_factory=list)
+    tasks_paths: list[str] = field(default_factory=list)
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -66,33 +75,25 @@ class CompareConfig:
             raise NVILAError(f"need repeats >= 1 and decode_tokens >= 2 (got {self.repeats}, {self.decode_tokens})")
 
 
-def round_numbers(obj: Any, digits: int = 4) -> Any:
-    """Round every float in a nested structure to ``digits`` significant digits."""
-    if isinstance(obj, float):
-        if not math.isfinite(obj) or obj == 0:
-            return obj
-        return float(f"{obj:.{digits}g}")
-    if isinstance(obj, dict):
-        return {k: round_numbers(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [round_numbers(v, digits) for v in obj]
-    return obj
-
-
 def _llm_geometry(path: Path) -> dict:
     """Sizes that must agree between reference and candidate. The vocabulary is the runtime's: the
     stored embedding rows, grown to the tokenizer once the media tokens are added."""
     config = NVILAConfig.from_pretrained(path)
     part = config.part("llm")
     llm = part.read_config()
-    vocab = max(int(llm.get("vocab_size") or 0), len(load_tokenizer(part.folder)))
-    return {"vocab_size": vocab, "hidden_size": llm.get("hidden_size"),
+    tokens = len(load_tokenizer(part.folder))
+    vocab = max(int(llm.get("vocab_size") or 0), tokens)
+    return {"vocab_size": vocab, "tokens": tokens, "hidden_size": llm.get("hidden_size"),
             "mm_hidden_size": config.mm_hidden_size, "num_hidden_layers": llm.get("num_hidden_layers")}
 
 
 def check_compatible(reference: Path, candidate: Path) -> None:
-    """Refuse a candidate whose vocabulary or sizes differ from the reference (before loading weights)."""
+    """Refuse a candidate whose vocabulary or sizes differ from the reference (before loading weights). An int4
+    lm_head's vocabulary is the reference's padded to a multiple of 64 (:func:`nvila_quant.quant.head.head_rows`;
+    the padding rows are tokens the reference gives probability 0), with the same tokenizer."""
     ref, cand = _llm_geometry(reference), _llm_geometry(candidate)
+    if cand["vocab_size"] == head_rows(ref["vocab_size"], 0) and cand["tokens"] == ref["tokens"]:
+        cand["vocab_size"] = ref["vocab_size"]
     for key in ("vocab_size", "hidden_size", "mm_hidden_size", "num_hidden_layers"):
         if ref[key] != cand[key]:
             raise CheckpointError(
@@ -102,12 +103,20 @@ def check_compatible(reference: Path, candidate: Path) -> None:
 
 
 def _quantization(path: Path) -> dict:
-    """Method and settings of a candidate, from its quant_log.json and quantization_config."""
-    info: dict[str, Any] = {"method": "float"}
-    qc = NVILAConfig.from_pretrained(path).part("llm").read_config().get("quantization_config")
+    """Method and settings of a candidate, from its quant_log.json and quantization_config; ``lm_head``: whether its
+    output head is int4 (from the packed modules the LLM config lists)."""
+    info: dict[str, Any] = {"method": "float", "lm_head": False}
+    llm_cfg = NVILAConfig.from_pretrained(path).part("llm").read_config()
+    qc = llm_cfg.get("quantization_config")
     if qc:
         info.update({"method": qc.get("quant_method"), "bits": qc.get("bits", qc.get("w_bit")),
                      "group_size": qc.get("group_size", qc.get("q_group_size"))})
+        try:
+            spec = spec_from_config(llm_cfg) if detect_format(llm_cfg) else None
+        except (ConfigError, CheckpointError):
+            spec = None
+        modules = spec.quantized_modules if spec is not None else None
+        info["lm_head"] = "lm_head" in modules if modules else bool(qc.get("lm_head", False))
     log = path / "quant_log.json"
     if log.is_file():
         settings = read_json(log).get("settings", read_json(log).get("config", {}))
@@ -136,6 +145,16 @@ def _layer_losses(path: Path) -> list[dict]:
             if rtn is not None and awq is not None:
                 rows.append({"block": name, "group": str(group), "rtn": float(rtn), "awq": float(awq)})
     return rows
+
+
+def _head_losses(path: Path) -> dict | None:
+    """The int4 lm_head's errors against the float head on the calibration tokens, from quant_log.json (None when
+    the head is float or there is no log): next-token KL and logit MSE of round to nearest and of the result."""
+    log_path = path / "quant_log.json"
+    head = read_json(log_path).get("lm_head") if log_path.is_file() else None
+    if not head or head.get("kl_rtn") is None:
+        return None
+    return {k: head.get(k) for k in ("tokens", "kl_rtn", "kl_awq", "mse_rtn", "mse_awq")}
 
 
 def _sizes(path: Path) -> dict:
@@ -190,7 +209,13 @@ def compare(
     for c in cands:
         check_compatible(reference, c)
     evalset = load_eval_set(cfg.eval_data)
-    names = _unique_names(cands)
+    names = model_names(cands)
+    bench = None
+    if cfg.tasks:  # first: its tasks are checked (offline, names) before any model is loaded
+        bench_cfg = EvalConfig(cfg.tasks, cfg.tasks_paths, cfg.limit, device=cfg.device, dtype=cfg.dtype)
+        old = Path(output) / "benchmark" / "models"
+        bench = run_benchmark([reference, *cands], bench_cfg, work_dir_for(output), reuse=[old] if old.is_dir() else [],
+                              names=["reference", *names])
 
     model = _load(reference, cfg)
     ref_out = run_model(model, evalset, cfg.n_generate, cfg.max_new_tokens, desc="reference")
@@ -204,7 +229,8 @@ def compare(
         out = run_model(model, evalset, cfg.n_generate, cfg.max_new_tokens, desc=name)
         _free(model)
         results.append({"name": name, "path": str(path.absolute()), "quantization": _quantization(path),
-                        "accuracy": compare_outputs(ref_out, out), "layer_losses": _layer_losses(path)})
+                        "accuracy": compare_outputs(ref_out, out), "layer_losses": _layer_losses(path),
+                        "lm_head": _head_losses(path)})
     onnx = _onnx_check(Path(onnx_dir), reference, ref_out, evalset, cfg) if onnx_dir else None
 
     ref_size = _sizes(reference)
@@ -222,6 +248,8 @@ def compare(
         "candidates": results,
         "onnx": onnx,
     }
+    if bench is not None:
+        report["benchmark"] = bench[0]
     with atomic_output_dir(output, overwrite=cfg.overwrite) as tmp:
         if cfg.speed and evalset.conversations:
             image = evalset.conversations[0].image
@@ -233,22 +261,17 @@ def compare(
                 r["speed_ratio"] = _speed_ratios(r["speed"], report["reference"]["speed"])
             for f in tmp.glob("speed_*.json"):
                 f.unlink()
+        if bench is not None:
+            copy_model_folders(bench[1], tmp / "benchmark" / "models")
         report = round_numbers(report)
         blocks = _document(report, tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(render_markdown(blocks))
         if cfg.html:
             (tmp / "report.html").write_text(render_html(blocks, "nvila-quant comparison report"))
+    if bench is not None:
+        shutil.rmtree(work_dir_for(output), ignore_errors=True)
     return report
-
-
-def _unique_names(paths: list[Path]) -> list[str]:
-    names, seen = [], {}
-    for p in paths:
-        base = p.name or str(p)
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
-    return names
 
 
 def _speed_ratios(cand: dict, ref: dict) -> dict:
@@ -287,7 +310,11 @@ def _document(report: dict, folder: Path) -> list[tuple]:
         ("h2", "Accuracy against the reference"),
         ("p", "KL is the mean KL divergence (nats) of next-token distributions over the answer tokens of the "
               "conversations; agreement is the share of those positions where both models' argmax agree; "
-              "perplexities are of the reference captions and of the held-out text."),
+              "perplexities are of the reference captions and of the held-out text."
+              + (" Candidates marked \"int4 lm_head\" also quantize the output head (`--quantize-lm-head`): their "
+                 "KL includes its cost (the padding rows of their vocabulary, tokens the reference never predicts, "
+                 "count through the normalization only)." if any(c["quantization"].get("lm_head") for c in cands)
+                 else "")),
         ("table",
          ["candidate", "method", "mean KL", "max KL", "argmax agreement", "answer ppl", "answer ppl (ref)",
           "text ppl", "text ppl (ref)", "visual cosine (min)", "visual max-abs"],
@@ -301,6 +328,15 @@ def _document(report: dict, folder: Path) -> list[tuple]:
         blocks.append(("img", str(plots.plot_accuracy(
             names, [c["accuracy"]["kl_mean"] for c in cands], [c["accuracy"]["top1_agreement"] for c in cands],
             folder / "accuracy.png")), "accuracy"))
+    heads = [c for c in cands if c.get("lm_head")]
+    if heads:
+        blocks += [("h2", "Int4 output head"),
+                   ("p", "The int4 lm_head against the float head alone, on the candidate's calibration tokens (from "
+                         "its `quant_log.json`): next-token KL (nats) and logit MSE of round to nearest and of the "
+                         "written head (AWQ: scales folded into the final norm, clipped)."),
+                   ("table", ["candidate", "tokens", "KL RTN", "KL written", "MSE RTN", "MSE written"],
+                    [[c["name"], _f(c["lm_head"]["tokens"]), _f(c["lm_head"]["kl_rtn"]), _f(c["lm_head"]["kl_awq"]),
+                      _f(c["lm_head"]["mse_rtn"]), _f(c["lm_head"]["mse_awq"])] for c in heads])]
     if report.get("onnx"):
         o = report["onnx"]
         blocks += [("h2", "ONNX vision backend"),
@@ -352,6 +388,8 @@ def _document(report: dict, folder: Path) -> list[tuple]:
                        ("p", "Output MSE of each scale group on the calibration data, round-to-nearest vs AWQ "
                              "(from the candidate's `quant_log.json`)."),
                        ("img", str(path), "per-layer losses")]
+    if report.get("benchmark"):
+        blocks += benchmark_blocks(report["benchmark"])
     return blocks
 
 
@@ -363,6 +401,8 @@ def _method(q: dict) -> str:
         parts.append(f"w{q['bits']}")
     if q.get("group_size") is not None:
         parts.append(f"g{q['group_size']}")
+    if q.get("lm_head"):
+        parts.append("+ int4 lm_head")
     return " ".join(parts)
 
 

@@ -1,19 +1,35 @@
 """A tiny document model rendered to Markdown and to one self-contained HTML page.
 
 Blocks: ``("h1"|"h2"|"p", text)``, ``("table", headers, rows)``, ``("img", png_path, alt)``,
-``("code", text)``. Inline code is written as ```text``` in both renderers.
+``("code", text)``. Inline code is written as ```text``` in both renderers. Numbers are rounded once
+(:func:`round_numbers`) before they are written to a report's JSON and its document.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Block", "render_html", "render_markdown"]
+__all__ = ["Block", "render_html", "render_markdown", "round_numbers"]
 
 Block = tuple
+
+
+def round_numbers(obj: Any, digits: int = 4) -> Any:
+    """Round every float in a nested structure to ``digits`` significant digits."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj) or obj == 0:
+            return obj
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: round_numbers(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [round_numbers(v, digits) for v in obj]
+    return obj
 
 
 def render_markdown(blocks: list[Block]) -> str:

@@ -55,6 +55,10 @@ class TinySpec:
         vision_intermediate: SigLIP MLP width; deliberately not a multiple of 128 (so400m's is 4304).
         llm_kv_heads: < llm_heads for grouped-query attention, as in Qwen2.
         outliers / outlier_channels / outlier_scale: planted activation outliers (see module docstring).
+        tie_embeddings: lm_head shares embed_tokens (as NVILA-Lite's Qwen2.5-1.5B); the checkpoint then stores no
+            ``lm_head.weight``, as transformers' save_pretrained writes tied models.
+        llm_vocab: stored embedding / head rows; 0 = the tokenizer's. More rows model a padded vocabulary (Qwen2
+            stores 151936 rows for 151665 tokens) and a head the size of a real one.
     """
 
     variant: str = "nvila"
@@ -77,6 +81,8 @@ class TinySpec:
     outlier_scale: float = 32.0
     salience: float = 4.0
     dtype: str = "bfloat16"  # of the stored weights: bf16 / fp16 / fp32 (kept as the long name, as VILA writes it)
+    tie_embeddings: bool = False
+    llm_vocab: int = 0
 
     def __post_init__(self) -> None:
         self.dtype = str(dtype_from_str(self.dtype)).removeprefix("torch.")
@@ -241,7 +247,7 @@ def _llm(spec: TinySpec, vocab_size: int, gen: torch.Generator) -> Qwen2ForCausa
         max_position_embeddings=max(8192, spec.model_max_length),
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_embeddings,
         hidden_act="silu",
         bos_token_id=None,
         eos_token_id=None,
@@ -296,7 +302,7 @@ def make_tiny(output: str | os.PathLike, spec: TinySpec | None = None, overwrite
     dtype = _dtype(spec)
 
     tokenizer = build_tokenizer(spec.vocab_merges, spec.seed, spec.model_max_length)
-    stored_vocab = len(tokenizer)
+    stored_vocab = max(len(tokenizer), spec.llm_vocab)
     llm = _llm(spec, stored_vocab, gen)
     vision = _vision(spec, gen)
     scales = [] if lite else [spec.image_size, 2 * spec.image_size, 3 * spec.image_size]
@@ -321,7 +327,8 @@ def make_tiny(output: str | os.PathLike, spec: TinySpec | None = None, overwrite
             GenerationConfig(do_sample=False, max_new_tokens=64, eos_token_id=None).save_pretrained(
                 str(llm_dir)
             )
-            save_state_dict({k: v.to(dtype) for k, v in llm.state_dict().items()}, llm_dir)
+            tied = {"lm_head.weight"} if spec.tie_embeddings else set()
+            save_state_dict({k: v.to(dtype) for k, v in llm.state_dict().items() if k not in tied}, llm_dir)
             tokenizer.save_pretrained(str(llm_dir))
             # vision_tower/  (keys carry the "vision_model." prefix, as NVIDIA's files do)
             vt_dir = tmp / "vision_tower"
