@@ -59,6 +59,24 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def llm_bytes(model) -> int:  # noqa: ANN001 (an NVILAQwen2)
+    """Bytes of the loaded LLM's parameters and buffers (packed int4 tensors included)."""
+    llm = model.get_llm()
+    return sum(t.numel() * t.element_size() for t in [*llm.parameters(), *llm.buffers()])
+
+
+def interleaved_runs(models: dict, prompt: list, decode_tokens: int, repeats: int) -> dict[str, list[dict]]:
+    """``model.benchmark`` of every model, interleaved over ``repeats`` rounds after one short warm-up each (kernel
+    repacks, CUDA libraries), so slow drifts of the machine fall on every model alike: {name: [run, ...]}."""
+    runs: dict[str, list[dict]] = {name: [] for name in models}
+    for model in models.values():
+        model.benchmark(prompt, max_new_tokens=4, quiet=True)
+    for _ in range(repeats):
+        for name, model in models.items():
+            runs[name].append(model.benchmark(prompt, max_new_tokens=decode_tokens, warmup=False, quiet=True))
+    return runs
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     head = "  ".join(c.ljust(widths[c]) for c in columns)

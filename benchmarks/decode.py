@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_results_arg, table, write_result  # noqa: E402
+from _common import add_results_arg, interleaved_runs, llm_bytes, table, write_result  # noqa: E402
 
 from nvila_quant.model import NVILAQwen2  # noqa: E402
 from nvila_quant.model.quantized import quantized_modules  # noqa: E402
@@ -41,12 +41,6 @@ SPECS = {
 }
 PROMPT = ["Write a long story about a cat who travels to the moon and back, with many details."]
 GOALS = {"cpu_vs_bf16": 2.5, "gpu_vs_fp16": 2.5}
-
-
-def _weights_bytes(model: NVILAQwen2) -> int:
-    llm = model.get_llm()
-    total = sum(p.numel() * p.element_size() for p in llm.parameters())
-    return total + sum(b.numel() * b.element_size() for b in llm.buffers())
 
 
 def _decode_step(model: NVILAQwen2) -> str:
@@ -73,19 +67,14 @@ def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Pat
         del variants["bf16"]
     models = {name: NVILAQwen2.load_pretrained(folder, torch_dtype=dtype, device=device)
               for name, (folder, dtype) in variants.items()}
-    runs: dict[str, list[dict]] = {name: [] for name in models}
-    for model in models.values():  # warm-up (also builds kernel repacks / CUDA libraries)
-        model.benchmark(PROMPT, max_new_tokens=4, quiet=True)
-    for _ in range(repeats):
-        for name, model in models.items():
-            runs[name].append(model.benchmark(PROMPT, max_new_tokens=decode_tokens, warmup=False, quiet=True))
+    runs = interleaved_runs(models, PROMPT, decode_tokens, repeats)
     rows = []
     for name, model in models.items():
         tps = statistics.median(r["decode_tokens_per_s"] for r in runs[name])
         rows.append({"model": name, "dtype": str(variants[name][1]).removeprefix("torch."),
                      "decode_tokens_per_s": tps,
                      "prefill_ms": statistics.median(r["prefill_ms"] for r in runs[name]),
-                     "llm_weight_MB": _weights_bytes(model) / 2**20,
+                     "llm_weight_MB": llm_bytes(model) / 2**20,
                      "quantized_linears": len(quantized_modules(model)), "decode_step": _decode_step(model)})
     base = {r["model"]: r["decode_tokens_per_s"] for r in rows}
     for r in rows:

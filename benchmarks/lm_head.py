@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_results_arg, table, write_result  # noqa: E402
+from _common import add_results_arg, interleaved_runs, llm_bytes, table, write_result  # noqa: E402
 
 from nvila_quant.model import NVILAQwen2  # noqa: E402
 from nvila_quant.model.quantized import quantized_modules  # noqa: E402
@@ -47,11 +47,6 @@ PROMPT = ["Write a long story about a cat who travels to the moon and back, with
 def _disk_bytes(folder: Path) -> int:
     """Bytes of the safetensors shards in ``folder`` (headers included: what a download or a load reads)."""
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
-def _weights_bytes(model: NVILAQwen2) -> int:
-    llm = model.get_llm()
-    return sum(t.numel() * t.element_size() for t in [*llm.parameters(), *llm.buffers()])
 
 
 def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Path) -> dict:
@@ -76,12 +71,7 @@ def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Pat
                          "fp32": (src, torch.float32, "float")})
     models = {name: NVILAQwen2.load_pretrained(folder, torch_dtype=dtype, device=device)
               for name, (folder, dtype, _) in variants.items()}
-    runs: dict[str, list[dict]] = {name: [] for name in models}
-    for model in models.values():  # warm-up (also builds kernel repacks)
-        model.benchmark(PROMPT, max_new_tokens=4, quiet=True)
-    for _ in range(repeats):
-        for name, model in models.items():
-            runs[name].append(model.benchmark(PROMPT, max_new_tokens=decode_tokens, warmup=False, quiet=True))
+    runs = interleaved_runs(models, PROMPT, decode_tokens, repeats)
     rows = []
     for name, model in models.items():
         folder, dtype, head = variants[name]
@@ -89,7 +79,7 @@ def run(spec_name: str, fmt: str, decode_tokens: int, repeats: int, workdir: Pat
                      "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs[name]),
                      "prefill_ms": statistics.median(r["prefill_ms"] for r in runs[name]),
                      "llm_disk_MB": _disk_bytes(folder / "llm") / 2**20,
-                     "llm_weight_MB": _weights_bytes(model) / 2**20,
+                     "llm_weight_MB": llm_bytes(model) / 2**20,
                      "quantized_linears": len(quantized_modules(model))})
     tps = {r["model"]: r["decode_tokens_per_s"] for r in rows}
     base = "fp16" if cuda else "bf16"
