@@ -249,3 +249,18 @@ def test_hf_input_keeps_its_remote_code(tiny_nvila_hf, tmp_path):
     got = read_json(out / "config.json")
     assert got["auto_map"] == cfg["auto_map"] and got["model_type"] == cfg["model_type"]
     assert got["quantization_config"]["quant_method"] == "awq"
+
+
+def test_flat_layout_refuses_what_one_quantization_config_cannot_state():
+    from nvila_quant.formats.checkpoint import QuantSpec
+    from nvila_quant.model.layout import check_flat_quantization
+
+    layer = "model.layers.0"
+    full = [f"{layer}.self_attn.{p}_proj" for p in "qkvo"] + [f"{layer}.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    check_flat_quantization(QuantSpec("autoawq", 4, 128, False), full, "autoawq")  # all int4: fine
+    with pytest.raises(ConfigError, match=r"k_proj.*quantized but .*v_proj float"):
+        check_flat_quantization(QuantSpec("autoawq", 4, 128, False), [m for m in full if "v_proj" not in m], "autoawq")
+    with pytest.raises(ConfigError, match=r"group size than 128 .*--group-size"):
+        check_flat_quantization(QuantSpec("autoawq", 4, 128, False, {f"{layer}.mlp.down_proj": 64}), full, "autoawq")
+    with pytest.raises(ConfigError, match="pass --format autoawq"):
+        check_flat_quantization(QuantSpec("tinychat", 4, 128, False), full, "tinychat")
