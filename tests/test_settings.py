@@ -34,7 +34,7 @@ def test_defaults_and_values_from_the_environment() -> None:
     (CudaSettings, "NVILA_QUANT_CUDA_MMA_WARPS", "4", "one of 0, 8, 16"),
     (CudaSettings, "NVILA_QUANT_CUDA_GEMM", "wmma", "one of dequant, fused"),
     (KernelSettings, "NVILA_QUANT_BACKEND", "gpu", "one of auto, cpu, cuda, reference"),
-    (DecodeSettings, "NVILA_QUANT_DECODE", "eager", "one of auto, graph, compiled, static, dynamic"),
+    (DecodeSettings, "NVILA_QUANT_DECODE", "eager", "one of auto, lean, graph, compiled, static, dynamic"),
 ])
 def test_bad_values_name_the_variable_and_what_it_takes(cls: type, var: str, value: str, allowed: str) -> None:
     with pytest.raises(ConfigError) as e:

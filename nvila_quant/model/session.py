@@ -20,8 +20,16 @@ from contextlib import contextmanager
 import torch
 from transformers import DynamicCache
 
+from nvila_quant.errors import DecodeError
+from nvila_quant.model.lean_decode import LeanDecoder, lean_refusal
 from nvila_quant.model.llm import llm_forward, make_cache
-from nvila_quant.model.static_decode import BUCKET, StaticDecoder, decoder_kind, static_decode_wanted
+from nvila_quant.model.static_decode import (
+    BUCKET,
+    StaticDecoder,
+    decode_settings,
+    decoder_kind,
+    static_decode_wanted,
+)
 
 __all__ = ["DecodeSession"]
 
@@ -36,7 +44,7 @@ class DecodeSession:
         self.llm = llm
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (B, T) bool: which cached positions are real tokens
-        self.static: StaticDecoder | None = None
+        self.static: StaticDecoder | LeanDecoder | None = None
 
     @property
     def device(self) -> torch.device:
@@ -96,9 +104,10 @@ class DecodeSession:
         self.cache, self.mask = cache, full_mask
         return logits
 
-    def static_decoder(self, needed: int) -> StaticDecoder | None:
-        """The static decoder with room for ``needed`` positions (built or re-sized on demand), or None where the
-        dynamic-cache loop runs (``NVILA_QUANT_DECODE``, device, batch, padding, cache layout)."""
+    def static_decoder(self, needed: int) -> StaticDecoder | LeanDecoder | None:
+        """The decoder with room for ``needed`` positions (built or re-sized on demand): the lean step, a static
+        cache (eager, compiled or a CUDA graph), or None where the dynamic-cache loop runs (``NVILA_QUANT_DECODE``,
+        device, batch, padding, cache layout, a model the lean step does not cover under "auto")."""
         device = self.device
         if not static_decode_wanted(device):
             return None
@@ -109,11 +118,21 @@ class DecodeSession:
         if decoder is not None and decoder.max_len >= needed and decoder.asked == kind:
             return decoder
         max_len = -(-needed // BUCKET) * BUCKET
-        if decoder is not None:
-            max_len = max(max_len, 2 * decoder.max_len)  # grow geometrically: few re-captures
+        if decoder is not None and decoder.asked == kind:
+            max_len = max(max_len, 2 * decoder.max_len)  # the same kind grows geometrically: few re-captures
         self.static = None  # free the old one first
+        if kind.lean:
+            why = lean_refusal(self.llm)
+            if why is None:
+                self.static = LeanDecoder(self.llm, max_len, kind)
+                return self.static
+            if decode_settings().mode == "lean":  # asked for by name: no silent fallback
+                raise DecodeError(f"NVILA_QUANT_DECODE=lean does not apply to this model: {why}; use auto, static or "
+                                  "dynamic")
+            logger.info("lean decode step does not apply (%s); decoding with the dynamic cache", why)
+            return None
         try:
-            self.static = StaticDecoder(self.llm, max_len, *kind)
+            self.static = StaticDecoder(self.llm, max_len, kind.graph, kind.compiled)
         except ValueError as e:
             logger.warning("static decode unavailable (%s); decoding with the dynamic cache", e)
             return None

@@ -7,7 +7,8 @@ a ``DynamicCache``; its keys and values are copied into the static cache before 
 back after (:meth:`StaticDecoder.store`), so chat sessions and ``stream_gen`` keep their cache semantics. The
 :class:`~nvila_quant.model.session.DecodeSession` of a model owns its decoder.
 
-``NVILA_QUANT_DECODE`` (:class:`DecodeSettings`): "auto" (default: graphs on CUDA, the dynamic cache elsewhere),
+``NVILA_QUANT_DECODE`` (:class:`DecodeSettings`): "auto" (default: graphs on CUDA, the lean step of
+:mod:`~nvila_quant.model.lean_decode` elsewhere, the dynamic cache where the lean step does not apply), "lean",
 "graph", "compiled" (the step compiled with ``torch.compile`` first, so inductor fuses the norms, rotary embeddings
 and activations between the linears, then captured on CUDA; the first decode pays the compile), "static" (static
 cache, eager steps: any device), "dynamic" (always the eager dynamic-cache loop). Under "auto" a capture that fails
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -29,11 +31,11 @@ from nvila_quant.errors import DecodeError
 from nvila_quant.model.llm import cache_kwarg
 from nvila_quant.settings import Lazy, Settings, knob
 
-__all__ = ["BUCKET", "DECODE_MODES", "DecodeSettings", "StaticDecoder", "decode_settings", "decoder_kind",
-           "static_decode_wanted"]
+__all__ = ["BUCKET", "DECODE_MODES", "DecodeSettings", "DecoderKind", "StaticDecoder", "decode_settings",
+           "decoder_kind", "static_decode_wanted"]
 
 logger = logging.getLogger(__name__)
-DECODE_MODES = ("auto", "graph", "compiled", "static", "dynamic")
+DECODE_MODES = ("auto", "lean", "graph", "compiled", "static", "dynamic")
 BUCKET = 256  # static cache lengths are multiples of this (attention reads the whole static cache every step)
 
 
@@ -66,7 +68,7 @@ class StaticDecoder:
         self.cache_kwarg = cache_kwarg(type(llm))
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (1, V), rewritten by every step
-        self.asked = (graph, compiled)  # what it was built for (kept when an "auto" capture falls back)
+        self.asked = DecoderKind(graph, compiled)  # what it was built for (kept when an "auto" capture falls back)
         self.want_compile = compiled
         self.compiled = False  # whether the step is the compiled one (set by the first step)
         self._step = self._forward
@@ -168,16 +170,26 @@ class StaticDecoder:
             raise RuntimeError(f"copying the static cache back gave {cache.get_seq_length()} positions, expected {n}")
 
 
+class DecoderKind(NamedTuple):
+    """What a session's decoder is built for: a CUDA graph, a compiled step, the lean step (else eager static)."""
+
+    graph: bool
+    compiled: bool
+    lean: bool = False
+
+
 def static_decode_wanted(device: torch.device) -> bool:
-    """Whether decoding on ``device`` takes the static cache (``NVILA_QUANT_DECODE`` and the device)."""
-    mode = decode_settings().mode
-    return not (mode == "dynamic" or (mode == "auto" and device.type != "cuda"))
+    """Whether decoding on ``device`` takes a decoder of its own (static, lean or graph) under ``NVILA_QUANT_DECODE``
+    (the session still falls back to the dynamic cache where "auto"'s lean step does not apply)."""
+    return decode_settings().mode != "dynamic"
 
 
-def decoder_kind(device: torch.device) -> tuple[bool, bool]:
-    """(graph, compiled): what a static decoder on ``device`` is built for under the current mode."""
+def decoder_kind(device: torch.device) -> DecoderKind:
+    """What a decoder on ``device`` is built for under the current mode."""
     mode = decode_settings().mode
     if mode == "graph" and device.type != "cuda":
         raise DecodeError(f"NVILA_QUANT_DECODE=graph replays CUDA graphs, which need a CUDA device; the model is on "
-                          f"{device.type} (use static, compiled, auto or dynamic)")
-    return mode in ("auto", "graph", "compiled") and device.type == "cuda", mode == "compiled"
+                          f"{device.type} (use lean, static, compiled, auto or dynamic)")
+    cuda = device.type == "cuda"
+    return DecoderKind(mode in ("auto", "graph", "compiled") and cuda, mode == "compiled",
+                       mode == "lean" or (mode == "auto" and not cuda))

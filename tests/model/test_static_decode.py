@@ -66,11 +66,11 @@ def test_generation_with_static_decode_matches_dynamic(tiny_model, images, monke
     assert [session.send(prompt, GREEDY), session.send("And then?", GREEDY)] == turns  # the cache went back
     assert tiny_model.decode_session.mask.shape[1] == tiny_model.decode_session.cache.get_seq_length()
     assert tiny_model.benchmark([images["cat"], "Describe."], max_new_tokens=4, quiet=True)["decode_tokens"] == 3
-    with pytest.raises(ConfigError, match="NVILA_QUANT_DECODE must be one of auto, graph, compiled"):
+    with pytest.raises(ConfigError, match="NVILA_QUANT_DECODE must be one of auto, lean, graph, compiled"):
         decode_settings().mode = "bogus"
     monkeypatch.setenv("NVILA_QUANT_DECODE", "bogus")  # the variable itself, read when the settings are first used
-    with pytest.raises(ConfigError, match="NVILA_QUANT_DECODE must be one of auto, graph, compiled, static, dynamic, "
-                       "got 'bogus'"):
+    with pytest.raises(ConfigError, match="NVILA_QUANT_DECODE must be one of auto, lean, graph, compiled, static, "
+                       "dynamic, got 'bogus'"):
         decode_settings.reload()
     monkeypatch.delenv("NVILA_QUANT_DECODE")
     decode_settings.reload()
