@@ -278,6 +278,13 @@ class QuantLinear(nn.Module):
             self._remember(device.type, dtype, backend)
         return backend
 
+    def native_kernel(self, dtype: torch.dtype) -> object | None:
+        """The native CPU kernel (a ``NativeLayer``) this layer's calls with ``dtype`` activations take for few tokens,
+        or None (another backend, device or kernel). Prepares the layer for ``dtype`` first."""
+        if self.q.device.type != "cpu" or self._select(self.q.device, dtype) != "cpu":
+            return None
+        return self._bound.get(dtype)
+
     def __call__(self, x: torch.Tensor, *args: object) -> torch.Tensor:
         """``nn.Module.__call__``, straight to the bound native kernel in eager CPU decode when the module has no hooks,
         is not compiled and keeps its own ``forward``: two Python frames instead of five, which shows on cold caches in

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from nvila_quant.kernels.cpu.step import STEP_DTYPES, StepOps, step_ops
+from nvila_quant.kernels.cpu.step import STEP_DTYPES, LinearGroup, StepOps, step_ops
+from nvila_quant.kernels.linear import QuantLinear
 
 __all__ = ["LeanDecoder", "lean_refusal"]
 
@@ -108,6 +109,22 @@ class LeanDecoder:
             self.a = torch.empty(1, 1, self.heads * self.head_dim, dtype=norm_dtype)  # attention output
             self.act = torch.empty(1, 1, self.layers[0].mlp.down_proj.in_features, dtype=norm_dtype)
             self.scratch = torch.empty(max_len)  # fp32 attention scores
+        # per layer: q / k / v and gate / up as one native call each where their kernels allow (int4 T16, bf16)
+        self.groups: list[tuple[LinearGroup | None, LinearGroup | None]] = [(None, None)] * len(self.layers)
+        if self.ops is not None and self.dtype == torch.bfloat16:
+            outs: dict[tuple[str, ...], list[torch.Tensor]] = {}  # shared by the layers (used within a layer)
+            for i, layer in enumerate(self.layers):
+                attn, mlp = layer.self_attn, layer.mlp
+                self.groups[i] = tuple(  # type: ignore[assignment]
+                    self._group([getattr(module, n) for n in names], outs, names)
+                    for module, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))))
+
+    def _group(self, modules: list[nn.Module], outs: dict, names: tuple[str, ...]) -> LinearGroup | None:
+        kernels = [m.native_kernel(torch.bfloat16) if isinstance(m, QuantLinear) else None for m in modules]
+        group = LinearGroup.of(self.ops, kernels, outs.get(names))
+        if group is not None:
+            outs.setdefault(names, group.outs)
+        return group
 
     def _native_ops(self, body: nn.Module) -> StepOps | None:
         """The native step ops where they take this model (CPU, fp32 / bf16 activations and norm weights)."""
@@ -185,16 +202,18 @@ class LeanDecoder:
         cos, sin = self.cos[pos], self.sin[pos]
         x = self.embed(self.ids)  # (1, 1, H): the residual stream, updated in place
         delta = None  # what the last sublayer adds to x
-        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
+        for layer, keys, values, (qkv, gate_up) in zip(self.layers, self.keys, self.values, self.groups, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm
             ops.add_rmsnorm(x, delta, norm.weight, h, norm.variance_epsilon)
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # (1, 1, H * D), (1, 1, H_kv * D) x 2
+            # (1, 1, H * D), (1, 1, H_kv * D) x 2
+            q, k, v = qkv(h) if qkv is not None else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
             ops.rope_kv(q, k, v, cos, sin, keys, values, pos)
             ops.attend(q, keys, values, pos + 1, self.scaling, a, scratch)
             norm = layer.post_attention_layernorm
             ops.add_rmsnorm(x, attn.o_proj(a), norm.weight, h, norm.variance_epsilon)
-            ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h), act)
+            gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))  # (1, 1, I) each
+            ops.silu_mul(gate, up, act)
             delta = mlp.down_proj(act)
         ops.add_rmsnorm(x, delta, self.norm.weight, h, self.norm.variance_epsilon)
         return self.head(h)

@@ -37,8 +37,9 @@ def _within_ulps(got: torch.Tensor, want: torch.Tensor, ulps: float) -> bool:
 
 @pytest.fixture(scope="module")
 def int4_bf16(tiny_nvila, tmp_path_factory) -> NVILAQwen2:
-    """The tiny NVILA RTN-quantized (int4 T16 kernels on CPU), loaded with bf16 activations."""
-    dst = write_rtn_checkpoint(tiny_nvila, tmp_path_factory.mktemp("lean") / "int4", "autoawq", bits=4, group_size=32)
+    """The tiny NVILA RTN-quantized, g64 (the T16 kernels on CPU, q / k / v and gate / up grouped), with bf16
+    activations."""
+    dst = write_rtn_checkpoint(tiny_nvila, tmp_path_factory.mktemp("lean") / "int4", "autoawq", bits=4, group_size=64)
     return NVILAQwen2.load_pretrained(dst, torch_dtype=torch.bfloat16, device="cpu")
 
 
@@ -215,3 +216,23 @@ def test_silu_mul_is_qwen2s(dtype) -> None:
     OPS.silu_mul(g, u, got)
     # libm's expf vs torch's vectorised exp: a rounding or two of silu(g), then the product's
     assert _within_ulps(got, want, 4)
+
+
+@needs_native
+def test_linear_groups_are_the_layers_own_calls(int4_bf16) -> None:
+    """q / k / v and gate / up in one native call give bitwise what each layer's own call gives (bias included), and
+    the lean step of the int4 bf16 model takes the groups."""
+    from nvila_quant.kernels.cpu.step import LinearGroup
+
+    llm = int4_bf16.get_llm()
+    decoder = LeanDecoder(llm, 32, None)
+    assert all(qkv is not None and gate_up is not None for qkv, gate_up in decoder.groups)
+    layer = llm.model.layers[0]
+    x = torch.randn(1, 1, llm.config.hidden_size).bfloat16()
+    mods = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+    got = LinearGroup.of(OPS, [m.native_kernel(torch.bfloat16) for m in mods])(x)
+    for m, out in zip(mods, got, strict=True):
+        assert torch.equal(out, m(x))
+    assert LinearGroup.of(OPS, [None]) is None  # a layer without a native kernel: no group
+    with pytest.raises(ValueError, match="output buffer does not match"):
+        LinearGroup.of(OPS, [mods[0].native_kernel(torch.bfloat16)], [torch.empty(1, 1, 3, dtype=torch.bfloat16)])

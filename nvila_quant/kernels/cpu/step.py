@@ -13,9 +13,9 @@ import functools
 
 import torch
 
-from nvila_quant.kernels.cpu.native import check_rc, library
+from nvila_quant.kernels.cpu.native import NativeLayer, check_rc, library
 
-__all__ = ["STEP_DTYPES", "StepOps", "step_ops"]
+__all__ = ["STEP_DTYPES", "LinearGroup", "StepOps", "step_ops"]
 
 STEP_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -35,6 +35,8 @@ class StepOps:
         self._attend.restype = cint
         self._silu = lib.nq_step_silu_mul
         self._silu.argtypes, self._silu.restype = [ptr, ptr, ptr, i64, cint], cint
+        self.group_call = lib.nq_layers_t16_bf16
+        self.group_call.argtypes, self.group_call.restype = [ptr, cint, ptr, ptr, i64, cint], cint
 
     def add_rmsnorm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
                     eps: float) -> torch.Tensor:
@@ -72,6 +74,46 @@ class StepOps:
         if rc:
             check_rc(rc, "nq_step_silu_mul", N=gate.numel())
         return out
+
+
+class LinearGroup:
+    """T16 bf16 layers that read the same input (a decoder layer's q / k / v, or gate / up), run by one native call
+    into fixed output buffers: ``group(x (1, 1, K))`` fills ``outs[i]`` (1, 1, N_i) with what layer i's own call
+    returns. :meth:`of` builds one where every layer has such a kernel, sharing K and the group size."""
+
+    GROUP_MAX = 8  # nq_layers_t16_bf16's limit
+
+    def __init__(self, ops: StepOps, kernels: list[NativeLayer], outs: list[torch.Tensor]) -> None:
+        self.kernels, self.outs = kernels, outs  # (kept alive: the call reads their memory)
+        self.call = ops.group_call
+        self.layer_ptrs = (ctypes.c_void_p * len(kernels))(*(k.ptr for k in kernels))
+        self.out_ptrs = (ctypes.c_void_p * len(outs))(*(o.data_ptr() for o in outs))
+        self.count, self.k = len(kernels), kernels[0].k
+
+    @classmethod
+    def of(cls, ops: StepOps, kernels: list[object | None],
+           outs: list[torch.Tensor] | None = None) -> LinearGroup | None:
+        """A group of ``kernels`` (QuantLinear.native_kernel's, bf16), or None where they cannot share a call.
+        ``outs``: the output buffers (1, 1, N_i) bf16 to write (groups of the same shapes may share them)."""
+        if not 1 <= len(kernels) <= cls.GROUP_MAX or not all(isinstance(k, NativeLayer) for k in kernels):
+            return None
+        if any(k.name != "nq_layer_t16_bf16" or k.dtype != torch.bfloat16 for k in kernels):
+            return None
+        if len({(k.k, k.struct.group) for k in kernels}) != 1:
+            return None
+        if outs is None:
+            outs = [torch.empty(1, 1, k.n, dtype=torch.bfloat16) for k in kernels]
+        if [(o.shape, o.dtype, o.is_contiguous()) for o in outs] != [((1, 1, k.n), torch.bfloat16, True)
+                                                                      for k in kernels]:
+            raise ValueError("LinearGroup: an output buffer does not match its layer (1, 1, N) bf16, contiguous")
+        return cls(ops, kernels, outs)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (1, 1, K) bf16, contiguous -> the outputs (rewritten by the next call)."""
+        rc = self.call(self.layer_ptrs, self.count, x.data_ptr(), self.out_ptrs, 1, torch.get_num_threads())
+        if rc:
+            check_rc(rc, "nq_layers_t16_bf16", x=x.shape, layers=self.count)
+        return self.outs
 
 
 @functools.lru_cache(maxsize=4)

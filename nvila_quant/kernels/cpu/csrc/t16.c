@@ -404,8 +404,6 @@ int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, cons
     free(xsum);
     return 0;
 }
-#undef NQ_T16_SWITCH
-#undef NQ_T16_CASE
 #else
 int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, const uint8_t* zero_t, const float* bias,
                 uint16_t* out, int64_t m_tokens, int64_t n, int64_t k, int64_t group, int nthreads, int scale_kind) {
@@ -420,7 +418,68 @@ int nq_layer_t16_bf16(const nq_layer* layer, const uint16_t* x, uint16_t* out, i
                        layer->group, nthreads, (int)layer->scale_kind);
 }
 
+#define NQ_GROUP_MAX 8  // layers per nq_layers_t16_bf16 call
+// Several T16 layers that read the same bf16 x (M, K) (a decoder layer's q / k / v, or gate / up): outs[i] (M, N_i) =
+// x @ w_i^T + b_i, exactly what nq_layer_t16_bf16 gives each. On the plain (vdpbf16ps) route the layers' blocks share
+// one parallel loop (one fork / join, one pass over x's group sums; a small layer does not leave a thread idle at its
+// tail); on the others each layer is its own call. The layers must share K and the group size.
+int nq_layers_t16_bf16(const nq_layer* const* layers, int count, const uint16_t* x, uint16_t* const* outs,
+                       int64_t m_tokens, int nthreads) {
+    if (count <= 0 || count > NQ_GROUP_MAX || m_tokens < 0) return -1;
+    const int64_t k = layers[0]->k, group = layers[0]->group;
+    for (int i = 0; i < count; ++i)
+        if (layers[i]->k != k || layers[i]->group != group || bad_shape(layers[i]->n, k, group) || layers[i]->n % 16 ||
+            k % 64 || group % 64 || layers[i]->scale_kind < 0 || layers[i]->scale_kind > 2)
+            return -1;
+#if NQ_HAVE_BF16
+    if (nq_t16_route(m_tokens, 0) == NQ_ROUTE_PLAIN && m_tokens > 0 && m_tokens <= NQ_T16_MB) {
+        int64_t first[NQ_GROUP_MAX + 1];  // first block of each layer in the shared numbering
+        first[0] = 0;
+        for (int i = 0; i < count; ++i) {
+            const int64_t units = layers[i]->n / 16, full = units / NQ_T16_NB;
+            first[i + 1] = first[i] + full + (units - full * NQ_T16_NB);
+        }
+        float* xsum = group_sums(x, m_tokens, k, group);  // (M, K/G), shared by the layers
+        if (!xsum) return -3;
+        const int mb = (int)m_tokens;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+        for (int64_t b = 0; b < first[count]; ++b) {
+            int i = 0;
+            while (b >= first[i + 1]) ++i;
+            const nq_layer* ly = layers[i];
+            const nq_meta meta = {ly->scale, ly->zero, (int)ly->scale_kind};
+            const uint8_t* t16 = ly->q;
+            const float* bias = ly->bias;
+            const float* xs = xsum;
+            const uint16_t* xb = x;
+            uint16_t* ob = outs[i];
+            const int64_t n = ly->n, blk = b - first[i], full = n / 16 / NQ_T16_NB;
+            const int64_t u0 = blk < full ? blk * NQ_T16_NB : full * NQ_T16_NB + (blk - full);
+            if (blk >= full) {
+                NQ_T16_SWITCH(1, u0)
+            } else if (mb <= 2) {
+                NQ_T16_SWITCH(4, u0)
+            } else {
+                NQ_T16_SWITCH(2, u0)
+                NQ_T16_SWITCH(2, u0 + 2)
+            }
+        }
+        free(xsum);
+        return 0;
+    }
+#endif
+    for (int i = 0; i < count; ++i) {
+        const int rc = nq_layer_t16_bf16(layers[i], x, outs[i], m_tokens, nthreads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 int nq_layer_t16_f32(const nq_layer* layer, const float* x, float* out, int64_t m_tokens, int nthreads) {
     return nq_t16_f32(x, layer->q, layer->scale, layer->zero, layer->bias, out, m_tokens, layer->n, layer->k,
                       layer->group, nthreads, (int)layer->scale_kind);
 }
+#if NQ_HAVE_BF16
+#undef NQ_T16_SWITCH
+#undef NQ_T16_CASE
+#endif
