@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_results_arg, interleaved_runs, llm_bytes, table, write_result  # noqa: E402
 
 from nvila_quant.model import NVILAQwen2  # noqa: E402
+from nvila_quant.model.lean_decode import LeanDecoder  # noqa: E402
 from nvila_quant.model.quantized import quantized_modules  # noqa: E402
 from nvila_quant.model.static_decode import DECODE_MODES, decode_settings  # noqa: E402
 from nvila_quant.quant.rtn import write_rtn_checkpoint  # noqa: E402
@@ -44,11 +45,13 @@ GOALS = {"cpu_vs_bf16": 2.5, "gpu_vs_fp16": 2.5}
 
 
 def _decode_step(model: NVILAQwen2) -> str:
-    """How the timed decode steps ran: a CUDA graph replay or a static-cache step (torch.compile-d or eager), or the
-    dynamic-cache loop."""
+    """How the timed decode steps ran: a CUDA graph replay, a static-cache step (torch.compile-d or eager), the lean
+    step, or the dynamic-cache loop."""
     decoder = model.decode_session.static
     if decoder is None:
         return "dynamic"
+    if isinstance(decoder, LeanDecoder):
+        return "lean"
     step = "cuda-graph" if decoder.graph is not None else "static"
     return step + ("+compiled" if decoder.compiled else "" if decoder.graph is not None else "-eager")
 
