@@ -1,6 +1,6 @@
 """Where one int4 decode step's time goes on CPU: linears, attention, norms, KV cache, head, and the rest.
 
-    python benchmarks/decode_profile.py [--steps 32] [--repeats 3] [--threads 2] [--modes dynamic,static,compiled]
+    python benchmarks/decode_profile.py [--steps 32] [--repeats 3] [--threads 2] [--modes dynamic,static,lean,compiled]
                                         [--fp32] [--no-int4-head] [--smoke]
 
 The model is ``make_tiny`` shaped as NVILA-Lite-2B's LLM (Qwen2-1.5B: 28 layers, hidden 1536, intermediate 8960,
@@ -13,9 +13,9 @@ Configurations: bf16 activations with the float head and the real vocabulary; th
 embedding and head cut to their first 2000 rows (every decoder weight identical); the int4 head (real vocabulary);
 with ``--fp32``, fp32 activations. Per configuration:
 
-- plain step wall times for each decode mode (``NVILA_QUANT_DECODE``: dynamic = the eager loop, which ``auto`` runs
-  on CPU; static; compiled), modes interleaved over ``--repeats`` runs;
-- a breakdown (dynamic and static): leaf modules and functions timed with ``time.perf_counter`` by swapping each
+- plain step wall times for each decode mode (``NVILA_QUANT_DECODE``: dynamic = the eager transformers loop; static;
+  lean = the lean step, which ``auto`` runs on CPU; compiled), modes interleaved over ``--repeats`` runs;
+- a breakdown (dynamic, static and lean; for lean its native ops and grouped linears are what is timed): leaf modules and functions timed with ``time.perf_counter`` by swapping each
   module's class for a subclass whose ``__call__`` times the original one (no hooks, so ``QuantLinear`` keeps its
   eager shortcut to the native kernel) and by wrapping ``apply_rotary_pos_emb``, ``create_causal_mask``, the
   attention function and ``Cache.update``; "rest" is the step's wall time minus the timed parts;
@@ -53,6 +53,7 @@ from _common import add_results_arg, table, write_result  # noqa: E402
 
 from nvila_quant.kernels.linear import QuantLinear  # noqa: E402
 from nvila_quant.model import NVILAQwen2  # noqa: E402
+from nvila_quant.model.lean_decode import LeanDecoder  # noqa: E402
 from nvila_quant.model.static_decode import decode_settings  # noqa: E402
 from nvila_quant.quant.rtn import write_rtn_checkpoint  # noqa: E402
 from nvila_quant.settings import overrides  # noqa: E402
@@ -69,6 +70,7 @@ SPECS = {  # outliers only change values, not time: skipped (a faster build)
 # the parts of a step, in table order ("rest" = step wall time minus all of them)
 PARTS = ("int4_linear", "attention", "kv_update", "norm", "rotary", "activation", "mask", "embedding", "lm_head",
          "sampling")
+BREAKDOWN_MODES = ("dynamic", "static", "lean")  # the modes timed part by part (compiled: a profile only)
 PROJ_ATTR = "_profile_proj"  # set on each decoder int4 linear while instrumented: its projection name
 PART_NAMES = {"int4_linear": "int4 linears (decoder)", "attention": "attention (sdpa, KV read)",
               "kv_update": "KV-cache update", "norm": "RMSNorm", "rotary": "rotary (cos/sin + apply)",
@@ -130,13 +132,32 @@ def _module_parts(llm: nn.Module) -> list[tuple[nn.Module, str]]:
     return out
 
 
+LEAN_OPS = {"add_rmsnorm": "norm", "rope_kv": "rotary", "attend": "attention", "silu_mul": "activation"}
+
+
 @contextlib.contextmanager
-def instrumented(llm: nn.Module, timer: PartTimer) -> Iterator[None]:
+def instrumented(llm: nn.Module, timer: PartTimer, decoder: object = None) -> Iterator[None]:
     """Time the parts of ``llm``'s forward into ``timer`` for the block (everything restored after).
 
     Modules get a subclass whose ``__call__`` times the original ``__call__`` (no hooks: ``QuantLinear``'s eager
-    shortcut to its bound kernel stays taken); functions are replaced where ``modeling_qwen2`` looks them up."""
-    swapped: list[tuple[nn.Module, type]] = []
+    shortcut to its bound kernel stays taken); functions are replaced where ``modeling_qwen2`` looks them up. A lean
+    ``decoder`` also gets its native ops (the RMSNorm part includes the residual add, rotary the KV write) and its
+    grouped linears (q+k+v, gate+up) timed."""
+    swapped: list[tuple[object, type]] = []
+    lean_ops = decoder.ops if isinstance(decoder, LeanDecoder) and decoder.ops is not None else None
+    if lean_ops is not None:
+        for meth, part in LEAN_OPS.items():  # instance attributes shadow the methods for the block
+            setattr(lean_ops, meth, timer.wrap(part, getattr(type(lean_ops), meth).__get__(lean_ops)))
+        group_cls = {}
+        for qkv, gate_up in decoder.groups:
+            for group, name in ((qkv, "q_proj+k_proj+v_proj"), (gate_up, "gate_proj+up_proj")):
+                if group is not None:
+                    cls = type(group)
+                    group_cls.setdefault(cls, type(f"Timed{cls.__name__}", (cls,),
+                                                   {"__call__": timer.wrap("int4_linear", cls.__call__)}))
+                    group.__class__ = group_cls[cls]
+                    setattr(group, PROJ_ATTR, name)
+                    swapped.append((group, cls))
     classes: dict[tuple[type, str], type] = {}
     impl = llm.config._attn_implementation
     attn = qwen2.ALL_ATTENTION_FUNCTIONS
@@ -163,6 +184,9 @@ def instrumented(llm: nn.Module, timer: PartTimer) -> Iterator[None]:
         for module, cls in swapped:
             module.__class__ = cls
             module.__dict__.pop(PROJ_ATTR, None)
+        if lean_ops is not None:
+            for meth in LEAN_OPS:
+                lean_ops.__dict__.pop(meth, None)
         if had_local:
             attn[impl] = old_attn
         else:
@@ -264,14 +288,14 @@ def profile_config(model: NVILAQwen2, ids: torch.Tensor, modes: list[str], steps
             with decode_mode(model, mode, decoders):
                 out["plain"].setdefault(mode, []).append(decode_run(model, ids, steps))
     # compiled: the op table only (no wrappers), before the wrappers run (changing the modules makes dynamo recompile)
-    for mode in [m for m in modes if m not in ("dynamic", "static")]:
+    for mode in [m for m in modes if m not in BREAKDOWN_MODES]:
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
         with decode_mode(model, mode, decoders):
             run = decode_run(model, ids, profiler_steps, around_steps=lambda p=prof: p)
         out["profiler"][mode] = {"step_s": run["step_s"], **profiler_summary(prof, profiler_steps)}
-    for mode in [m for m in modes if m in ("dynamic", "static")]:
+    for mode in [m for m in modes if m in BREAKDOWN_MODES]:
         timer = PartTimer()
-        with decode_mode(model, mode, decoders), instrumented(llm, timer):
+        with decode_mode(model, mode, decoders), instrumented(llm, timer, decoders.get(mode)):
             decode_run(model, ids, 2, timer)  # warm-up of the wrappers
             out["breakdown"][mode] = [decode_run(model, ids, steps, timer) for _ in range(repeats)]
             timer.profile = True
@@ -308,7 +332,9 @@ def proj_rows(name: str, result: dict, nbytes: dict[str, int]) -> list[dict]:
     for mode, runs in result["breakdown"].items():
         for proj in sorted({k for r in runs for p in r["int4_by_proj_s"] for k in p}):
             ms = statistics.median(p.get(proj, 0.0) for r in runs for p in r["int4_by_proj_s"]) * 1e3
-            b = nbytes["int4_linear." + proj]
+            if ms == 0:  # (a projection the prefill ran one by one, but this mode's steps ran in a group)
+                continue
+            b = sum(nbytes["int4_linear." + part] for part in proj.split("+"))  # a lean group: its layers' bytes
             rows.append({"config": name, "mode": mode, "proj": proj, "MB": b / 1e6, "ms_per_step": ms,
                          "GBps": b / ms / 1e6})
     return rows
@@ -381,12 +407,13 @@ def run(spec_name: str, workdir: Path, modes: list[str], steps: int, repeats: in
     # ordinary tokens of the tiny tokenizer (no special or media ids), all below SMALL_VOCAB
     ids = torch.randint(10, 900, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     # (name, checkpoint, activation dtype, vocab rows kept (None: all), decode modes)
+    eager = [m for m in modes if m in BREAKDOWN_MODES]  # the other configurations: the modes timed part by part
     configs = [(f"bf16 vocab {VOCAB}", "float head", torch.bfloat16, None, modes),
-               (f"bf16 vocab {SMALL_VOCAB}", "float head", torch.bfloat16, SMALL_VOCAB, ["dynamic", "static"])]
+               (f"bf16 vocab {SMALL_VOCAB}", "float head", torch.bfloat16, SMALL_VOCAB, eager)]
     if int4_head:
-        configs.append((f"bf16 vocab {VOCAB} int4 head", "int4 head", torch.bfloat16, None, ["dynamic", "static"]))
+        configs.append((f"bf16 vocab {VOCAB} int4 head", "int4 head", torch.bfloat16, None, eager))
     if fp32:
-        configs.append((f"fp32 vocab {VOCAB}", "float head", torch.float32, None, ["dynamic", "static"]))
+        configs.append((f"fp32 vocab {VOCAB}", "float head", torch.float32, None, eager))
     results, rows, projs, model, loaded = {}, [], [], None, None
     for name, head, dtype, vocab, cfg_modes in configs:
         if loaded != (head, dtype):
@@ -420,9 +447,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode and per breakdown")
     parser.add_argument("--profiler-steps", type=int, default=8, help="decode steps in the torch.profiler run")
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads")
-    parser.add_argument("--modes", default="dynamic,static,compiled",
+    parser.add_argument("--modes", default="dynamic,static,lean,compiled",
                         help="decode modes timed plainly on the real-vocabulary bf16 model (comma-separated; "
-                             "dynamic and static also get the breakdown)")
+                             "dynamic, static and lean also get the breakdown, and are the modes of the other "
+                             "configurations)")
     parser.add_argument("--fp32", action="store_true", help="also fp32 activations (real vocabulary, float head)")
     parser.add_argument("--no-int4-head", action="store_true", help="skip the int4-head checkpoint")
     parser.add_argument("--smoke", action="store_true", help="a 2-layer tiny LLM, few steps (a self-check)")
@@ -433,8 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := sorted(set(modes) - {"dynamic", "static", "compiled"}):
-        raise SystemExit(f"--modes: unknown {unknown}; CPU decode modes are dynamic, static, compiled")
+    if unknown := sorted(set(modes) - {*BREAKDOWN_MODES, "compiled"}):
+        raise SystemExit(f"--modes: unknown {unknown}; CPU decode modes are dynamic, static, lean, compiled")
     steps, repeats, profiler_steps = (4, 1, 2) if args.smoke else (args.steps, args.repeats, args.profiler_steps)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     spec = "smoke" if args.smoke else "qwen2-1.5b"
