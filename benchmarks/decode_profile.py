@@ -15,10 +15,11 @@ with ``--fp32``, fp32 activations. Per configuration:
 
 - plain step wall times for each decode mode (``NVILA_QUANT_DECODE``: dynamic = the eager transformers loop; static;
   lean = the lean step, which ``auto`` runs on CPU; compiled), modes interleaved over ``--repeats`` runs;
-- a breakdown (dynamic, static and lean; for lean its native ops and grouped linears are what is timed): leaf modules and functions timed with ``time.perf_counter`` by swapping each
-  module's class for a subclass whose ``__call__`` times the original one (no hooks, so ``QuantLinear`` keeps its
-  eager shortcut to the native kernel) and by wrapping ``apply_rotary_pos_emb``, ``create_causal_mask``, the
-  attention function and ``Cache.update``; "rest" is the step's wall time minus the timed parts;
+- a breakdown (dynamic, static and lean; for lean its native ops and grouped linears are what is timed): leaf modules
+  and functions timed with ``time.perf_counter`` by swapping each module's class for a subclass whose ``__call__``
+  times the original one (no hooks, so ``QuantLinear`` keeps its eager shortcut to the native kernel) and by wrapping
+  ``apply_rotary_pos_emb``, ``create_causal_mask``, the attention function and ``Cache.update``; "rest" is the step's
+  wall time minus the timed parts;
 - one run under ``torch.profiler`` with the same wrappers as ``record_function`` ranges: the aten ops outside every
   timed part (residual adds, the MLP's gate * up, views, the session's mask bookkeeping) are summed, so the rest
   splits into those ops and pure Python/framework time.
