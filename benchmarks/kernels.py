@@ -23,6 +23,18 @@ run the fused kernel forced where the runtime dequantizes + cuBLAS, and the nibb
 Writes one result file per run, benchmarks/results/kernels/<time>-<machine>[-<T>thread][-cputime].json, with every
 timed sample next to the medians (``samples_ms`` in each row, in its ``all_cold`` and ``ring`` measures, and the GPU's
 CUDA-graph and eager samples).
+
+    python benchmarks/kernels.py --activations [--tokens 1 4] [--rounds 15] [--ring-mb 512]
+
+instead compares the few-token T16 kernels' handling of the activations on the NVILA-Lite-2B LLM's shapes
+(``ACT_SHAPES``), each kernel called directly (ctypes, no module): bf16 x on vdpbf16ps ("avx512_bf16"), on VNNI as two
+int8 parts ("vnni_x2", exact to bf16 rounding) and as one int8 per element ("vnni_int8",
+``NVILA_QUANT_CPU_ACTIVATIONS=int8``); fp32 x with FMA ("avx512_fma"), as two 15-bit parts ("vnni_x4") and as one
+int8 ("vnni_int8_f32"). The weights are a ring of distinct copies (about ``--ring-mb`` MB, more than the last-level
+cache) called back to back, so each call reads its weights from DRAM as in decode; the kernels take turns, one pass
+over the ring each per round. Reports ms per call (median of every call of every round; the spread of the rounds'
+medians as noise) and GB/s of weight bytes (int4 + scales + zero points); result variant "activations". On a shared
+machine: ``--threads 1 --clock thread``.
 """
 
 from __future__ import annotations
@@ -387,9 +399,84 @@ def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
     return out
 
 
+ACT_SHAPES = [(8960, 1536), (1536, 8960), (2048, 1536), (1536, 1536)]  # NVILA-Lite-2B: gate/up, down, qkv, o
+ACT_KERNELS = {  # name: (C function, activation dtype)
+    "avx512_bf16": ("nq_t16_bf16", torch.bfloat16), "vnni_x2": ("nq_t16_bf16_vnni", torch.bfloat16),
+    "vnni_int8": ("nq_t16_bf16_vnni8", torch.bfloat16), "avx512_fma": ("nq_t16_f32", torch.float32),
+    "vnni_x4": ("nq_t16_f32_vnni", torch.float32), "vnni_int8_f32": ("nq_t16_f32_vnni8", torch.float32)}
+
+
+def _ring_pass(fn: Callable, ring: list[tuple[torch.Tensor, ...]], x: torch.Tensor, out: torch.Tensor,
+               sizes: tuple[int, ...]) -> list[float]:
+    """Milliseconds of each call of the T16 kernel ``fn`` over one pass of the ring of (q, scale, zero) copies, called
+    back to back; ``sizes`` = (N, K, group, threads, scale kind)."""
+    n, k, group, threads, kind = sizes
+    m = x.shape[0]
+    clock = CLOCK["fn"]
+    times = []
+    for q, sc, z in ring:
+        t = clock()
+        rc = fn(x.data_ptr(), q.data_ptr(), sc.data_ptr(), z.data_ptr(), None, out.data_ptr(), m, n, k, group,
+                threads, kind)
+        times.append((clock() - t) * 1e3)
+        if rc:
+            raise RuntimeError(f"{fn.__name__} returned {rc}")
+    return times
+
+
+def bench_activations(tokens: list[int], rounds: int, group: int) -> list[dict]:
+    """Per (N, K) of ACT_SHAPES and token count: ms per call and GB/s of each ACT_KERNELS kernel on a ring of
+    distinct weight copies (RING["mb"] MB), interleaved per round (see the module docstring)."""
+    lib = cpu_native.library()
+    caps = cpu_native.native_caps()
+    if lib is None or not caps & cpu_native.CAP_VNNI or not caps & cpu_native.CAP_BF16:
+        raise SystemExit("--activations needs the native kernels with AVX-512 BF16 and VNNI")
+    threads = torch.get_num_threads()
+    rows = []
+    # the dispatchers (nq_t16_bf16 / nq_t16_f32) on vdpbf16ps / FMA at every count, and the VNNI route exact
+    with cpu_native.avx512_bf16_only():
+        for n, k in ACT_SHAPES:
+            layer = _layer(n, k, group)
+            layer.backend = "cpu"
+            layer(torch.zeros(1, k, dtype=torch.bfloat16))  # packs the weights (T16) once
+            state = layer._prepared["cpu"]
+            weight_bytes = layer.q.numel() + state.scale.numel() * state.scale.element_size() + state.zero.numel()
+            copies = max(2, RING["mb"] * 2**20 // weight_bytes)
+            ring = [(layer.q, state.scale, state.zero)] + [
+                (layer.q.clone(), state.scale.clone(), state.zero.clone()) for _ in range(copies - 1)]
+            kind = cpu_native.SCALE_KINDS[state.scale.dtype]
+            for m in tokens:
+                x16 = torch.randn(m, k).bfloat16()
+                xs = {torch.bfloat16: x16, torch.float32: x16.float()}
+                outs = {dt: torch.empty(m, n, dtype=dt) for dt in xs}
+
+                samples: dict[str, list[list[float]]] = {name: [] for name in ACT_KERNELS}
+                for r in range(rounds + 1):  # the first round warms up
+                    for name, (fn, dt) in ACT_KERNELS.items():
+                        ms = _ring_pass(getattr(lib, fn), ring, xs[dt], outs[dt], (n, k, group, threads, kind))
+                        if r:
+                            samples[name].append(ms)
+                row: dict = {"N": n, "K": k, "M": m, "weight_bytes": weight_bytes, "ring_copies": len(ring)}
+                for name, passes in samples.items():
+                    med = statistics.median(t for p in passes for t in p)  # every call of every round
+                    rounds_med = [statistics.median(p) for p in passes]
+                    row[f"{name}_ms"] = med
+                    row[f"{name}_gbs"] = weight_bytes / (med / 1e3) / 1e9
+                    # noise: the rounds' medians, (max - min) / the median of all calls
+                    row[f"{name}_spread"] = (max(rounds_med) - min(rounds_med)) / med
+                    row[f"{name}_round_medians_ms"] = rounds_med
+                row["samples_ms"] = samples
+                rows.append(row)
+                print(f"  N={n} K={k} M={m}: " + ", ".join(
+                    f"{name} {row[f'{name}_ms']:.3f} ms ({row[f'{name}_gbs']:.1f} GB/s, spread "
+                    f"{100 * row[f'{name}_spread']:.0f}%)" for name in ACT_KERNELS), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512], help="token counts M")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help="token counts M (default: 1 8 32 128 512; with --activations 1 4)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (interleaved; medians)")
     parser.add_argument("--group-size", type=int, default=128, help="quantization group size")
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU part (when a GPU is present)")
@@ -406,13 +493,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall time, or this thread's CPU time (robust on a shared machine; needs --threads 1)")
+    parser.add_argument("--activations", action="store_true",
+                        help="only the few-token activation comparison (vdpbf16ps / FMA vs VNNI exact parts vs one "
+                             "int8 per element) on rings of weight copies, NVILA-Lite-2B shapes")
+    parser.add_argument("--rounds", type=int, default=15, help="--activations: interleaved passes over each ring")
     add_results_arg(parser)
     args = parser.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = [1, 4] if args.activations else [1, 8, 32, 128, 512]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if torch.get_num_threads() != 1:
+            parser.error("--clock thread measures one thread's CPU time: use it with --threads 1")
+        CLOCK["fn"] = time.thread_time
+    if args.activations:
+        RING["mb"] = args.ring_mb or 512
+        load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        print(f"CPU ({torch.get_num_threads()} threads): T16 kernels by activation handling, rings of "
+              f"~{RING['mb']} MB of weight copies, {args.rounds} interleaved rounds")
+        with torch.inference_mode():
+            rows = bench_activations(args.tokens, args.rounds, args.group_size)
+        names = list(ACT_KERNELS)
+        print(table(rows, ["N", "K", "M", *(f"{name}_gbs" for name in names)]))
+        print(table(rows, ["N", "K", "M", *(f"{name}_spread" for name in names)]))
+        payload = {"group_size": args.group_size, "tokens": args.tokens, "threads": torch.get_num_threads(),
+                   "rounds": args.rounds, "ring_mb": RING["mb"], "clock": args.clock,
+                   "kernels": {k: v[0] for k, v in ACT_KERNELS.items()},
+                   "load_average_start": load, "rows": rows,
+                   "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
+        variant = "-".join(["activations"] + ([f"{args.threads}thread"] if args.threads else [])
+                           + (["cputime"] if args.clock == "thread" else []))
+        print(f"wrote {write_result('kernels', payload, variant, 'cpu', args.results)}")
+        return
     if args.skip_cpu and not torch.cuda.is_available():
         print("--skip-cpu: no GPU here, nothing to measure (no results written)")
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
     CACHE["mode"] = args.cache
     RING["mb"] = args.ring_mb
     if args.cache != "warm":
@@ -420,10 +536,6 @@ def main(argv: list[str] | None = None) -> None:
         # functions' weights pass between two calls of one function, so its weights are out of cache even with a
         # larger L3 (the Emerald Rapids VM reports 300 MB)
         FLUSH["buf"] = torch.zeros(128 * 1024**2 // 4)
-    if args.clock == "thread":
-        if torch.get_num_threads() != 1:
-            parser.error("--clock thread measures one thread's CPU time: use it with --threads 1")
-        CLOCK["fn"] = time.thread_time
     torch.manual_seed(0)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     payload: dict = {"group_size": args.group_size, "tokens": args.tokens, "threads": torch.get_num_threads(),

@@ -34,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model; medians are reported (default: 3)")
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per timed run (default: 16)")
     p.add_argument("--html", action="store_true", help="also write a single self-contained report.html")
+    p.add_argument("--cpu-activations", choices=["int8"], default=None,
+                   help="also run each candidate with int8 activations in the CPU int4 kernels "
+                   "(NVILA_QUANT_CPU_ACTIVATIONS=int8, AVX-512 VNNI) as an extra row: its KL and argmax agreement "
+                   "against the reference next to the exact mode's (--device cpu)")
     add_benchmark_flags(p)
     add_overwrite(p, what="the output folder")
     p.set_defaults(func=run)
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, speed=not args.no_speed, repeats=args.repeats,
         decode_tokens=args.decode_tokens, html=args.html, overwrite=args.overwrite,
         tasks=(args.tasks or "").split(",") if args.tasks else [], tasks_paths=args.tasks_path, limit=args.limit,
+        cpu_activations=args.cpu_activations,
     )
     report = compare(args.reference, args.candidate, args.output, cfg, onnx_dir=args.onnx)
     for c in report["candidates"]:

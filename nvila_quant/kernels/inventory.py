@@ -34,6 +34,7 @@ _SCAN = 1024  # token counts scanned (every default threshold lies below; the C 
 _NAMES = {
     "vnni-int8x2": "T16 on VNNI, bf16 x as two int8 parts",
     "vnni-int8x4": "T16 on VNNI, fp32 x as two 15-bit parts",
+    "vnni-int8x1": "T16 on VNNI, x as one int8 per element (NVILA_QUANT_CPU_ACTIVATIONS=int8: not exact)",
     "amx-tiles": "T16 on AMX tiles",
     "amx-gemm": "tiled AMX GEMM on weights dequantized to bf16 once per call",
     "avx512-bf16": "T16, AVX-512 BF16 (vdpbf16ps)",

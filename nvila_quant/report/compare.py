@@ -50,6 +50,10 @@ class CompareConfig:
         speed: measure speed and memory (each model in its own process).
         tasks: benchmark tasks run through lmms-eval on every model (``nvila-quant eval``'s; none by default), from
             lmms-eval or from the task folders ``tasks_paths``, ``limit`` documents each.
+        cpu_activations: "int8": each candidate also runs with one int8 per activation element in the CPU int4 kernels
+            (``NVILA_QUANT_CPU_ACTIVATIONS=int8``), as an extra row "<name> (int8 activations)": its accuracy with
+            every T16 kernel call's activations quantized (prefill included, so each answer position sees what a
+            decode step with int8 activations computes), its speed with the setting as deployed.
     """
 
     eval_data: str = "builtin"
@@ -65,6 +69,7 @@ class CompareConfig:
     tasks: list[str] = field(default_factory=list)
     tasks_paths: list[str] = field(default_factory=list)
     limit: int | None = None
+    cpu_activations: str | None = None
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -73,6 +78,16 @@ class CompareConfig:
             self.dtype = "fp16" if self.device.startswith("cuda") else "bf16"
         if self.repeats < 1 or self.decode_tokens < 2:
             raise NVILAError(f"need repeats >= 1 and decode_tokens >= 2 (got {self.repeats}, {self.decode_tokens})")
+        if self.cpu_activations not in (None, "exact", "int8"):
+            raise NVILAError(f"cpu_activations must be 'exact' or 'int8', got {self.cpu_activations!r}")
+        if self.cpu_activations == "int8":
+            from nvila_quant.kernels.cpu import native
+
+            if self.device != "cpu":
+                raise NVILAError(f"int8 activations are a CPU kernel mode: compare on --device cpu (got {self.device})")
+            if not native.native_caps() & native.CAP_VNNI:
+                raise NVILAError("int8 activations need the native CPU kernels with AVX-512 VNNI, which this machine "
+                                 f"lacks ({native.unavailable_reason() or 'no AVX-512 VNNI'})")
 
 
 def _llm_geometry(path: Path) -> dict:
@@ -168,6 +183,20 @@ def _load(path: Path, cfg: CompareConfig, **kwargs):
     return NVILAQwen2.load_pretrained(path, torch_dtype=cfg.dtype, device=cfg.device, **kwargs)
 
 
+INT8_ACTIVATIONS = "int8 activations"  # the extra rows' suffix and their quantization["activations"]
+
+
+def _int8_activations():
+    """Every T16 kernel call with one int8 per activation element (prefill too: the answer logits come from one
+    forward over the whole conversation)."""
+    from nvila_quant.kernels.cpu.settings import cpu_settings
+    from nvila_quant.settings import overrides
+
+    # (dense_min_tokens: where a CPU hands long prefills to dequantize + dense matmul - AMX-class CPUs whose OS refuses
+    # AMX - the T16 kernels keep them)
+    return overrides(cpu_settings(), activations="int8", int8_max_tokens=1 << 40, dense_min_tokens=1 << 40)
+
+
 def _free(model) -> None:
     del model
     gc.collect()
@@ -227,10 +256,19 @@ def compare(
         if len(model.tokenizer) != ref_vocab:
             raise CheckpointError(f"candidate {path} has {len(model.tokenizer)} tokens, the reference {ref_vocab}")
         out = run_model(model, evalset, cfg.n_generate, cfg.max_new_tokens, desc=name)
+        out8 = None
+        if cfg.cpu_activations == "int8":
+            with _int8_activations():
+                out8 = run_model(model, evalset, cfg.n_generate, cfg.max_new_tokens, desc=f"{name} int8")
         _free(model)
         results.append({"name": name, "path": str(path.absolute()), "quantization": _quantization(path),
                         "accuracy": compare_outputs(ref_out, out), "layer_losses": _layer_losses(path),
                         "lm_head": _head_losses(path)})
+        if out8 is not None:  # the same checkpoint, int8 activations: a row of its own (no repeated loss plots)
+            results.append({"name": f"{name} ({INT8_ACTIVATIONS})", "path": str(path.absolute()),
+                            "quantization": {**_quantization(path), "activations": "int8"},
+                            "accuracy": compare_outputs(ref_out, out8), "layer_losses": [], "lm_head": None})
+    cands = [Path(r["path"]) for r in results]  # (each int8 row after its candidate's)
     onnx = _onnx_check(Path(onnx_dir), reference, ref_out, evalset, cfg) if onnx_dir else None
 
     ref_size = _sizes(reference)
@@ -243,7 +281,8 @@ def compare(
         "machine": machine_info(cfg.device),
         "settings": {"device": cfg.device, "dtype": cfg.dtype, "eval_data": evalset.source,
                      "conversations": len(evalset.conversations), "texts": len(evalset.texts),
-                     "repeats": cfg.repeats, "decode_tokens": cfg.decode_tokens},
+                     "repeats": cfg.repeats, "decode_tokens": cfg.decode_tokens,
+                     "cpu_activations": cfg.cpu_activations or "exact"},
         "reference": {"name": "reference", "path": str(reference.absolute()), "size": ref_size},
         "candidates": results,
         "onnx": onnx,
@@ -257,7 +296,8 @@ def compare(
             report["reference"]["speed"] = measure_in_subprocess(str(reference), str(image), tmp / "speed_ref.json",
                                                                  **kw)
             for i, (r, path) in enumerate(zip(results, cands, strict=True)):
-                r["speed"] = measure_in_subprocess(str(path), str(image), tmp / f"speed_{i}.json", **kw)
+                env = {"NVILA_QUANT_CPU_ACTIVATIONS": "int8"} if r["quantization"].get("activations") else None
+                r["speed"] = measure_in_subprocess(str(path), str(image), tmp / f"speed_{i}.json", env=env, **kw)
                 r["speed_ratio"] = _speed_ratios(r["speed"], report["reference"]["speed"])
             for f in tmp.glob("speed_*.json"):
                 f.unlink()
@@ -314,7 +354,12 @@ def _document(report: dict, folder: Path) -> list[tuple]:
               + (" Candidates marked \"int4 lm_head\" also quantize the output head (`--quantize-lm-head`): their "
                  "KL includes its cost (the padding rows of their vocabulary, tokens the reference never predicts, "
                  "count through the normalization only)." if any(c["quantization"].get("lm_head") for c in cands)
-                 else "")),
+                 else "")
+              + (f" Rows marked \"{INT8_ACTIVATIONS}\" are the candidate above them with one int8 per activation "
+                 "element in the CPU int4 kernels (`NVILA_QUANT_CPU_ACTIVATIONS=int8`, scale `max|x| / 127` per "
+                 "`64` elements: the peers' kind of accuracy, as llama.cpp's Q8_0 activations), on every call here, "
+                 "prefill included; their speed is measured with the setting as deployed (few-token calls)."
+                 if any(c["quantization"].get("activations") for c in cands) else "")),
         ("table",
          ["candidate", "method", "mean KL", "max KL", "argmax agreement", "answer ppl", "answer ppl (ref)",
           "text ppl", "text ppl (ref)", "visual cosine (min)", "visual max-abs"],
@@ -403,6 +448,8 @@ def _method(q: dict) -> str:
         parts.append(f"g{q['group_size']}")
     if q.get("lm_head"):
         parts.append("+ int4 lm_head")
+    if q.get("activations"):
+        parts.append(f"+ {q['activations']} activations")
     return " ".join(parts)
 
 

@@ -54,7 +54,8 @@ def measure_speed(
 
 
 def measure_in_subprocess(model_dir: str, image: str, output: Path, **kwargs) -> dict:
-    """Run :func:`measure_speed` in a child Python process and read its JSON."""
+    """Run :func:`measure_speed` in a child Python process and read its JSON (``env``: extra environment variables
+    of the child, e.g. a kernel setting)."""
     cmd = [sys.executable, "-m", "nvila_quant.report.speed", "--model", str(model_dir), "--image", str(image),
            "--output", str(output), "--device", kwargs.get("device", "cpu"),
            "--repeats", str(kwargs.get("repeats", 3)), "--decode-tokens", str(kwargs.get("decode_tokens", 16))]
@@ -62,7 +63,7 @@ def measure_in_subprocess(model_dir: str, image: str, output: Path, **kwargs) ->
         cmd += ["--dtype", kwargs["dtype"]]
     if kwargs.get("load_kwargs"):
         cmd += ["--load-kwargs", json.dumps(kwargs["load_kwargs"])]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(kwargs.get("env") or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"speed measurement of {model_dir} failed:\n{proc.stderr[-3000:]}")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nvila_quant.errors import ConfigError
 from nvila_quant.formats import QTensor
 from nvila_quant.kernels.cpu import dispatch as cpu_backend
 from nvila_quant.kernels.cpu import layout as cpu_layout
@@ -256,6 +257,110 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
         assert torch.equal(_t16_call(lib.nq_t16_f32, fast, x.float()), _t16_call(lib.nq_t16_f32_vnni, fast, x.float()))
 
 
+def _int8_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) as the int8 activation mode quantizes it, in fp64: per 64-wide chunk xs = max|x| / 127 and xq = x *
+    (127 / max|x|) rounded to fp32, then to the nearest integer (ties to even), each fp32 operation rounded once as
+    the kernel's are; and the chunks' max|x| (M, K/64)."""
+    m, k = x.shape
+    xb = x.double().view(m, k // 64, 64)
+    mx = xb.abs().amax(-1, keepdim=True)
+    inv = (127.0 / mx).float().double()  # (fp64 then fp32: the correctly rounded fp32 quotient / product)
+    xs = (mx / 127.0).float().double()
+    xq = torch.round((xb * inv).float().double())
+    return torch.where(mx > 0, xq * xs, 0.0).view(m, k), mx.view(m, k // 64)
+
+
+def test_vnni_int8_activations_within_the_derived_bound() -> None:
+    """The one-part int8 mode (NVILA_QUANT_CPU_ACTIVATIONS=int8; nq_t16_bf16_vnni8 / nq_t16_f32_vnni8): x per 64-wide
+    chunk as one int8 with scale max|x| / 127. With fp32 output it is the product of those int8 activations to fp32
+    accuracy (which pins the quantization: blocks of 32 or another rounding would differ by ~1e-3); against the
+    reference (exact x, fp32 weights) each output stays within the bound the rounding allows - an element is off by at
+    most half a step, max|x_c| / 254 of its chunk c, so |y_n - ref_n| <= sum_c max|x_c| / 254 * sum_{k in c} |W_nk| -
+    plus the output's rounding (bf16: 2^-8 relative) and fp32 sums; token counts through every pass shape, tails,
+    group sizes, scale dtypes, bias, 1000x outlier channels; NaN / infinity / zeros as the exact kernels."""
+    if not cpu_native.native_caps() & cpu_native.CAP_VNNI or not cpu_native.native_caps() & cpu_native.CAP_BF16:
+        pytest.skip("no AVX-512 VNNI + BF16 here")
+    rng = torch.Generator().manual_seed(13)
+    lib = cpu_native.library()
+    # single units with 1-4 tokens (and 4 + 1); blocks of 8 units for 1 token (with 2 threads), of 4 units for 1-4
+    # tokens at a time (7 = 4 + 3)
+    cases = [(16, 64, 64, 1), (144, 256, 128, 1), (80, 128, 128, 2), (64, 256, 64, 3), (48, 192, 192, 4),
+             (96, 256, 256, 5), (1024, 128, 128, 1), (256, 512, 128, 1), (272, 256, 64, 2), (256, 192, 192, 3),
+             (256, 512, 64, 4), (320, 256, 128, 7)]
+    for i, (n, k, group, m) in enumerate(cases):
+        qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
+                                bias=torch.randn(n, generator=rng) if i % 2 else None,
+                                scale_dtype=(torch.float32, torch.bfloat16, torch.float16)[i % 3])
+        fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+        fast.prepare("cpu", torch.bfloat16)
+        outlier = torch.where(torch.rand(k, generator=rng) < 0.02, 1000.0, 1.0)
+        x = (torch.randn(m, k, generator=rng) * outlier).to(torch.bfloat16)
+        w = ref.dequantize_weight(torch.float64)
+        b = None if ref.bias is None else ref.bias.double()
+        x8, mx = _int8_x(x)
+        expect = F.linear(x.double(), w, b)
+        bound = (mx / 254) @ w.abs().view(n, k // 64, 64).sum(-1).t()  # (M, N): sum_c max|x_c| / 254 sum |W|
+        sums = x.double().abs() @ w.abs().t()  # scale of the fp32 accumulation errors
+        got = _t16_call(lib.nq_t16_bf16_vnni8, fast, x)
+        got32 = _t16_call(lib.nq_t16_f32_vnni8, fast, x.float())
+        assert torch.equal(_t16_call(lib.nq_t16_bf16_vnni8, fast, x, threads=24), got)  # blocks of 1 unit
+        assert _rel(got32, F.linear(x8, w, b)) < 1e-6, (n, k, group, m)
+        assert (got.double() - expect).abs().le(bound + got.double().abs() * 2**-8 + 1e-5 * sums).all(), (n, k, m)
+        assert (got32.double() - expect).abs().le(bound + 1e-5 * sums).all(), (n, k, group, m)
+        assert _rel(got32, expect) > 1e-4  # (not the exact kernels' accuracy: the mode is taken)
+    special = torch.ones(3, k).bfloat16()
+    special[0, 3], special[1, k - 1], special[2] = float("nan"), float("inf"), 0.0
+    bias = fast.kernel_state("cpu").bias
+    for fn, xs in ((lib.nq_t16_bf16_vnni8, special), (lib.nq_t16_f32_vnni8, special.float())):
+        out = _t16_call(fn, fast, xs)
+        assert not out[:2].isfinite().any() and (out[2] == (0 if bias is None else bias.to(xs.dtype).float())).all()
+
+
+def test_int8_activations_setting_routes_few_tokens_to_the_one_part_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVILA_QUANT_CPU_ACTIVATIONS=int8 sends bf16 and fp32 calls of up to NVILA_QUANT_CPU_INT8_MAX_TOKENS tokens to
+    the one-part kernel (the dispatchers and the module path, bit-identical to it; t16_route says "vnni-int8x1"), more
+    tokens keep their exact kernel; the default is exact, and leaving the setting restores the exact routes."""
+    if not cpu_native.native_caps() & cpu_native.CAP_VNNI or not cpu_native.native_caps() & cpu_native.CAP_BF16:
+        pytest.skip("no AVX-512 VNNI + BF16 here")
+    monkeypatch.delenv("NVILA_QUANT_CPU_ACTIVATIONS", raising=False)
+    monkeypatch.delenv("NVILA_QUANT_CPU_INT8_MAX_TOKENS", raising=False)
+    assert CpuSettings.from_env().activations == "exact"
+    assert cpu_native.int8_max_tokens(CpuSettings.from_env()) == (0, 0)
+    monkeypatch.setenv("NVILA_QUANT_CPU_ACTIVATIONS", "int8")
+    assert cpu_native.int8_max_tokens(CpuSettings.from_env()) == cpu_native.INT8_MAX_TOKENS == (2, 64)
+    monkeypatch.setenv("NVILA_QUANT_CPU_INT8_MAX_TOKENS", "16")
+    assert cpu_native.int8_max_tokens(CpuSettings.from_env()) == (16, 16)
+    monkeypatch.setenv("NVILA_QUANT_CPU_ACTIVATIONS", "int4")
+    with pytest.raises(ConfigError, match="NVILA_QUANT_CPU_ACTIVATIONS must be one of exact, int8, got 'int4'"):
+        CpuSettings.from_env()
+    lib = cpu_native.library()
+    qt = _layer(128, 256, 64, True)
+    fast = QuantLinear.from_qtensor(qt, "cpu")
+    fast.prepare("cpu", torch.bfloat16)
+    rng = torch.Generator().manual_seed(3)
+    xs = {m: torch.randn(m, 256, generator=rng).bfloat16() for m in (1, 3, 4)}
+    with overrides(cpu_settings(), activations="exact"):
+        routes = {(dt, m): cpu_native.t16_route(dt, m) for dt in (torch.bfloat16, torch.float32) for m in xs}
+        exact = {m: (_t16_call(lib.nq_t16_bf16, fast, x), _t16_call(lib.nq_t16_f32, fast, x.float()), fast(x))
+                 for m, x in xs.items()}
+    assert "vnni-int8x1" not in routes.values()
+    with overrides(cpu_settings(), activations="int8", int8_max_tokens=3):
+        for m, x in xs.items():
+            one_part = m <= 3
+            for dt in (torch.bfloat16, torch.float32):
+                assert cpu_native.t16_route(dt, m) == ("vnni-int8x1" if one_part else routes[dt, m]), (dt, m)
+            bf16, f32 = _t16_call(lib.nq_t16_bf16, fast, x), _t16_call(lib.nq_t16_f32, fast, x.float())
+            if one_part:
+                assert torch.equal(bf16, _t16_call(lib.nq_t16_bf16_vnni8, fast, x)), m
+                assert torch.equal(f32, _t16_call(lib.nq_t16_f32_vnni8, fast, x.float())), m
+                assert torch.equal(fast(x).float(), bf16), m  # the module path (bound layer) too
+            else:
+                assert torch.equal(bf16, exact[m][0]) and torch.equal(f32, exact[m][1]), m
+    with overrides(cpu_settings(), activations="exact"):  # re-applied when the setting changes back
+        assert {(dt, m): cpu_native.t16_route(dt, m) for dt, m in routes} == routes
+        assert all(torch.equal(fast(x), exact[m][2]) for m, x in xs.items())
+
+
 def test_vnni_kernel_without_vbmi_permutes_words_to_the_same_sums() -> None:
     """CPUs with AVX-512 VNNI + BF16 but no VBMI (Cooper Lake) pair the T16 rows with vpermw instead of vpermb: the
     library built for them gives bit-identical outputs here (bf16 and fp32 activations)."""
@@ -269,7 +374,8 @@ def test_vnni_kernel_without_vbmi_permutes_words_to_the_same_sums() -> None:
         fast = QuantLinear.from_qtensor(QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True), "cpu")
         fast.prepare("cpu", torch.bfloat16)
         x = torch.randn(m, k, generator=rng).bfloat16()
-        for name, xs in (("nq_t16_bf16_vnni", x), ("nq_t16_f32_vnni", x.float())):
+        for name, xs in (("nq_t16_bf16_vnni", x), ("nq_t16_f32_vnni", x.float()), ("nq_t16_bf16_vnni8", x),
+                         ("nq_t16_f32_vnni8", x.float())):
             native = _t16_call(getattr(cpu_native.library(), name), fast, xs)
             assert torch.equal(_t16_call(getattr(lib, name), fast, xs), native), (name, n, k, group, m)
 
@@ -300,9 +406,13 @@ def test_vnni_without_bf16_serves_fp32_and_bf16_activations(monkeypatch: pytest.
         assert _rel(got, ref(x.float())) < 1e-5, m
     state, x, out = (fast.kernel_state("cpu"), torch.randn(1, 256, dtype=torch.bfloat16),
                      torch.empty(1, 128, dtype=torch.bfloat16))
-    rc = lib.nq_t16_bf16_vnni(x.data_ptr(), fast.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(), None,
-                              out.data_ptr(), 1, 128, 256, 64, 2, cpu_native.SCALE_KINDS[state.scale.dtype])
-    assert rc == -2  # the bf16 one is not compiled without BF16
+    for fn in (lib.nq_t16_bf16_vnni, lib.nq_t16_bf16_vnni8):
+        rc = fn(x.data_ptr(), fast.q.data_ptr(), state.scale.data_ptr(), state.zero.data_ptr(), None, out.data_ptr(), 1,
+                128, 256, 64, 2, cpu_native.SCALE_KINDS[state.scale.dtype])
+        assert rc == -2  # the bf16 ones are not compiled without BF16
+    # the one-part int8 mode for fp32 x (and so for these CPUs' bf16 activations): the same sums as here
+    x4 = torch.randn(4, 256, dtype=torch.bfloat16).float()
+    assert torch.equal(_t16_call(lib.nq_t16_f32_vnni8, fast, x4), _t16_call(native.nq_t16_f32_vnni8, fast, x4))
 
 
 def test_vnni_threshold_covers_the_tokens_amx_would_take_when_the_os_refuses_it(

@@ -153,3 +153,52 @@ def test_int4_lm_head_kl_is_reported(tiny_nvila, tmp_path):
     assert "## Int4 output head" in md and f"| rtn-head | {b['lm_head']['tokens']} |" in md
     missing = [x for x in _md_numbers(md) if x not in _json_numbers(json.loads((out / "report.json").read_text()))]
     assert not missing, missing
+
+
+def test_int8_cpu_activations_get_a_row_of_their_own(tiny_nvila, tmp_path, capsys, monkeypatch):
+    """``--cpu-activations int8``: each candidate is also run with one int8 per activation element in the CPU int4
+    kernels, as the row "<name> (int8 activations)" after it - its own KL / argmax agreement against the reference
+    (the int8 rounding costs KL beyond the exact mode's), its speed measured with NVILA_QUANT_CPU_ACTIVATIONS=int8
+    in the child process; the setting is back to exact afterwards. Refused off CPU."""
+    from nvila_quant.kernels.cpu import native
+    from nvila_quant.kernels.cpu.settings import cpu_settings
+    from nvila_quant.quant.config import AWQConfig
+    from nvila_quant.quant.runner import quantize
+    from nvila_quant.report import compare as compare_module
+
+    with pytest.raises(NVILAError, match="CPU kernel mode"):
+        CompareConfig(device="cuda", cpu_activations="int8")
+    if not native.native_caps() & native.CAP_VNNI:
+        with pytest.raises(NVILAError, match="AVX-512 VNNI"):
+            CompareConfig(device="cpu", cpu_activations="int8")
+        pytest.skip("no AVX-512 VNNI here")
+    settings = dict(method="rtn", targets="llm", n_samples=2, seqlen=256, text_ratio=0.5)
+    rtn = quantize(tiny_nvila, AWQConfig(**settings), "builtin", tmp_path / "rtn", progress=False).output
+    builtin = load_eval_set("builtin")
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text("".join(json.dumps({"image": str(c.image), "text": c.caption}) + "\n"
+                               for c in builtin.conversations[:2]) + json.dumps({"text": builtin.texts[0]}) + "\n")
+    envs = []
+
+    def fake_speed(model_dir, image, output, **kwargs):  # the child's environment, not a timing
+        envs.append(kwargs.get("env"))
+        return {"vision_encode_ms": 1.0, "ttft_ms": 1.0, "decode_tokens_per_s": 1.0, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(compare_module, "measure_in_subprocess", fake_speed)
+    out = tmp_path / "report"
+    assert main(["compare", "--reference", str(tiny_nvila), "--candidate", str(rtn), "--output", str(out),
+                 "--eval-data", str(evalset), "--generations", "1", "--max-new-tokens", "3", "--dtype", "bf16",
+                 "--device", "cpu", "--cpu-activations", "int8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    exact, int8 = report["candidates"]
+    assert int8["name"] == f"{exact['name']} (int8 activations)" and int8["path"] == exact["path"]
+    assert int8["quantization"] == {**exact["quantization"], "activations": "int8"}
+    assert report["settings"]["cpu_activations"] == "int8"
+    # not a theorem, but what this seeded model gives: int8 activations add KL to the int4 weights'
+    assert 0 < exact["accuracy"]["kl_mean"] < int8["accuracy"]["kl_mean"]
+    assert envs == [None, None, {"NVILA_QUANT_CPU_ACTIVATIONS": "int8"}]  # reference, candidate, its int8 row
+    md = (out / "report.md").read_text()
+    assert "rtn w4 g128 + int8 activations" in md and "Rows marked \"int8 activations\"" in md
+    assert not [x for x in _md_numbers(md) if x not in _json_numbers(report)]  # every number in the JSON too
+    assert f"{int8['name']}: mean KL" in capsys.readouterr().out
+    assert cpu_settings().activations == "exact" and native.int8_max_tokens(cpu_settings()) == (0, 0)

@@ -6,6 +6,8 @@
   activations with vdpbf16ps, fp32 ones (and bf16 ones on AVX-512 CPUs without BF16) with the exact fp32 weights
   and FMA. On CPUs with AMX the C dispatcher runs the bf16 kernel on VNNI for few tokens, on AMX tiles from
   ``amx_min_tokens`` and as a tiled GEMM on weights dequantized once per call from ``amx_gemm_min_tokens``.
+  ``activations="int8"`` (opt-in, AVX-512 VNNI) sends few-token calls to the VNNI kernel with one int8 per activation
+  element (the C dispatcher, by ``native.int8_max_tokens``): the peers' accuracy, not the output's rounding.
 * other layers, few tokens: kernels on nibble rows (K % 32); many tokens: dequantize (native, bit exact) blocks of
   output rows into a reused cache-sized buffer and run a dense bf16 / fp32 matmul per block.
 * CPUs with AVX2 but no AVX-512: the fp32 T16 kernel (8-lane) for fp32 activations; bf16 ones take torch's op.

@@ -34,6 +34,7 @@ __all__ = [
     "CAP_F32",
     "CAP_T16_F32",
     "CAP_VNNI",
+    "INT8_MAX_TOKENS",
     "SCALE_KINDS",
     "NativeKernelError",
     "NativeLayer",
@@ -42,6 +43,7 @@ __all__ = [
     "check_rc",
     "default_vnni_max_tokens",
     "dequantize_nibbles",
+    "int8_max_tokens",
     "library",
     "load_library",
     "native_available",
@@ -67,6 +69,9 @@ CAP_F32, CAP_BF16, CAP_T16_F32, CAP_AMX, CAP_VNNI = 1, 2, 4, 8, 16  # nq_caps() 
 AMX_CPU = "amx_bf16" in cpu_fingerprint().split()
 # how the kernels read scales: as QuantLinear stores them (the checkpoint's dtype); zero points are uint8
 SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# NVILA_QUANT_CPU_ACTIVATIONS=int8: calls of up to this many tokens take one int8 per element (bf16 / fp16, fp32
+# activations): where it was not slower than the exact kernels on Zen 4 (benchmarks/README.md, "Activations")
+INT8_MAX_TOKENS = (2, 64)
 
 
 class NativeKernelError(RuntimeError):
@@ -99,13 +104,15 @@ def load_library(march: str = "native") -> ctypes.CDLL:
     lib.nq_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint, cint]
     lib.nq_linear_bf16_64.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
     t16_kernels = ("nq_t16_bf16", "nq_t16_f32", "nq_t16_bf16_amx", "nq_t16_bf16_amx_gemm", "nq_t16_bf16_vnni",
-                   "nq_t16_f32_vnni")
+                   "nq_t16_f32_vnni", "nq_t16_bf16_vnni8", "nq_t16_f32_vnni8")
     for fn in t16_kernels:
         getattr(lib, fn).argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, cint]
     lib.nq_amx_init.restype = cint
     for fn in ("nq_set_amx_min_tokens", "nq_set_amx_gemm_min_tokens"):
         getattr(lib, fn).argtypes, getattr(lib, fn).restype = [i64], i64
-    lib.nq_set_vnni_max_tokens.argtypes, lib.nq_set_vnni_max_tokens.restype = [i64, cint], i64
+    for fn in ("nq_set_vnni_max_tokens", "nq_set_vnni_int8_max_tokens"):
+        getattr(lib, fn).argtypes, getattr(lib, fn).restype = [i64, cint], i64
+    lib.nq_vnni_int8.argtypes, lib.nq_vnni_int8.restype = [i64, cint], cint
     layer_argtypes = [ptr, ptr, ptr, i64, cint]
     lib.nq_layer_bf16.argtypes = lib.nq_layer_t16_bf16.argtypes = lib.nq_layer_t16_f32.argtypes = layer_argtypes
     lib.nq_t16_pack.argtypes = lib.nq_t16_unpack.argtypes = [ptr, ptr, i64, i64]
@@ -127,11 +134,23 @@ def default_vnni_max_tokens(amx_cpu: bool, amx_granted: bool) -> int:
 
 
 def vnni_thresholds(settings: CpuSettings, amx_granted: bool) -> tuple[int, int]:
-    """(bf16, fp32) token limits of the VNNI kernels: the settings', or the measured defaults for this CPU."""
+    """(bf16, fp32) token limits of the VNNI kernels with exact activations: the settings', or the measured defaults
+    for this CPU (fp32: 64 - every count below the dense path's 48 on AMX-class CPUs; on Zen 4 the two 15-bit parts
+    beat the FMA kernel at every count measured, 1 to 64)."""
     bf16 = settings.vnni_max_tokens
     f32 = settings.vnni_f32_max_tokens
-    return (default_vnni_max_tokens(AMX_CPU, amx_granted) if bf16 is None else bf16,
-            (64 if AMX_CPU else 2) if f32 is None else f32)
+    return (default_vnni_max_tokens(AMX_CPU, amx_granted) if bf16 is None else bf16, 64 if f32 is None else f32)
+
+
+def int8_max_tokens(settings: CpuSettings) -> tuple[int, int]:
+    """Up to how many tokens (bf16 / fp16, fp32) activations go to the VNNI kernel as one int8 per element: none
+    unless ``NVILA_QUANT_CPU_ACTIVATIONS=int8``, then ``NVILA_QUANT_CPU_INT8_MAX_TOKENS`` (both) or
+    :data:`INT8_MAX_TOKENS`."""
+    if settings.activations != "int8":
+        return 0, 0
+    if settings.int8_max_tokens is not None:
+        return settings.int8_max_tokens, settings.int8_max_tokens
+    return INT8_MAX_TOKENS
 
 
 def _apply_thresholds(lib: ctypes.CDLL, settings: CpuSettings) -> None:
@@ -143,6 +162,9 @@ def _apply_thresholds(lib: ctypes.CDLL, settings: CpuSettings) -> None:
     bf16, f32 = vnni_thresholds(settings, amx)
     lib.nq_set_vnni_max_tokens(bf16, 0)
     lib.nq_set_vnni_max_tokens(f32, 1)
+    int8_bf16, int8_f32 = int8_max_tokens(settings)
+    lib.nq_set_vnni_int8_max_tokens(int8_bf16, 0)
+    lib.nq_set_vnni_int8_max_tokens(int8_f32, 1)
 
 
 SLOW_PATH = ("int4 matmuls run on torch's int4 op (few tokens) or dequantize + matmul instead: several times "
@@ -212,7 +234,8 @@ def amx_active() -> bool:
 def avx512_bf16_only() -> Iterator[None]:
     """Within the block the T16 kernels run on AVX-512 at every token count (bf16: vdpbf16ps, fp32: FMA): no AMX, no
     VNNI (benchmarks and tests compare)."""
-    with overrides(cpu_settings(), amx_min_tokens=0, amx_gemm_min_tokens=0, vnni_max_tokens=0, vnni_f32_max_tokens=0):
+    with overrides(cpu_settings(), amx_min_tokens=0, amx_gemm_min_tokens=0, vnni_max_tokens=0, vnni_f32_max_tokens=0,
+                   activations="exact"):
         yield
 
 
@@ -234,8 +257,9 @@ _ROUTES = {0: None, 1: "vnni", 2: "amx-tiles", 3: "amx-gemm"}  # nq_t16_route's 
 
 def t16_route(x_dtype: torch.dtype, tokens: int) -> str | None:
     """Which native T16 kernel a call of ``tokens`` rows takes here, as the C dispatcher decides: "vnni-int8x2" (bf16
-    x as two int8 parts), "vnni-int8x4" (fp32 x: two 15-bit parts as int8 pairs), "amx-tiles", "amx-gemm",
-    "avx512-bf16", "avx512-fma" / "avx2-fma" (fp32 weights), or None (no T16 kernel)."""
+    x as two int8 parts), "vnni-int8x4" (fp32 x: two 15-bit parts as int8 pairs), "vnni-int8x1" (x as one int8 per
+    element: ``NVILA_QUANT_CPU_ACTIVATIONS=int8``), "amx-tiles", "amx-gemm", "avx512-bf16", "avx512-fma" /
+    "avx2-fma" (fp32 weights), or None (no T16 kernel)."""
     kernel = t16_kernel(x_dtype)
     lib = library()
     if kernel is None or lib is None:
@@ -243,6 +267,8 @@ def t16_route(x_dtype: torch.dtype, tokens: int) -> str | None:
     f32 = kernel == "f32"
     route = _ROUTES[lib.nq_t16_route(tokens, int(f32))]
     if route == "vnni":
+        if lib.nq_vnni_int8(tokens, int(f32)):
+            return "vnni-int8x1"
         return "vnni-int8x4" if f32 else "vnni-int8x2"
     if route is not None:
         return route

@@ -36,8 +36,18 @@ class CpuSettings(Settings):
     # bf16 activations as int8 parts on VNNI up to this many tokens (None: 4 on AMX CPUs, 64 if the OS refuses AMX,
     # 0 elsewhere; 0: never)
     vnni_max_tokens: int | None = knob("NVILA_QUANT_CPU_VNNI_MAX_TOKENS", None, int, minimum=0, optional=True)
-    # fp32 activations as two 15-bit integer parts on VNNI up to this many tokens (None: 64 on AMX CPUs, else 2)
+    # fp32 activations as two 15-bit integer parts on VNNI up to this many tokens (None: 64)
     vnni_f32_max_tokens: int | None = knob("NVILA_QUANT_CPU_VNNI_F32_MAX_TOKENS", None, int, minimum=0, optional=True)
+    # activations of few-token calls: "exact" (within the bf16 / fp32 output's rounding: the VNNI kernels' int8 parts
+    # above, or vdpbf16ps / FMA) or "int8" (explicit opt-in, CPUs with AVX-512 VNNI: bf16, fp16 and fp32 x of calls up
+    # to int8_max_tokens tokens quantized to ONE int8 per element, scale max|x| / 127 per 64-wide chunk, one vpdpbusd
+    # per weight vector - the peers' kind of accuracy (llama.cpp's Q8_0 activations, ONNX Runtime's MatMulNBits level
+    # 4): each element off by up to 1/254 of its chunk's largest; `nvila-quant compare --cpu-activations int8` shows
+    # the cost in KL)
+    activations: str = knob("NVILA_QUANT_CPU_ACTIVATIONS", "exact", str, choices=("exact", "int8"))
+    # with activations "int8": up to this many tokens (None: 2 for bf16 / fp16 activations, 64 for fp32 ones:
+    # native.INT8_MAX_TOKENS); more stay exact
+    int8_max_tokens: int | None = knob("NVILA_QUANT_CPU_INT8_MAX_TOKENS", None, int, minimum=0, optional=True)
     # packed weights of 2 MB or more on transparent huge pages (Linux)
     huge_pages: bool = knob("NVILA_QUANT_CPU_HUGE_PAGES", True, bool)
 
