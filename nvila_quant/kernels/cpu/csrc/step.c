@@ -3,7 +3,8 @@
 // Activations are fp32 (dt = 0) or bf16 (dt = 1); the arithmetic is fp32 and every result is rounded where
 // transformers' Qwen2 rounds it in that dtype (each bf16 op of the eager forward is one fp32 op plus one rounding), so
 // the elementwise ops are bitwise the eager ones; the two reductions (RMSNorm's mean, attention's sums) add in
-// another order, and SiLU uses libm's expf: outputs may differ from the eager step by one rounding at most.
+// another order, and exp is our own (nq_expf, within ~2 ulp of fp32): outputs may differ from the eager step by a
+// rounding.
 // Portable C (the compiler vectorizes the loops); no allocation; one thread (the ops are microseconds).
 #include "nq_shared.h"
 #include <math.h>
@@ -13,6 +14,94 @@ static inline float ld(const void* p, int64_t i, int dt) {
 }
 
 static inline float rnd(float v, int dt) { return dt ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+// exp(x) in fp32 within ~2 ulp (Cody-Waite reduction by ln 2, Cephes' degree-6 polynomial); branch-free, so the
+// loops that call it vectorize (libm's expf does not). NaN stays NaN; the range is clamped to finite results.
+static inline float nq_expf(float x) {
+    x = x > 88.3762626647949f ? 88.3762626647949f : x;
+    x = x < -87.3365447504f ? -87.3365447504f : x;
+    const float fx = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - fx * 0.693359375f;
+    r = r + fx * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * (r * r) + r + 1.0f;
+    const int32_t bits = ((int32_t)fx + 127) << 23;
+    float p;
+    memcpy(&p, &bits, 4);
+    return y * p;
+}
+
+#ifdef __AVX512F__
+// nq_expf on 16 lanes (the same reduction and polynomial, with FMA); NaN lanes stay NaN (min / max return their
+// second operand where either is NaN)
+static inline __m512 nq_exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.3365447504f), _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
+                                                           _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(fx, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// 16 values of x (fp32 or bf16 at p + i) as fp32
+static inline __m512 ld16(const void* p, int64_t i, int dt) {
+    if (!dt) return _mm512_loadu_ps((const float*)p + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i))), 16));
+}
+
+// v rounded to bf16 (to nearest even, as f32_to_bf16), kept as fp32 bits
+static inline __m512 rnd16(__m512 v, int dt) {
+    if (!dt) return v;
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+static inline void st16(void* p, int64_t i, __m512 v, int dt) {  // v: already rounded when dt = 1
+    if (!dt)
+        _mm512_storeu_ps((float*)p + i, v);
+    else
+        _mm256_storeu_si256((__m256i*)((uint16_t*)p + i),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+#endif
+
+#define NQ_LANES 16  // partial sums per dot product (a vector's worth: the compiler keeps them in one register)
+
+// sum_i a[i] * b[i] over n, in NQ_LANES interleaved partial sums (vectorizable without reassociating the compiler's
+// own sums), then those in order
+static inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef __AVX512F__
+    if (n % 16 == 0) {
+        __m512 v = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) v = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), v);
+        return _mm512_reduce_add_ps(v);
+    }
+#endif
+    float part[NQ_LANES] = {0};
+    int64_t i = 0;
+    for (; i + NQ_LANES <= n; i += NQ_LANES)
+        for (int l = 0; l < NQ_LANES; ++l) part[l] += a[i + l] * b[i + l];
+    float s = 0.f;
+    for (; i < n; ++i) s += a[i] * b[i];
+    for (int l = 0; l < NQ_LANES; ++l) s += part[l];
+    return s;
+}
 
 static inline void st(void* p, int64_t i, float v, int dt) {
     if (dt)
@@ -85,18 +174,28 @@ int nq_step_attend(const void* q, int64_t hq, int64_t hkv, int64_t d, const floa
         for (int64_t i = 0; i < d; ++i) qv[i] = ld(q, hh * d + i, dt);
         float mx = -INFINITY;
         for (int64_t j = 0; j < len; ++j) {
-            float s = 0.f;
-            for (int64_t i = 0; i < d; ++i) s += qv[i] * kb[j * d + i];
-            s *= scale;
+            const float s = dot(qv, kb + j * d, d) * scale;
             scratch[j] = s;
             mx = s > mx ? s : mx;
         }
+        int64_t j0 = 0;
+#ifdef __AVX512F__
+        for (; j0 + 16 <= len; j0 += 16)
+            _mm512_storeu_ps(scratch + j0, nq_exp16(_mm512_sub_ps(_mm512_loadu_ps(scratch + j0), _mm512_set1_ps(mx))));
+#endif
+        for (; j0 < len; ++j0) scratch[j0] = nq_expf(scratch[j0] - mx);
         float sum = 0.f;
         for (int64_t i = 0; i < d; ++i) acc[i] = 0.f;
         for (int64_t j = 0; j < len; ++j) {
-            const float p = expf(scratch[j] - mx);
+            const float p = scratch[j];
             sum += p;
-            for (int64_t i = 0; i < d; ++i) acc[i] += p * vb[j * d + i];
+            int64_t i = 0;
+#ifdef __AVX512F__
+            for (; i + 16 <= d; i += 16)
+                _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(_mm512_set1_ps(p), _mm512_loadu_ps(vb + j * d + i),
+                                                          _mm512_loadu_ps(acc + i)));
+#endif
+            for (; i < d; ++i) acc[i] += p * vb[j * d + i];
         }
         const float inv = 1.f / sum;
         for (int64_t i = 0; i < d; ++i) st(out, hh * d + i, acc[i] * inv, dt);
@@ -104,12 +203,29 @@ int nq_step_attend(const void* q, int64_t hq, int64_t hkv, int64_t d, const floa
     return 0;
 }
 
+static inline __attribute__((always_inline)) void silu_mul(const void* g, const void* u, void* out, int64_t n,
+                                                            const int dt) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = ld16(g, i, dt);
+        const __m512 sx = rnd16(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), nq_exp16(_mm512_sub_ps(
+                                                      _mm512_setzero_ps(), x)))), dt);
+        st16(out, i, rnd16(_mm512_mul_ps(sx, ld16(u, i, dt)), dt), dt);
+    }
+#endif
+    for (; i < n; ++i) {
+        const float x = ld(g, i, dt);
+        st(out, i, rnd(x / (1.f + nq_expf(-x)), dt) * ld(u, i, dt), dt);
+    }
+}
+
 // out (n) = round(round(silu(g)) * u), silu(g) = g / (1 + exp(-g)) (Qwen2's MLP: act_fn(gate) * up).
 int nq_step_silu_mul(const void* g, const void* u, void* out, int64_t n, int dt) {
     if (n < 0 || (dt != 0 && dt != 1)) return -1;
-    for (int64_t i = 0; i < n; ++i) {
-        const float x = ld(g, i, dt);
-        st(out, i, rnd(x / (1.f + expf(-x)), dt) * ld(u, i, dt), dt);
-    }
+    if (dt)  // (a constant dtype per loop: each vectorizes)
+        silu_mul(g, u, out, n, 1);
+    else
+        silu_mul(g, u, out, n, 0);
     return 0;
 }

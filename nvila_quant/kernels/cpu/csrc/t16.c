@@ -307,7 +307,10 @@ static inline __attribute__((always_inline)) void t16_tile_bf16(
                 __m512bh wl[NQ_T16_NB], wh[NQ_T16_NB];
                 for (int j = 0; j < NB; ++j) {
                     const uint8_t* p = t16 + (((u0 + j) * nc + c) * 16 + u) * 32;
-                    if (MB <= 2) _mm_prefetch((const char*)p + 1024, _MM_HINT_T1);  // 2 chunks ahead, into L2
+                    // into L2, once per line: a short K's same spot in the next block (a thread's blocks are
+                    // contiguous for few tokens), so a block starts warm; a long K's stream 8 chunks ahead
+                    if (MB <= 2 && !(u & 1))
+                        _mm_prefetch((const char*)p + (nc <= 64 ? NB * nc * 512 : 4096), _MM_HINT_T1);
                     const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
                     const __m512i l = _mm512_ternarylogic_epi32(w, low, one28, 0xEA);  // (w & 15) | 0x4300
                     const __m512i h = _mm512_or_si512(_mm512_srli_epi16(w, 4), one28);
@@ -383,7 +386,9 @@ int nq_t16_bf16(const uint16_t* x, const uint8_t* t16, const void* scale_t, cons
     float* xsum = group_sums(x, m_tokens, k, group);  // (M, K/G) per-group sums of x
     if (!xsum) return -3;
     const int64_t units = n / 16, full = units / NQ_T16_NB, blocks = full + (units - full * NQ_T16_NB);
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    // few tokens: one contiguous run of blocks per thread (what the tile's next-block prefetch assumes)
+    const int64_t chunk = m_tokens <= 2 ? (blocks + nthreads - 1) / (nthreads > 0 ? nthreads : 1) : 1;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk)
     for (int64_t blk = 0; blk < blocks; ++blk) {  // full blocks of NQ_T16_NB units, then single units
         const int64_t u0 = blk < full ? blk * NQ_T16_NB : full * NQ_T16_NB + (blk - full);
         for (int64_t m0 = 0; m0 < m_tokens; m0 += NQ_T16_MB) {
@@ -442,7 +447,8 @@ int nq_layers_t16_bf16(const nq_layer* const* layers, int count, const uint16_t*
         float* xsum = group_sums(x, m_tokens, k, group);  // (M, K/G), shared by the layers
         if (!xsum) return -3;
         const int mb = (int)m_tokens;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+        const int64_t chunk = mb <= 2 ? (first[count] + nthreads - 1) / (nthreads > 0 ? nthreads : 1) : 1;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk)
         for (int64_t b = 0; b < first[count]; ++b) {
             int i = 0;
             while (b >= first[i + 1]) ++i;
@@ -483,3 +489,18 @@ int nq_layer_t16_f32(const nq_layer* layer, const float* x, float* out, int64_t 
 #undef NQ_T16_SWITCH
 #undef NQ_T16_CASE
 #endif
+
+// The yardstick of the few-token kernels (benchmarks/kernels.py, "bare read"): touch every 64-byte line of nbytes at p
+// with nthreads threads (lines handed out dynamically, as the kernels hand out blocks) and nothing else; returns the
+// xor of each line's first 8 bytes (so the loads stay).
+uint64_t nq_read_bytes(const uint8_t* p, int64_t nbytes, int nthreads) {
+    uint64_t acc = 0;
+    const int64_t lines = nbytes / 64;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256) reduction(^ : acc)
+    for (int64_t i = 0; i < lines; ++i) {
+        uint64_t v;
+        memcpy(&v, p + 64 * i, 8);
+        acc ^= v;
+    }
+    return acc;
+}
