@@ -32,14 +32,16 @@ int8 parts ("vnni_x2", exact to bf16 rounding) and as one int8 per element ("vnn
 ``NVILA_QUANT_CPU_ACTIVATIONS=int8``); fp32 x with FMA ("avx512_fma"), as two 15-bit parts ("vnni_x4") and as one
 int8 ("vnni_int8_f32"). The weights are a ring of distinct copies (about ``--ring-mb`` MB, more than the last-level
 cache) called back to back, so each call reads its weights from DRAM as in decode; the kernels take turns, one pass
-over the ring each per round. Reports ms per call (median of every call of every round; the spread of the rounds'
-medians as noise) and GB/s of weight bytes (int4 + scales + zero points); result variant "activations". On a shared
-machine: ``--threads 1 --clock thread``.
+over the ring each per round; with them, a bare read of the same bytes (``nq_read_bytes``: every byte loaded into a
+vector, nothing computed), the yardstick the 1-token bf16 kernel is held to (``BARE_READ_GOAL``). Reports ms per call
+(median of every call of every round; the spread of the rounds' medians as noise) and GB/s of weight bytes (int4 +
+scales + zero points); result variant "activations". On a shared machine: ``--threads 1 --clock thread``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -424,6 +426,26 @@ def _ring_pass(fn: Callable, ring: list[tuple[torch.Tensor, ...]], x: torch.Tens
     return times
 
 
+BARE_READ_GOAL = 1.25  # issue 26: the 1-token GEMV at these shapes within this factor of a bare read of its bytes
+
+
+def _read_pass(lib: object, ring: list[tuple[torch.Tensor, ...]], threads: int) -> list[float]:
+    """Milliseconds of a bare read (``nq_read_bytes``: every byte loaded, nothing computed) of each ring entry's
+    weights, scales and zero points, back to back as ``_ring_pass`` calls the kernels."""
+    fn = lib.nq_read_bytes
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_uint64
+    clock = CLOCK["fn"]
+    times = []
+    for tensors in ring:
+        t = clock()
+        for x in tensors:
+            nbytes = x.numel() * x.element_size() // 64 * 64
+            if nbytes:
+                fn(x.data_ptr(), nbytes, threads)
+        times.append((clock() - t) * 1e3)
+    return times
+
+
 def bench_activations(tokens: list[int], rounds: int, group: int) -> list[dict]:
     """Per (N, K) of ACT_SHAPES and token count: ms per call and GB/s of each ACT_KERNELS kernel on a ring of
     distinct weight copies (RING["mb"] MB), interleaved per round (see the module docstring)."""
@@ -450,12 +472,15 @@ def bench_activations(tokens: list[int], rounds: int, group: int) -> list[dict]:
                 xs = {torch.bfloat16: x16, torch.float32: x16.float()}
                 outs = {dt: torch.empty(m, n, dtype=dt) for dt in xs}
 
-                samples: dict[str, list[list[float]]] = {name: [] for name in ACT_KERNELS}
+                samples: dict[str, list[list[float]]] = {name: [] for name in (*ACT_KERNELS, "bare_read")}
                 for r in range(rounds + 1):  # the first round warms up
                     for name, (fn, dt) in ACT_KERNELS.items():
                         ms = _ring_pass(getattr(lib, fn), ring, xs[dt], outs[dt], (n, k, group, threads, kind))
                         if r:
                             samples[name].append(ms)
+                    ms = _read_pass(lib, ring, threads)
+                    if r:
+                        samples["bare_read"].append(ms)
                 row: dict = {"N": n, "K": k, "M": m, "weight_bytes": weight_bytes, "ring_copies": len(ring)}
                 for name, passes in samples.items():
                     med = statistics.median(t for p in passes for t in p)  # every call of every round
@@ -465,11 +490,15 @@ def bench_activations(tokens: list[int], rounds: int, group: int) -> list[dict]:
                     # noise: the rounds' medians, (max - min) / the median of all calls
                     row[f"{name}_spread"] = (max(rounds_med) - min(rounds_med)) / med
                     row[f"{name}_round_medians_ms"] = rounds_med
+                # the yardstick of issue 26: the shipped bf16 kernel within BARE_READ_GOAL x a bare read of the bytes
+                row["avx512_bf16_vs_bare_read"] = row["avx512_bf16_ms"] / row["bare_read_ms"]
                 row["samples_ms"] = samples
                 rows.append(row)
                 print(f"  N={n} K={k} M={m}: " + ", ".join(
                     f"{name} {row[f'{name}_ms']:.3f} ms ({row[f'{name}_gbs']:.1f} GB/s, spread "
-                    f"{100 * row[f'{name}_spread']:.0f}%)" for name in ACT_KERNELS), flush=True)
+                    f"{100 * row[f'{name}_spread']:.0f}%)" for name in (*ACT_KERNELS, "bare_read"))
+                    + f"; avx512_bf16 / bare read {row['avx512_bf16_vs_bare_read']:.2f}x (goal <= {BARE_READ_GOAL})",
+                    flush=True)
     return rows
 
 
@@ -514,12 +543,12 @@ def main(argv: list[str] | None = None) -> None:
               f"~{RING['mb']} MB of weight copies, {args.rounds} interleaved rounds")
         with torch.inference_mode():
             rows = bench_activations(args.tokens, args.rounds, args.group_size)
-        names = list(ACT_KERNELS)
-        print(table(rows, ["N", "K", "M", *(f"{name}_gbs" for name in names)]))
+        names = [*ACT_KERNELS, "bare_read"]
+        print(table(rows, ["N", "K", "M", *(f"{name}_gbs" for name in names), "avx512_bf16_vs_bare_read"]))
         print(table(rows, ["N", "K", "M", *(f"{name}_spread" for name in names)]))
         payload = {"group_size": args.group_size, "tokens": args.tokens, "threads": torch.get_num_threads(),
                    "rounds": args.rounds, "ring_mb": RING["mb"], "clock": args.clock,
-                   "kernels": {k: v[0] for k, v in ACT_KERNELS.items()},
+                   "kernels": {k: v[0] for k, v in ACT_KERNELS.items()}, "bare_read_goal": BARE_READ_GOAL,
                    "load_average_start": load, "rows": rows,
                    "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
         variant = "-".join(["activations"] + ([f"{args.threads}thread"] if args.threads else [])

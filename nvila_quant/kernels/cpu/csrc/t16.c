@@ -12,6 +12,7 @@
 // vector (broadcast activations, no horizontal sums), which is what makes many tokens as fast as a dense bf16
 // GEMM. Needs N % 16 == 0, K % 64 == 0, group % 64 == 0. Scales and zero points are read transposed, (K/G, N).
 #include "nq_shared.h"
+#include <omp.h>
 
 // Per 16-row unit and 64-wide chunk: row r's 32 bytes B (B[j] = k 2j | k 2j+1 << 4) and the unit's 16 x 32 bytes
 // T[u][2r + e] = k (2u + e) | k (32 + 2u + e) << 4 of row r, i.e. T[u][2r] = (B[u] & 15) | (B[16+u] & 15) << 4 and
@@ -490,17 +491,32 @@ int nq_layer_t16_f32(const nq_layer* layer, const float* x, float* out, int64_t 
 #undef NQ_T16_CASE
 #endif
 
-// The yardstick of the few-token kernels (benchmarks/kernels.py, "bare read"): touch every 64-byte line of nbytes at p
-// with nthreads threads (lines handed out dynamically, as the kernels hand out blocks) and nothing else; returns the
-// xor of each line's first 8 bytes (so the loads stay).
+// The yardstick of the few-token kernels (benchmarks/kernels.py, "bare read"): stream nbytes at p (a multiple of 64)
+// with nthreads threads, one contiguous share each (as the kernels split few-token calls), every byte loaded and
+// xor-ed into a vector and nothing else; returns the xor (so the loads stay).
 uint64_t nq_read_bytes(const uint8_t* p, int64_t nbytes, int nthreads) {
     uint64_t acc = 0;
     const int64_t lines = nbytes / 64;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256) reduction(^ : acc)
-    for (int64_t i = 0; i < lines; ++i) {
-        uint64_t v;
-        memcpy(&v, p + 64 * i, 8);
-        acc ^= v;
+#pragma omp parallel num_threads(nthreads) reduction(^ : acc)
+    {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t l0 = lines * t / nt, l1 = lines * (t + 1) / nt;
+#ifdef __AVX512F__
+        __m512i v[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        int64_t i = l0;
+        for (; i + 4 <= l1; i += 4)
+            for (int j = 0; j < 4; ++j) v[j] = _mm512_xor_si512(v[j], _mm512_loadu_si512(p + 64 * (i + j)));
+        for (; i < l1; ++i) v[0] = _mm512_xor_si512(v[0], _mm512_loadu_si512(p + 64 * i));
+        uint64_t lane[8];
+        _mm512_storeu_si512(lane, _mm512_xor_si512(_mm512_xor_si512(v[0], v[1]), _mm512_xor_si512(v[2], v[3])));
+        for (int j = 0; j < 8; ++j) acc ^= lane[j];
+#else
+        for (int64_t i = l0 * 8; i < l1 * 8; ++i) {
+            uint64_t w;
+            memcpy(&w, p + 8 * i, 8);
+            acc ^= w;
+        }
+#endif
     }
     return acc;
 }
