@@ -248,6 +248,42 @@ def lm_head_rows(runs: list[dict], machine: str, cuda: bool) -> list[str]:
     return rows
 
 
+CPU_PEER_SHAPES = {"2b": "NVILA-Lite-2B LLM", "8b": "NVILA-8B LLM"}
+
+
+def cpu_peers_rows(runs: list[dict], cpu: str) -> list[str]:
+    """cpu_peers.py: our int4 decode and prefill against llama.cpp and ONNX Runtime GenAI, per shape and vocabulary."""
+    mine = [r for r in runs if _cpu(r) == cpu and not r["result"].get("smoke")]
+    cases = [(r, c) for r in mine for c in r["result"]["cases"] if c.get("ratios")]
+    rows = []
+    for g in groups(cases, lambda rc: (rc[1]["shape"], rc[1]["vocab"], rc[0]["result"]["threads"])):
+        run, case = g[0]
+        lengths = run["result"]["prefill_lengths"]
+        cells = []
+        for ours in ("ours int4", "ours int4+head"):
+            by = [{x["metric"]: x for x in c["ratios"] if x["ours"] == ours} for _, c in g]
+            if not all("decode" in b for b in by):
+                continue
+            peers = sorted({b["decode"]["faster_peer"] for b in by})
+            tok = span((b["decode"]["ours_tok_s"] for b in by), _rate_digits)
+            peer_tok = span((b["decode"]["peer_tok_s"] for b in by), _rate_digits)
+            label = "int4" if ours == "ours int4" else "int4 with the int4 lm_head"
+            cell = (f"{label}: decode {span(b['decode']['ratio'] for b in by)}x {' / '.join(peers)} "
+                    f"({tok} vs {peer_tok} tokens/s; {span(b['decode']['ratio_vs_fastest_any'] for b in by)}x the "
+                    f"fastest peer flavour, {' / '.join(sorted({b['decode']['fastest_any_peer'] for b in by}))})")
+            pre = [f"{span(b[f'prefill{n}']['ratio'] for b in by)}x" for n in lengths
+                   if all(f"prefill{n}" in b for b in by)]
+            if pre:
+                cell += f", prefill {' / '.join(str(n) for n in lengths)} tokens {' / '.join(pre)}"
+            cells.append(cell)
+        what = (f"CPU decode vs llama.cpp and ONNX Runtime GenAI on {cpu} (`cpu_peers.py`, "
+                f"{CPU_PEER_SHAPES.get(case['shape'], case['shape'])}, vocabulary {case.get('vocab_rows')}, "
+                f"{run['result']['threads']} threads; ratio to the faster of llama.cpp Q4_0 and ORT-GenAI int4; "
+                f"{_runs(len(g))})")
+        rows.append(_row(what, "; ".join(cells), "cpu_peers"))
+    return rows
+
+
 def vision_rows(runs: list[dict], cpu: str) -> list[str]:
     mine = [r for r in runs if _cpu(r) == cpu and r["result"].get("speedup_vs_torch")]
 
@@ -386,6 +422,7 @@ def render(root: str | os.PathLike = RESULTS) -> str:
         rows += kernels_cpu_rows(runs.get("kernels", []), cpu)
         rows += decode_rows(runs.get("decode", []), cpu, cuda=False)
         rows += lm_head_rows(runs.get("lm_head", []), cpu, cuda=False)
+        rows += cpu_peers_rows(runs.get("cpu_peers", []), cpu)
     for gpu in gpus:
         rows += kernels_gpu_rows(runs.get("kernels", []), gpu)
         rows += decode_rows(runs.get("decode", []), gpu, cuda=True)
