@@ -64,6 +64,13 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/runtime.py
 
+# Our CPU decode / prefill against llama.cpp and ONNX Runtime GenAI (issue 26). Not part of `make test`: the first run
+# builds llama.cpp and two venvs under ~/.cache/nvila-quant/cpu_peers (~10 min on 2 cores), then converts the models
+# of each case. Pass flags with PEERS_ARGS (e.g. PEERS_ARGS="--shapes 2b --vocab small,real --rounds 3").
+.PHONY: bench-cpu-peers
+bench-cpu-peers: setup
+	$(BIN)/python benchmarks/cpu_peers.py $(PEERS_ARGS)
+
 clean:
 	rm -rf $(VENV) .venv-compat nvila-demo .pytest_cache
 
