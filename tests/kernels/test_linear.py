@@ -221,13 +221,7 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
     cases = [(16, 64, 64, 1), (144, 256, 128, 1), (80, 128, 128, 2), (64, 256, 64, 3), (48, 192, 192, 4),
              (96, 256, 256, 5), (64, 512, 128, 7)]
     for i, (n, k, group, m) in enumerate(cases):
-        qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
-                                bias=torch.randn(n, generator=rng) if i % 2 else None,
-                                scale_dtype=(torch.float32, torch.bfloat16, torch.float16)[i % 3])
-        fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
-        fast.prepare("cpu", torch.bfloat16)
-        outlier = torch.where(torch.rand(k, generator=rng) < 0.02, 1000.0, 1.0)
-        x = (torch.randn(m, k, generator=rng) * outlier).to(torch.bfloat16)
+        fast, ref, x = _t16_case(rng, i, n, k, group, m)
         got = _t16_call(lib.nq_t16_bf16_vnni, fast, x)
         assert torch.equal(_t16_call(lib.nq_t16_bf16_vnni, fast, x, threads=24), got)  # blocks of 1 unit, same sums
         with cpu_native.avx512_bf16_only():
@@ -255,6 +249,19 @@ def test_vnni_t16_kernels_match_the_avx512_ones() -> None:
         x = torch.randn(8, k, generator=rng).bfloat16()
         assert torch.equal(_t16_call(lib.nq_t16_bf16, fast, x), _t16_call(lib.nq_t16_bf16_vnni, fast, x))
         assert torch.equal(_t16_call(lib.nq_t16_f32, fast, x.float()), _t16_call(lib.nq_t16_f32_vnni, fast, x.float()))
+
+
+def _t16_case(rng: torch.Generator, i: int, n: int, k: int, group: int,
+              m: int) -> tuple[QuantLinear, QuantLinear, torch.Tensor]:
+    """Case i of the VNNI tests: a random layer (bias on odd cases, the scale dtype cycling fp32 / bf16 / fp16) as the
+    CPU backend prepared for bf16 x (T16) and as the reference, and bf16 x (m, k) with 1000x outlier channels."""
+    qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
+                            bias=torch.randn(n, generator=rng) if i % 2 else None,
+                            scale_dtype=(torch.float32, torch.bfloat16, torch.float16)[i % 3])
+    fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
+    fast.prepare("cpu", torch.bfloat16)
+    outlier = torch.where(torch.rand(k, generator=rng) < 0.02, 1000.0, 1.0)
+    return fast, ref, (torch.randn(m, k, generator=rng) * outlier).to(torch.bfloat16)
 
 
 def _int8_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,13 +295,7 @@ def test_vnni_int8_activations_within_the_derived_bound() -> None:
              (96, 256, 256, 5), (1024, 128, 128, 1), (256, 512, 128, 1), (272, 256, 64, 2), (256, 192, 192, 3),
              (256, 512, 64, 4), (320, 256, 128, 7)]
     for i, (n, k, group, m) in enumerate(cases):
-        qt = QTensor.from_float(torch.randn(n, k, generator=rng), 4, group, True,
-                                bias=torch.randn(n, generator=rng) if i % 2 else None,
-                                scale_dtype=(torch.float32, torch.bfloat16, torch.float16)[i % 3])
-        fast, ref = QuantLinear.from_qtensor(qt, "cpu"), QuantLinear.from_qtensor(qt, "reference")
-        fast.prepare("cpu", torch.bfloat16)
-        outlier = torch.where(torch.rand(k, generator=rng) < 0.02, 1000.0, 1.0)
-        x = (torch.randn(m, k, generator=rng) * outlier).to(torch.bfloat16)
+        fast, ref, x = _t16_case(rng, i, n, k, group, m)
         w = ref.dequantize_weight(torch.float64)
         b = None if ref.bias is None else ref.bias.double()
         x8, mx = _int8_x(x)
