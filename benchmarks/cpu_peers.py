@@ -1,7 +1,7 @@
 """CPU decode and prefill of our runtime against llama.cpp and ONNX Runtime GenAI on the same synthetic model.
 
     .venv/bin/python benchmarks/cpu_peers.py [--shapes 2b,8b] [--vocab small,real] [--threads 2] [--rounds 3]
-                                             [--peers llama.cpp,ort-genai] [--workdir DIR] [--smoke]
+                                             [--peers llama.cpp,ort-genai] [--image 896x896] [--workdir DIR] [--smoke]
 
 Models: ``make_tiny`` LLMs shaped as NVILA-Lite-2B's (Qwen2-1.5B: 28 layers, hidden 1536, intermediate 8960, 12 / 2
 heads, head dim 128) and NVILA-8B's (Qwen2-7B: 28 layers, 3584 / 18944, 28 / 4 heads), random bf16 weights, with a
@@ -19,6 +19,13 @@ checkpoint with a tokenizer) feeds every runtime:
   (the 8B shape) the builder reads our AutoAWQ ``llm/`` instead (layers repacked at group 128; it quantizes the
   lm_head itself at block 32: the result records each graph's block sizes and head). Timed by
   ``benchmarks/peers/ort_genai_bench.py`` in its venv.
+
+With an image (``--image WxH``, default 896x896; ``none`` skips it): on the 2B shape, a second float checkpoint with
+a so400m-shaped SigLIP tower (27 layers, 1152 / 4304, 16 heads, 448 px tiles; NVILA-Lite's dynamic tiling with a
+thumbnail and 3x3-downsample projector) and the real vocabulary when ``--vocab`` lists it, its int4 (and int4-head)
+RTN checkpoints; the prompt is a seeded noise image of that size and "Describe the image.", timed by
+``measure_speed`` (``compare``'s speed table): vision encode, TTFT and ``--decode-tokens`` decode steps, printed
+beside the same runtime's LLM-only decode. Only ours runs it: neither peer loads an NVILA image path.
 
 Each peer lives in a venv of its own under ``--workdir`` (default ~/.cache/nvila-quant/cpu_peers), created on first
 use and reused after, as are the converted models (``<workdir>/models/<shape>-<vocab>/``). Each timed run is a
@@ -42,6 +49,7 @@ once the peers are built).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import json
@@ -55,7 +63,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +93,10 @@ SHAPES = {
               "llm_kv_heads": 2},
 }
 PEERS = ("llama.cpp", "ort-genai")
+# the vision tower of the image case, per shape: SigLIP so400m/14 at 448 px as NVILA-Lite-2B's (smoke: the tiny one)
+TOWERS = {"2b": {"vision_hidden": 1152, "vision_intermediate": 4304, "vision_layers": 27, "vision_heads": 16,
+                 "image_size": 448, "patch_size": 14},
+          "smoke": {}}
 
 
 # ---- progress and subprocesses --------------------------------------------------------------------------------------
@@ -371,9 +383,11 @@ def _ram_bytes() -> int:
 
 
 def prepare_case(case_dir: Path, shape: str, vocab: str, peers: Sequence[str], llama: LlamaCpp | None,
-                 ort: OrtGenai | None, ort_input: str = "auto") -> tuple[list[Runtime], dict]:
-    """The float checkpoint and every runtime's model of one shape / vocabulary (built once, reused after)."""
-    spec = {**_COMMON, **SHAPES[shape], "llm_vocab": VOCABS[vocab]}
+                 ort: OrtGenai | None, ort_input: str = "auto",
+                 tower: dict | None = None) -> tuple[list[Runtime], dict]:
+    """The float checkpoint and every runtime's model of one shape / vocabulary (built once, reused after);
+    ``tower``: TinySpec vision fields of the image case (default: make_tiny's tiny tower, unused LLM-only)."""
+    spec = {**_COMMON, **SHAPES[shape], "llm_vocab": VOCABS[vocab], **(tower or {})}
     spec_file = case_dir / "spec.json"
     if spec_file.exists() and json.loads(spec_file.read_text()) != spec:
         say(f"{case_dir} was built from another spec: rebuilding it")
@@ -540,6 +554,17 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def make_image(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
+    """A seeded RGB noise image of ``size`` (width, height): its content does not change the time, its size does
+    (the tiling)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 def make_prompts(path: Path, lengths: Sequence[int], vocab_ids: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     prompts = {"prefill": {str(n): [rng.randrange(vocab_ids) for _ in range(n)] for n in lengths},
@@ -561,6 +586,28 @@ def _ours_run(rt: Runtime, prompts: Path, threads: int, lengths: list[int], deco
     res = json.loads(out.read_text())
     return {"prefill_tok_s": {n: int(n) / s for n, s in res["prefill_s"].items()},
             "decode_tok_s": res["decode_tokens_per_s"], "raw": res}
+
+
+def _llm_run(rt: Runtime, out: Path, *, prompts: Path, threads: int, lengths: list[int], decode_tokens: int,
+             llama: LlamaCpp | None, ort: OrtGenai | None) -> dict:
+    """One timed LLM-only run of any runtime."""
+    if rt.kind == "ours":
+        return _ours_run(rt, prompts, threads, lengths, decode_tokens, out)
+    if rt.kind == "llama.cpp":
+        assert llama is not None
+        return _llama_run(llama, rt.path, threads, lengths, decode_tokens, out)
+    assert ort is not None
+    return _ort_run(ort, rt.path, prompts, threads, lengths, decode_tokens, out)
+
+
+def _ours_image_run(rt: Runtime, out: Path, *, image: Path, threads: int, decode_tokens: int) -> dict:
+    cmd = _ours("bench-image", "--model", rt.path, "--image", image, "--threads", threads,
+                "--decode-tokens", decode_tokens, "--out", out)
+    _quiet(cmd, out.with_suffix(".log"), _env(threads))
+    res = json.loads(out.read_text())
+    return {"prefill_tok_s": {}, "decode_tok_s": res["decode_tokens_per_s"] if decode_tokens > 0 else None,
+            **{k: res[k] for k in ("ttft_ms", "vision_encode_ms", "prefill_ms", "prefill_tokens", "image_tiles")},
+            "raw": res}
 
 
 def _ort_run(ort: OrtGenai, model: Path, prompts: Path | None, threads: int, lengths: list[int], decode_tokens: int,
@@ -648,6 +695,55 @@ def summarize(runtimes: list[Runtime], lengths: list[int]) -> tuple[list[dict], 
     return rows, ratios
 
 
+def summarize_image(runtimes: list[Runtime], llm_rows: list[dict]) -> list[dict]:
+    """Medians of the image case, each beside the same runtime's LLM-only decode (same shape and vocabulary)."""
+    llm = {r["runtime"]: r for r in llm_rows}
+    rows = []
+    for rt in runtimes:
+        dec = [s["decode_tok_s"] for s in rt.samples if s.get("decode_tok_s") is not None]
+        first = rt.samples[0] if rt.samples else {}
+        rows.append({"runtime": rt.name, "weights": rt.weights, "image_tiles": first.get("image_tiles"),
+                     "prompt_tokens": first.get("prefill_tokens"),
+                     **{k: _med([s.get(k) for s in rt.samples]) for k in ("vision_encode_ms", "prefill_ms", "ttft_ms")},
+                     "decode_min": min(dec) if dec else None, "decode_med": _med(dec),
+                     "decode_max": max(dec) if dec else None,
+                     "llm_only_decode_med": llm.get(rt.name, {}).get("decode_med"),
+                     "llm_only_prefill32_med": llm.get(rt.name, {}).get("prefill32")})
+    return rows
+
+
+def time_rounds(label: str, runtimes: list[Runtime], rounds: int, runs_dir: Path, wait_s: float,
+                run: Callable[[Runtime, Path], dict]) -> None:
+    """Interleaved rounds: round r runs every runtime once (one process each, order rotated); samples go to
+    ``rt.samples`` with the share of the CPUs other processes used meanwhile."""
+    runs_dir.mkdir(exist_ok=True)
+    for r in range(rounds):
+        order = runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]
+        for rt in order:
+            tag = re.sub(r"[^a-z0-9]+", "-", rt.name.lower())
+            out = runs_dir / f"r{r}-{tag}.json"
+            waited = wait_quiet(wait_s) if wait_s > 0 else None
+            say(f"{label} round {r + 1}/{rounds}: {rt.name}")
+            t = time.monotonic()
+            load = OtherLoad()
+            try:
+                with load:
+                    sample = run(rt, out)
+            except StepError as e:
+                raise SystemExit(f"timing {rt.name} failed: {e}") from None
+            sample.update({"round": r, "wall_s": time.monotonic() - t, "other_cpu_share": load.share,
+                           "waited_quiet_s": waited})
+            if load.share is not None and load.share > BUSY_WARN:
+                say(f"  warning: other processes used {load.share:.0%} of the CPUs during this run")
+            rt.samples.append(sample)
+            dec = sample["decode_tok_s"]
+            extra = "".join(f", {k} {sample[k]:.0f} ms" for k in ("vision_encode_ms", "ttft_ms") if k in sample)
+            say((f"  decode {dec:.2f} tok/s" if dec is not None else "  done") + extra + (
+                ", prefill " + ", ".join(f"{n}: {v:.0f}" for n, v in sample["prefill_tok_s"].items()) + " tok/s"
+                if sample["prefill_tok_s"] else ""))
+            gc.collect()
+
+
 # ---- main -----------------------------------------------------------------------------------------------------------
 
 def _csv(text: str, allowed: Sequence[str] | None = None) -> list[str]:
@@ -694,6 +790,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-models", action="store_true",
                         help="delete each case's models once it is timed (the 8B cases need ~45-55 GB of disk each "
                              "while they exist; default: keep them for the next run)")
+    parser.add_argument("--image", default="896x896", metavar="WxH",
+                        help="the image case: an image of this size (width x height) and \"Describe the image.\" "
+                             "through our int4 and bf16 runtimes on the 2B shape with a so400m-shaped tower "
+                             "(NVILA-Lite's dynamic tiling: 896x896 is 4 tiles and a thumbnail), with the real "
+                             "vocabulary if --vocab lists it; vision encode, TTFT and decode beside the LLM-only "
+                             "figures (the peers take no NVILA image); 'none' skips it")
     parser.add_argument("--setup-only", action="store_true", help="build the peers' environments and exit")
     add_results_arg(parser)
     args = parser.parse_args(argv)
@@ -703,6 +805,10 @@ def main(argv: list[str] | None = None) -> None:
     peers = _csv(args.peers, PEERS)
     rounds = 1 if args.smoke else args.rounds
     lengths = [int(x) for x in _csv(args.prefill)]
+    m = re.fullmatch(r"(\d+)x(\d+)", args.image.strip().lower())
+    if args.image.strip().lower() != "none" and not (m and int(m[1]) > 0 and int(m[2]) > 0):
+        raise SystemExit(f"--image: expected WIDTHxHEIGHT (e.g. 896x896) or none, got {args.image!r}")
+    image_size = (int(m[1]), int(m[2])) if m else None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = args.threads if args.threads > 0 else cpus
     workdir = args.workdir.expanduser().resolve()
@@ -737,40 +843,9 @@ def main(argv: list[str] | None = None) -> None:
             build["prepare_s"] = time.monotonic() - t
             prompts_path = case_dir / "prompts.json"
             make_prompts(prompts_path, lengths, min(1000, VOCABS[vocab]))
-            runs_dir = case_dir / "runs"
-            runs_dir.mkdir(exist_ok=True)
-            for r in range(rounds):
-                order = runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]
-                for rt in order:
-                    tag = re.sub(r"[^a-z0-9]+", "-", rt.name.lower())
-                    out = runs_dir / f"r{r}-{tag}.json"
-                    waited = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
-                    say(f"{shape}/{vocab} round {r + 1}/{rounds}: {rt.name}")
-                    t = time.monotonic()
-                    load = OtherLoad()
-                    try:
-                        with load:
-                            if rt.kind == "ours":
-                                sample = _ours_run(rt, prompts_path, threads, lengths, args.decode_tokens, out)
-                            elif rt.kind == "llama.cpp":
-                                assert llama is not None
-                                sample = _llama_run(llama, rt.path, threads, lengths, args.decode_tokens, out)
-                            else:
-                                assert ort is not None
-                                sample = _ort_run(ort, rt.path, prompts_path, threads, lengths, args.decode_tokens,
-                                                  out)
-                    except StepError as e:
-                        raise SystemExit(f"timing {rt.name} failed: {e}") from None
-                    sample.update({"round": r, "wall_s": time.monotonic() - t, "other_cpu_share": load.share,
-                                   "waited_quiet_s": waited})
-                    if load.share is not None and load.share > BUSY_WARN:
-                        say(f"  warning: other processes used {load.share:.0%} of the CPUs during this run")
-                    rt.samples.append(sample)
-                    dec = sample["decode_tok_s"]
-                    say(f"  decode {dec:.2f} tok/s, prefill " + ", ".join(
-                        f"{n}: {v:.0f}" for n, v in sample["prefill_tok_s"].items()) + " tok/s"
-                        if dec is not None else "  done")
-                    gc.collect()
+            run = functools.partial(_llm_run, prompts=prompts_path, threads=threads, lengths=lengths,
+                                    decode_tokens=args.decode_tokens, llama=llama, ort=ort)
+            time_rounds(f"{shape}/{vocab}", runtimes, rounds, case_dir / "runs", args.wait_quiet, run)
             if args.drop_models:
                 say(f"deleting the {shape}/{vocab} models (--drop-models)")
                 for sub in ("float", "int4", "int4-head", "gguf", "onnx"):
@@ -789,6 +864,36 @@ def main(argv: list[str] | None = None) -> None:
                 print(table(ratios, ["ours", "metric", "ours_tok_s", "faster_peer", "peer_tok_s", "ratio", "goal",
                                      "met", "fastest_any_peer", "ratio_vs_fastest_any"]))
             print()
+
+    for shape in [sh for sh in shapes if sh in TOWERS and image_size]:
+        vocab = "real" if "real" in vocabs else vocabs[0]
+        case_dir = workdir / "models" / f"{shape}-{vocab}-image"
+        t = time.monotonic()
+        try:
+            runtimes, build = prepare_case(case_dir, shape, vocab, [], None, None, tower=TOWERS[shape])
+        except StepError as e:
+            raise SystemExit(f"building the {shape}/{vocab} image-case models failed: {e}") from None
+        build["prepare_s"] = time.monotonic() - t
+        image = make_image(case_dir / "image.png", image_size)
+        time_rounds(f"{shape}/{vocab} + image", runtimes, rounds, case_dir / "runs", args.wait_quiet,
+                    functools.partial(_ours_image_run, image=image, threads=threads, decode_tokens=args.decode_tokens))
+        if args.drop_models:
+            say(f"deleting the {shape}/{vocab} image-case models (--drop-models)")
+            for sub in ("float", "int4", "int4-head"):
+                shutil.rmtree(case_dir / sub, ignore_errors=True)
+        llm_rows = next((c["rows"] for c in cases if (c["shape"], c["vocab"]) == (shape, vocab)), [])
+        rows = summarize_image(runtimes, llm_rows)
+        cases.append({"shape": shape, "vocab": vocab, "vocab_rows": VOCABS[vocab], "build": build,
+                      "image": {"size": list(image_size), "tower": TOWERS[shape] or "make_tiny's tiny tower",
+                                "prompt": "the image, then \"Describe the image.\""},
+                      "runtimes": [{"name": rt.name, "kind": rt.kind, "weights": rt.weights, "path": rt.path,
+                                    "build": rt.build, "samples": rt.samples} for rt in runtimes],
+                      "rows": rows, "ratios": []})
+        print(f"\n== {shape} / {vocab} vocabulary + a {image_size[0]}x{image_size[1]} image "
+              f"({'so400m-shaped' if TOWERS[shape] else 'tiny'} tower), {threads} threads, {rounds} round(s) ==")
+        print(table(rows, ["runtime", "weights", "image_tiles", "prompt_tokens", "vision_encode_ms", "ttft_ms",
+                           "decode_min", "decode_med", "decode_max", "llm_only_decode_med"]))
+        print()
 
     busy = [(c["shape"], c["vocab"], rt["name"], s["round"], s["other_cpu_share"]) for c in cases
             for rt in c["runtimes"] for s in rt["samples"]

@@ -281,6 +281,30 @@ def cpu_peers_rows(runs: list[dict], cpu: str) -> list[str]:
                 f"{run['result']['threads']} threads; ratio to the faster of llama.cpp Q4_0 and ORT-GenAI int4; "
                 f"{_runs(len(g))})")
         rows.append(_row(what, "; ".join(cells), "cpu_peers"))
+    images = [(r, c) for r in mine for c in r["result"]["cases"] if c.get("image")]
+    for g in groups(images, lambda rc: (rc[1]["shape"], rc[1]["vocab"], tuple(rc[1]["image"]["size"]),
+                                        rc[0]["result"]["threads"])):
+        run, case = g[0]
+        cells = []
+        for name in ("ours int4+head", "ours int4", "ours bf16"):
+            by = [next((x for x in c["rows"] if x["runtime"] == name), None) for _, c in g]
+            if not all(b and b.get("ttft_ms") for b in by):
+                continue
+            cell = (f"{name.removeprefix('ours ')}: TTFT {span((b['ttft_ms'] / 1e3 for b in by), _fixed(1))} s "
+                    f"(vision {span((b['vision_encode_ms'] / 1e3 for b in by), _fixed(1))} s), decode "
+                    f"{span((b['decode_med'] for b in by), _rate_digits)} tokens/s")
+            if all(b.get("llm_only_decode_med") for b in by):
+                cell += f" ({span((b['llm_only_decode_med'] for b in by), _rate_digits)} without the image)"
+            cells.append(cell)
+        first = next(x for x in case["rows"] if x.get("image_tiles"))
+        w, h = case["image"]["size"]
+        spec = case["image"].get("tower")
+        tower = "so400m-shaped tower" if isinstance(spec, dict) and spec.get("vision_hidden") == 1152 else "tiny tower"
+        what = (f"CPU with an image on {cpu} (`cpu_peers.py`, {CPU_PEER_SHAPES.get(case['shape'], case['shape'])}, "
+                f"{tower}, a {w}x{h} image: {first['image_tiles']} tiles, {first['prompt_tokens']} "
+                f"prompt tokens; vocabulary {case.get('vocab_rows')}, {run['result']['threads']} threads; "
+                f"{_runs(len(g))})")
+        rows.append(_row(what, "; ".join(cells), "cpu_peers"))
     return rows
 
 

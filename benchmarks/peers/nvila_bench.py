@@ -4,13 +4,16 @@
     python nvila_bench.py quantize --src DIR --dst DIR [--head]     RTN 4-bit g128, AutoAWQ format (+ int4 lm_head)
     python nvila_bench.py bench --model DIR --prompts JSON --threads T --prefill 32,128,512 --decode-tokens 64
                                 --out JSON
+    python nvila_bench.py bench-image --model DIR --image PNG --threads T --decode-tokens 64 --out JSON
 
 ``bench`` loads the checkpoint with ``NVILAQwen2.load_pretrained`` (bf16 activations), as ``nvila-quant generate``
 loads it, and times it with ``timed_run``, the function behind ``NVILAQwen2.benchmark`` and ``compare``: each
 prefill length is one ``timed_run`` with no decode step (its ``prefill_ms``); decode is one ``timed_run`` of
 ``--decode-tokens`` + 1 new tokens after the decode prompt (the first comes from the prefill's logits, then
 ``--decode-tokens`` steps through the model's ``DecodeSession``, default decode mode). Warm-up first: every prefill
-length once, and a 4-token decode.
+length once, and a 4-token decode. ``bench-image`` times an image prompt (the image and "Describe the image.") with
+``measure_speed``, the function behind ``compare``'s speed table: vision encode, TTFT and decode of one timed run
+after a warm-up.
 """
 
 from __future__ import annotations
@@ -81,6 +84,18 @@ def bench(args: argparse.Namespace) -> dict:
             "torch": torch.__version__}
 
 
+def bench_image(args: argparse.Namespace) -> dict:
+    import torch
+
+    from nvila_quant.model.static_decode import decode_settings
+    from nvila_quant.report.speed import measure_speed
+
+    torch.set_num_threads(args.threads)
+    res = measure_speed(str(args.model), str(args.image), repeats=1, decode_tokens=args.decode_tokens + 1)
+    return {**res, "decode_mode": decode_settings().mode, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "torch": torch.__version__}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -98,11 +113,19 @@ def main() -> None:
     p.add_argument("--prefill", default="")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("bench-image", help="time vision encode, TTFT and decode of an image prompt")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.cmd == "make-float":
         make_float(args.out, json.loads(args.spec))
     elif args.cmd == "quantize":
         quantize(args.src, args.dst, args.head)
+    elif args.cmd == "bench-image":
+        args.out.write_text(json.dumps(bench_image(args), indent=1))
     else:
         args.out.write_text(json.dumps(bench(args), indent=1))
 

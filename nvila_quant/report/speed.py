@@ -48,6 +48,7 @@ def measure_speed(
     result["peak_rss_mb"] = peak_rss_mb()
     result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     result["repeats"] = repeats
+    result["image_tiles"] = len(media["image"])
     result["dtype"] = str(model.dtype).removeprefix("torch.")
     result["torch_threads"] = torch.get_num_threads()
     return result
