@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_name", "machine_info", "peak_rss_mb"]
+__all__ = ["cpu_has_bf16", "cpu_name", "machine_info", "peak_rss_mb"]
 
 
 def cpu_name() -> str:
@@ -21,6 +21,19 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX-512 BF16 or AMX-BF16 in /proc/cpuinfo's flags): where bf16
+    matmuls run about twice as fast as fp32 ones."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def machine_info(device: str | None = None) -> dict:

@@ -11,7 +11,7 @@ from nvila_quant.quant.config import AWQConfig
 from nvila_quant.quant.runner import QuantizeResult, quantize
 
 # small and fast: 2 image + 2 text conversations, 512 tokens each
-TEST_CONFIG = dict(n_samples=4, text_ratio=0.5, seqlen=512, seed=42)
+TEST_CONFIG = dict(numerics="reference", n_samples=4, text_ratio=0.5, seqlen=512, seed=42)
 _RUNS: dict[str, QuantizeResult] = {}
 
 

@@ -8,7 +8,7 @@ import argparse
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nvila_quant.commands.common import add_device, add_dtype, add_model, add_output, add_overwrite, add_quiet
-from nvila_quant.quant.config import BITS, FORMATS, GROUP_SIZES, AWQConfig
+from nvila_quant.quant.config import BITS, FORMATS, GROUP_SIZES, NUMERICS, PRESETS, RATIO_SEARCHES, AWQConfig
 from nvila_quant.quant.runner import quantize
 
 __all__ = ["config_from_args", "quantizer_flags", "register", "report", "run"]
@@ -44,8 +44,9 @@ def quantizer_flags(p: argparse.ArgumentParser) -> None:
                    "config says \"lm_head\": true (AutoAWQ; a compressed-tensors target), which vLLM and SGLang "
                    "read; TensorRT-LLM's PyTorch backend keeps lm_head in float, so `convert --to trtllm` refuses it")
     add_device(p, default=_DEFAULTS.device, help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
-    add_dtype(p, "auto", auto=True, help="compute dtype (default: auto = fp16 on CUDA as the reference, fp32 on "
-              "CPU); saved tensors keep the checkpoint's dtype")
+    add_dtype(p, "auto", auto=True, help="compute dtype (default: auto = fp16 on CUDA as the reference; on CPU "
+              "bf16 with --numerics fast where the CPU multiplies bf16 natively (AVX-512 BF16, AMX), else fp32); "
+              "losses are summed in fp32; saved tensors keep the checkpoint's dtype")
     add_overwrite(p, what="OUTPUT (and an unfinished work folder)")
     add_quiet(p)
 
@@ -54,9 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "awq",
         help="AWQ-quantize the LLM and projector with image+text calibration",
-        description="Activation-aware weight quantization (AWQ) of NVILA's LLM and projector. Defaults reproduce "
-        "the reference numerics (llm-awq); the options below fix its known weaknesses. Calibration runs image + "
-        "caption conversations through the real NVILA pipeline. Progress is kept in OUTPUT.work for --resume.",
+        description="Activation-aware weight quantization (AWQ) of NVILA's LLM and projector. The default "
+        "--numerics fast turns on the options that fix the reference's known weaknesses and searches the same "
+        "quantities more cheaply; --numerics reference reproduces llm-awq's arithmetic exactly. Each option below "
+        "overrides the preset. Calibration runs image + caption conversations through the real NVILA pipeline. "
+        "Progress is kept in OUTPUT.work for --resume.",
     )
     quantizer_flags(p)
     p.add_argument("--calib", default="builtin", help="calibration data: builtin (shipped photos + captions), coco "
@@ -70,16 +73,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"fraction of text-only samples (default: {_DEFAULTS.text_ratio})")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help=f"sampling seed (default: {_DEFAULTS.seed})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
-    opts = p.add_argument_group("options beyond the reference (all off by default)")
-    opts.add_argument("--duo-scaling", action="store_true",
-                      help="scales s = x_mean^r / w_mean^(1-r) instead of x_mean^r (AutoAWQ's option)")
-    opts.add_argument("--grid-include-one", action="store_true",
-                      help="also try ratio 1.0 (the reference stops at 0.95)")
-    opts.add_argument("--gqa-vo", action="store_true",
-                      help="GQA-aware v_proj -> o_proj scale group (the reference skips it on GQA models like Qwen2)")
-    opts.add_argument("--quant-input", action="store_true",
+    opts = p.add_argument_group("numerics: a preset, and the settings it fills (each flag overrides it)")
+    opts.add_argument("--numerics", choices=NUMERICS, default="fast",
+                      help="fast (default): the four options below on, the coarse-to-fine ratio search, losses on "
+                      "a token subset, Gram-matrix losses for single linears, bf16 compute on CPUs with native bf16; "
+                      "reference: llm-awq's arithmetic, bit for bit")
+    bool_flag = argparse.BooleanOptionalAction
+
+    def preset(name: str) -> str:
+        return f"(fast: {PRESETS['fast'][name]}, reference: {PRESETS['reference'][name]})"
+
+    opts.add_argument("--duo-scaling", action=bool_flag, default=None,
+                      help=f"scales s = x_mean^r / w_mean^(1-r) instead of x_mean^r (AutoAWQ's option) "
+                      f"{preset('duo_scaling')}")
+    opts.add_argument("--grid-include-one", action=bool_flag, default=None,
+                      help=f"also try ratio 1.0 (the reference stops at 0.95) {preset('grid_include_one')}")
+    opts.add_argument("--gqa-vo", action=bool_flag, default=None,
+                      help="GQA-aware v_proj -> o_proj scale group (the reference skips it on GQA models like Qwen2) "
+                      f"{preset('gqa_vo')}")
+    opts.add_argument("--quant-input", action=bool_flag, default=None,
                       help="feed each block the quantized output of the previous one (and the LLM the quantized "
-                      "projector's output) instead of the full-precision output")
+                      f"projector's output) instead of the full-precision output {preset('quant_input')}")
+    opts.add_argument("--ratio-search", choices=RATIO_SEARCHES, default=None,
+                      help="grid: every scale ratio; coarse: every 4th, then every ratio between the best one's "
+                      f"neighbours {preset('ratio_search')}")
+    opts.add_argument("--search-tokens", type=int, default=None, metavar="N",
+                      help="calibration tokens the scale-search losses use, a seeded random subset; 0 = all (the "
+                      f"mean |x| statistics always use all) {preset('search_tokens')}")
+    opts.add_argument("--gram-loss", action=bool_flag, default=None,
+                      help="the output MSE of a single-linear group (v -> o, up -> down) from its inputs' Gram "
+                      f"matrix over every token, where that is cheaper than the forward {preset('gram_loss')}")
     opts.add_argument("--no-clip", action="store_true", help="skip the clip search (the reference runs it)")
     p.set_defaults(func=run)
 
@@ -90,8 +113,9 @@ def config_from_args(args: argparse.Namespace, method: str) -> AWQConfig:
     if method == "awq":
         extra = dict(
             n_samples=args.n_samples, seqlen=args.seqlen, text_ratio=args.text_ratio, seed=args.seed,
-            duo_scaling=args.duo_scaling, grid_include_one=args.grid_include_one, gqa_vo=args.gqa_vo,
-            quant_input=args.quant_input, clip=not args.no_clip,
+            numerics=args.numerics, duo_scaling=args.duo_scaling, grid_include_one=args.grid_include_one,
+            gqa_vo=args.gqa_vo, quant_input=args.quant_input, ratio_search=args.ratio_search,
+            search_tokens=args.search_tokens, gram_loss=args.gram_loss, clip=not args.no_clip,
         )
     return AWQConfig(
         method=method, bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point,

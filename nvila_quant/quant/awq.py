@@ -5,7 +5,9 @@ Reference behaviour (llm-awq, ``../shared/reference/awq.md``):
     r in {0, 1/20, ..., 19/20};  candidate W' = Q(W * s) / s;  keep the r of least fp32 output MSE
     clip: max_val = absmax * (1 - i/20), i = 0..9, per (output channel, group) argmin of the mean squared
     error of the group's partial dot products over <= ~512 sub-sampled tokens.
-Options: duo scaling (s = x_mean^r / (w_mean^(1-r) + 1e-4), AutoAWQ), ratio 1.0, GQA index maps.
+Options: duo scaling (s = x_mean^r / (w_mean^(1-r) + 1e-4), AutoAWQ), ratio 1.0, GQA index maps; cheaper searches
+of the same quantities: a coarse-to-fine ratio grid, losses on a seeded token subset, and the Gram-matrix form of a
+single linear's output MSE.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from nvila_quant.numerics.quantizer import pseudo_quantize
 from nvila_quant.quant.mappings import ScaleGroup
 
 __all__ = [
+    "COARSE_STEP",
     "NO_CLIP_PATTERNS",
     "QuantArgs",
     "ScaleSearchResult",
@@ -29,11 +32,16 @@ __all__ = [
     "apply_clip",
     "apply_scales",
     "clip_weight",
+    "coarse_indices",
     "compute_scales",
+    "gram",
+    "gram_mse",
     "grid_search",
     "reduce_to_rows",
+    "sample_tokens",
     "scale_quantize",
     "search_clip",
+    "search_evaluations",
     "search_scales",
     "skip_clip",
     "weight_mean",
@@ -42,6 +50,7 @@ __all__ = [
 
 # the reference never clips these: q.k amplifies their error
 NO_CLIP_PATTERNS = ("q_", "k_", "query", "key", "Wqkv")
+COARSE_STEP = 4  # ratio_search="coarse": every 4th grid ratio first (0, 0.2, ..., 1.0 on the default grid)
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,42 @@ def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tenso
     grouped = w.reshape(-1, g).abs()
     grouped = grouped / grouped.amax(dim=1, keepdim=True).clamp(min=1e-12)
     return grouped.reshape(w.shape).mean(0)
+
+
+def sample_tokens(hidden: Sequence[torch.Tensor], n_tokens: int, seed: int) -> torch.Tensor:
+    """At most ``n_tokens`` rows of the concatenated hidden states [(..., H)], a seeded random subset kept in order,
+    without materializing the concatenation. -> (T', H)."""
+    flats = [h.reshape(-1, h.shape[-1]) for h in hidden]
+    total = sum(f.shape[0] for f in flats)
+    if total <= n_tokens:
+        return torch.cat(flats)
+    picked = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n_tokens].sort().values
+    out, offset = [], 0
+    for f in flats:
+        mine = picked[(picked >= offset) & (picked < offset + f.shape[0])] - offset
+        out.append(f[mine.to(f.device)])
+        offset += f.shape[0]
+    return torch.cat(out)
+
+
+def gram(xs: Sequence[torch.Tensor], chunk: int = 4096) -> tuple[torch.Tensor, int]:
+    """X^T X over every token of xs [(..., K)] in fp32, a chunk of tokens at a time. -> ((K, K), tokens)."""
+    k = xs[0].shape[-1]
+    g = torch.zeros(k, k, dtype=torch.float32, device=xs[0].device)
+    n = 0
+    for x in xs:
+        for c in x.reshape(-1, k).split(chunk):
+            cf = c.float()
+            g.addmm_(cf.T, cf)
+            n += c.shape[0]
+    return g, n
+
+
+def gram_mse(delta: torch.Tensor, g: torch.Tensor, tokens: int) -> float:
+    """Mean over tokens and outputs of (x delta^T)^2 from the Gram matrix: sum((delta G) * delta) / (T N).
+    delta: (N, K) weight error, g: (K, K) = X^T X of T tokens."""
+    d = delta.float()
+    return float(((d @ g) * d).sum()) / max(tokens * d.shape[0], 1)
 
 
 def reduce_to_rows(stat: torch.Tensor, index: torch.Tensor | None, n_rows: int | None = None) -> torch.Tensor:
@@ -123,10 +168,28 @@ class ScaleSearchResult:
     ratio: float
     losses: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    evaluated: list[bool] | None = None  # which ratios the search evaluated (None: all)
 
     @property
     def best_loss(self) -> float:
         return min(x for x in self.losses if not math.isnan(x))
+
+    @property
+    def logged_losses(self) -> list[float | None]:
+        """The losses for a JSON log: None for a ratio the search did not evaluate (NaN stays NaN in the grid)."""
+        if self.evaluated is None:
+            return list(self.losses)
+        return [x if ok else None for x, ok in zip(self.losses, self.evaluated, strict=True)]
+
+
+def coarse_indices(n: int, step: int) -> list[int]:
+    """The first pass of the coarse-to-fine search: every ``step``-th of n grid indices, and the last."""
+    return sorted(set(range(0, n, step)) | {n - 1})
+
+
+def search_evaluations(n: int, step: int) -> int:
+    """At most how many losses a search of n ratios evaluates (step 1: the whole grid)."""
+    return n if step <= 1 else min(n, len(coarse_indices(n, step)) + 2 * (step - 1))
 
 
 def grid_search(
@@ -135,24 +198,56 @@ def grid_search(
     ratios: Sequence[float],
     w_mean: torch.Tensor | None = None,
     progress: Callable[[], None] | None = None,
+    coarse_step: int = 1,
 ) -> ScaleSearchResult:
     """The ratio grid: ``loss_of_scales(s)`` for each ratio's :func:`compute_scales` (s per prev-op output channel);
-    the first minimum wins (strict <), as in the reference."""
+    the first minimum wins (strict <), as in the reference.
+
+    ``coarse_step`` > 1: the coarse-to-fine search: the :func:`coarse_indices` first, then every ratio strictly
+    between the best one's coarse neighbours; the first minimum (in grid order) of the evaluated ratios wins, and
+    the ratios never evaluated have a NaN loss."""
     best, best_ratio, best_scales = float("inf"), -1.0, None
-    losses = []
-    for ratio in ratios:
-        s = compute_scales(x_mean, ratio, w_mean)
-        loss = float(loss_of_scales(s))
-        losses.append(loss)
-        if loss < best:
-            best, best_ratio, best_scales = loss, ratio, s
-        if progress is not None:
-            progress()
+    evaluated: list[bool] | None = None
+    if coarse_step > 1:
+        n = len(ratios)
+        losses = [math.nan] * n
+        evaluated = [False] * n
+
+        def visit(i: int) -> None:
+            losses[i] = float(loss_of_scales(compute_scales(x_mean, ratios[i], w_mean)))
+            evaluated[i] = True
+            if progress is not None:
+                progress()
+
+        def rank(i: int) -> tuple:  # the first minimum in grid order; NaN last
+            return (math.isnan(losses[i]), losses[i], i)
+
+        coarse = coarse_indices(n, coarse_step)
+        for i in coarse:
+            visit(i)
+        at = coarse.index(min(coarse, key=rank))
+        lo, hi = coarse[max(at - 1, 0)], coarse[min(at + 1, len(coarse) - 1)]
+        for i in range(lo + 1, hi):
+            if not evaluated[i]:
+                visit(i)
+        i = min((j for j in range(n) if evaluated[j]), key=rank)
+        if not math.isnan(losses[i]) and losses[i] < best:
+            best, best_ratio, best_scales = losses[i], ratios[i], compute_scales(x_mean, ratios[i], w_mean)
+    else:
+        losses = []
+        for ratio in ratios:
+            s = compute_scales(x_mean, ratio, w_mean)
+            loss = float(loss_of_scales(s))
+            losses.append(loss)
+            if loss < best:
+                best, best_ratio, best_scales = loss, ratio, s
+            if progress is not None:
+                progress()
     if best_scales is None:
         raise FloatingPointError(f"scale search found no finite loss (losses: {losses})")
     if torch.isnan(best_scales).any():
         raise FloatingPointError("scale search produced NaN scales")
-    return ScaleSearchResult(best_scales.float(), best_ratio, losses, list(ratios))
+    return ScaleSearchResult(best_scales.float(), best_ratio, losses, list(ratios), evaluated)
 
 
 def search_scales(
@@ -164,8 +259,9 @@ def search_scales(
     w_mean: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
     progress: Callable[[], None] | None = None,
+    coarse_step: int = 1,
 ) -> ScaleSearchResult:
-    """Grid search of the AWQ scale ratio (:func:`grid_search`).
+    """Grid search of the AWQ scale ratio (:func:`grid_search`, ``coarse_step`` as there).
 
     ``loss_fn(candidates)`` returns the fp32 MSE of the inspected module's output when the group's linears
     use ``candidates`` ({name: (N, K) weight}); ``x_mean``/``w_mean`` are per prev-op output channel;
@@ -181,7 +277,7 @@ def search_scales(
         }
         return float(loss_fn(candidates))
 
-    return grid_search(loss_of_scales, x_mean, ratios, w_mean, progress)
+    return grid_search(loss_of_scales, x_mean, ratios, w_mean, progress, coarse_step)
 
 
 # ---------------------------------------------------------------------------------------------- clip search

@@ -5,6 +5,10 @@ the block output; every group's scale search runs on the unmodified block; all s
 in (and the recorded inputs divided by them); the clip search runs on the scaled weights; finally every
 linear is quantized with the reference quantizer. Losses are evaluated sample by sample, and token-wise
 modules in chunks of ``chunk_tokens`` tokens, so no module sees more than one chunk at a time.
+
+The cheaper searches (``numerics="fast"``): the scale losses on at most ``search_tokens`` calibration tokens (a seeded
+random subset; whole samples for the attention group, which mixes tokens), a coarse-to-fine ratio grid, and for a
+group whose inspected module is its single linear the Gram-matrix form of its output MSE over every token.
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ from tqdm.auto import tqdm
 
 from nvila_quant.numerics.qtensor import QTensor
 from nvila_quant.quant.awq import (
+    COARSE_STEP,
     QuantArgs,
     act_mean,
     apply_clip,
     apply_scales,
     compute_scales,
+    gram,
+    gram_mse,
     reduce_to_rows,
+    sample_tokens,
     search_clip,
+    search_evaluations,
     search_scales,
     skip_clip,
     weight_mean,
@@ -181,15 +190,31 @@ class _Recorder:
             h.remove()
 
 
-def _group_calls(group: ScaleGroup, rec: _Recorder, chunk_tokens: int) -> list[tuple[tuple, dict]]:
-    """The inspected module's calls: per sample, or (for token-wise modules) per chunk of tokens."""
+def _call_tokens(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+
+
+def _group_calls(group: ScaleGroup, rec: _Recorder, chunk_tokens: int, search_tokens: int = 0,
+                 seed: int = 0) -> list[tuple[tuple, dict]]:
+    """The inspected module's calls: per sample, or (for token-wise modules) per chunk of tokens. ``search_tokens``
+    > 0: at most that many tokens, a seeded random subset (token-wise) or whole samples, a seeded random choice in
+    order, until the budget is spent (at least one)."""
     calls = rec.calls[group.inspect]
+    xs = [_call_tokens(a, kw) for a, kw in calls]
     if not group.token_wise:
-        return calls
-    xs = []
-    for args, kwargs in calls:
-        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
-        xs.append(x)
+        if search_tokens <= 0 or sum(x[..., 0].numel() for x in xs) <= search_tokens:
+            return calls
+        order = torch.randperm(len(calls), generator=torch.Generator().manual_seed(seed)).tolist()
+        keep, used = [], 0
+        for i in order:
+            n = xs[i][..., 0].numel()
+            if keep and used + n > search_tokens:
+                continue
+            keep.append(i)
+            used += n
+        return [calls[i] for i in sorted(keep)]
+    if search_tokens > 0:
+        xs = [sample_tokens(xs, search_tokens, seed)]
     return [((c,), {}) for c in _token_chunks(xs, chunk_tokens)]
 
 
@@ -304,20 +329,30 @@ def _search_group(
     """Scale search of one group; appends its RTN-vs-AWQ losses to ``log["groups"]``."""
     t0 = time.perf_counter()
     inspect = block.get_submodule(group.inspect)
-    calls = _group_calls(group, rec, config.chunk_tokens)
-    org = [_first(inspect(*a, **kw)) for a, kw in calls]
-    rel = {name: _relative(group.inspect, name) for name in group.linears}
-    n_elems = sum(o.numel() for o in org)
-
-    def loss_fn(candidates: Mapping[str, torch.Tensor]) -> float:
-        override = {rel[name]: w for name, w in candidates.items()}
-        sq = 0.0
-        for (a, kw), o in zip(calls, org, strict=True):
-            out = _first(functional_call(inspect, override, a, kw))
-            sq += float((o.float() - out.float()).pow(2).sum())
-        return sq / max(n_elems, 1)
-
+    calls = _group_calls(group, rec, config.chunk_tokens, config.search_tokens, config.seed)
     weights = {name: state[f"{name}.weight"] for name in group.linears}
+    single = group.linears == (group.inspect,) and group.token_wise and isinstance(inspect, nn.Linear)
+    search_rows = sum(_call_tokens(a, kw)[..., 0].numel() for a, kw in calls)
+    loss_kind = "gram" if config.gram_loss and single and inspect.in_features < search_rows else "forward"
+    if loss_kind == "gram":  # N K^2 per candidate instead of T K N: the same MSE, over every token
+        g, g_tokens = gram(rec.x[group.linears[0]], config.chunk_tokens)
+        w0 = weights[group.linears[0]]
+
+        def loss_fn(candidates: Mapping[str, torch.Tensor]) -> float:
+            return gram_mse(candidates[group.linears[0]].float() - w0.float(), g, g_tokens)
+    else:
+        org = [_first(inspect(*a, **kw)) for a, kw in calls]
+        rel = {name: _relative(group.inspect, name) for name in group.linears}
+        n_elems = sum(o.numel() for o in org)
+
+        def loss_fn(candidates: Mapping[str, torch.Tensor]) -> float:
+            override = {rel[name]: w for name, w in candidates.items()}
+            sq = 0.0
+            for (a, kw), o in zip(calls, org, strict=True):
+                out = _first(functional_call(inspect, override, a, kw))
+                sq += float((o.float() - out.float()).pow(2).sum())
+            return sq / max(n_elems, 1)
+
     index = group.index()
     n_rows = None if index is None else int(index.max()) + 1
     x_mean = reduce_to_rows(act_mean(rec.x[group.linears[0]]), index, n_rows)
@@ -327,8 +362,10 @@ def _search_group(
         gs = next((q.group_size for q in qs.values() if q is not None), -1)
         w_mean = reduce_to_rows(weight_mean(list(weights.values()), gs), index, n_rows)
     ratios = config.ratios
-    with tqdm(total=len(ratios), desc=f"{desc} {group.name}", leave=False, disable=not progress) as bar:
-        result = search_scales(loss_fn, weights, x_mean, qs, ratios, w_mean, index, progress=bar.update)
+    step = COARSE_STEP if config.ratio_search == "coarse" else 1
+    with tqdm(total=search_evaluations(len(ratios), step), desc=f"{desc} {group.name}", leave=False,
+              disable=not progress) as bar:
+        result = search_scales(loss_fn, weights, x_mean, qs, ratios, w_mean, index, bar.update, step)
     if config.duo_scaling:  # ratio 0 is not plain RTN under duo scaling: measure RTN itself
         ones = torch.ones_like(compute_scales(x_mean, 0.0))
         loss_rtn = float(search_scales(loss_fn, weights, ones, qs, [0.0], None, index).best_loss)
@@ -336,7 +373,8 @@ def _search_group(
         loss_rtn = result.losses[0]
     log["groups"].append({
         "name": group.name, "prev_op": group.prev_op, "linears": list(group.linears), "ratio": result.ratio,
-        "rtn_loss": loss_rtn, "awq_loss": result.best_loss, "losses": result.losses,
+        "rtn_loss": loss_rtn, "awq_loss": result.best_loss, "losses": result.logged_losses,
+        "loss": loss_kind, "search_tokens": g_tokens if loss_kind == "gram" else search_rows,
         "time_s": time.perf_counter() - t0,
     })
     return result.scales.to(x_mean.device)

@@ -1,7 +1,8 @@
 """``AWQConfig``: every setting of an AWQ (or round-to-nearest) run, validated on construction.
 
-Defaults reproduce the reference implementation (llm-awq) numerically; the options beyond it are off
-by default and named after what they change (see ``../shared/reference/awq.md``).
+Two presets fill the settings left unset (``None``): ``numerics="fast"`` (the default) turns on the options that
+fix the reference's known weaknesses and the cheaper searches; ``numerics="reference"`` reproduces the reference
+implementation (llm-awq) numerically, bit for bit as before the presets existed (``docs/awq.md``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from nvila_quant.errors import ConfigError
+from nvila_quant.machine import cpu_has_bf16
 from nvila_quant.model.config import dtype_from_str
 
 __all__ = [
@@ -19,6 +21,9 @@ __all__ = [
     "FORMATS",
     "GROUP_SIZES",
     "METHODS",
+    "NUMERICS",
+    "PRESETS",
+    "RATIO_SEARCHES",
     "TARGETS",
     "AWQConfig",
     "resolve_device",
@@ -33,6 +38,15 @@ FORMATS = ("autoawq", "compressed-tensors", "tinychat")  # = nvila_quant.formats
 DEFAULT_FORMAT = "autoawq"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")  # as stored (quant_log.json, the resume fingerprint)
 _SHORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+RATIO_SEARCHES = ("grid", "coarse")
+NUMERICS = ("fast", "reference")
+# the value each preset gives a setting left as None
+PRESETS: dict[str, dict[str, object]] = {
+    "reference": dict(duo_scaling=False, grid_include_one=False, gqa_vo=False, quant_input=False,
+                      ratio_search="grid", search_tokens=0, gram_loss=False),
+    "fast": dict(duo_scaling=True, grid_include_one=True, gqa_vo=True, quant_input=True,
+                 ratio_search="coarse", search_tokens=4096, gram_loss=True),
+}
 
 
 @dataclass
@@ -40,6 +54,8 @@ class AWQConfig:
     """Settings of one quantization run.
 
     Args:
+        numerics: "fast" or "reference": the preset that fills every setting below left as None (``PRESETS``);
+            "reference" is llm-awq's arithmetic, "fast" adds the four options and the cheaper searches.
         method: "awq" (scale + clip search) or "rtn" (round to nearest, no calibration).
         bits / group_size / zero_point: the weight quantizer (group_size -1 = one group per output channel).
         targets: sub-models to quantize: "llm" (every Linear in the decoder blocks) and/or "projector".
@@ -54,6 +70,14 @@ class AWQConfig:
         quant_input: feed each block (and the LLM, after the projector) the quantized output of the previous
             one instead of the full-precision output.
         clip: run the clip search (reference: on).
+        ratio_search: "grid" (every ratio, the reference) or "coarse" (every ``COARSE_STEP``-th ratio, then every
+            ratio between the best one's coarse neighbours: the grid's minimum wherever the loss is unimodal
+            between coarse points).
+        search_tokens: tokens the scale search's losses use, a seeded random subset of the calibration tokens
+            (0 = every token); the statistics (mean |x|) always use every token.
+        gram_loss: where the inspected module is the group's single linear (v -> o, up -> down), compute its loss
+            as the quadratic form of the weight error with the inputs' Gram matrix X^T X (every calibration
+            token), whenever that is cheaper than the forward (fewer input features than search tokens).
         n_grid: grid points of the scale search (ratios i / n_grid) and denominator of the clip grid.
         max_shrink: the clip search tries max_val = absmax * (1 - i / n_grid) for i < max_shrink * n_grid.
         clip_tokens: tokens sub-sampled (stride n_tokens // clip_tokens) for the clip search.
@@ -64,9 +88,11 @@ class AWQConfig:
         chunk_tokens: tokens per chunk in loss evaluation of token-wise modules (memory bound only).
         device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
         dtype: compute dtype of the search, "auto", "fp32", "fp16" or "bf16" (stored as "float32", ...); "auto" =
-            fp16 on CUDA (as the reference), fp32 on CPU.
+            fp16 on CUDA (as the reference); on CPU fp32, or bf16 with ``numerics="fast"`` on CPUs that multiply
+            bf16 natively (AVX-512 BF16, AMX). Losses are accumulated in fp32 either way.
     """
 
+    numerics: str = "fast"
     method: str = "awq"
     bits: int = 4
     group_size: int = 128
@@ -77,11 +103,14 @@ class AWQConfig:
     seqlen: int = 4096
     text_ratio: float = 0.25
     seed: int = 42
-    duo_scaling: bool = False
-    grid_include_one: bool = False
-    gqa_vo: bool = False
-    quant_input: bool = False
+    duo_scaling: bool | None = None
+    grid_include_one: bool | None = None
+    gqa_vo: bool | None = None
+    quant_input: bool | None = None
     clip: bool = True
+    ratio_search: str | None = None
+    search_tokens: int | None = None
+    gram_loss: bool | None = None
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512
@@ -97,6 +126,15 @@ class AWQConfig:
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
+        if self.numerics not in NUMERICS:
+            raise ConfigError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        for name, value in PRESETS[self.numerics].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.ratio_search not in RATIO_SEARCHES:
+            raise ConfigError(f"ratio_search must be one of {RATIO_SEARCHES}, got {self.ratio_search!r}")
+        if int(self.search_tokens) < 0:
+            raise ConfigError(f"search_tokens must be >= 0 (0 = every token), got {self.search_tokens}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.bits not in BITS:
@@ -134,6 +172,11 @@ class AWQConfig:
         return [i / self.n_grid for i in range(last)]
 
     @property
+    def is_reference(self) -> bool:
+        """Every setting that changes results is the reference's (llm-awq's arithmetic)."""
+        return all(getattr(self, k) == v for k, v in PRESETS["reference"].items())
+
+    @property
     def symmetric(self) -> bool:
         return not self.zero_point
 
@@ -148,6 +191,8 @@ class AWQConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown AWQConfig fields {unknown}; expected some of {sorted(known)}")
+        if "numerics" not in data:  # written before the presets: its unset settings were the reference's
+            data = {"numerics": "reference", **data}
         return cls(**data)
 
     def search_fingerprint(self) -> dict:
@@ -155,6 +200,8 @@ class AWQConfig:
         skip = {"clip_batch", "chunk_tokens", "device"}
         if not self.quantize_lm_head:  # as before the option existed: earlier work folders still resume
             skip |= {"quantize_lm_head", "lm_head_tokens"}
+        if self.is_reference:  # as before the presets existed
+            skip |= {"numerics", "ratio_search", "search_tokens", "gram_loss"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 
@@ -167,7 +214,11 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, numerics: str = "reference") -> torch.dtype:
+    """The compute dtype: ``dtype`` unless "auto" (fp16 on CUDA; on CPU fp32, or bf16 for the fast numerics on
+    CPUs with native bf16)."""
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if numerics == "fast" and cpu_has_bf16() else torch.float32
     return dtype_from_str(dtype)

@@ -33,12 +33,15 @@ from tqdm.auto import tqdm
 
 from nvila_quant.numerics.qtensor import QTensor
 from nvila_quant.quant.awq import (
+    COARSE_STEP,
     QuantArgs,
     apply_scales,
     clip_weight,
     grid_search,
+    sample_tokens,
     scale_quantize,
     search_clip,
+    search_evaluations,
     weight_mean,
 )
 from nvila_quant.quant.block import BlockResult
@@ -63,22 +66,6 @@ def head_rows(vocab_size: int, tokenizer_size: int) -> int:
     (mean rows, like the media tokens') are added before quantizing."""
     rows = max(int(vocab_size), int(tokenizer_size))
     return -(-rows // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def sample_tokens(hidden: Sequence[torch.Tensor], n_tokens: int, seed: int) -> torch.Tensor:
-    """At most ``n_tokens`` rows of the concatenated hidden states [(..., H)], a seeded random subset kept in order,
-    without materializing the concatenation. -> (T', H)."""
-    flats = [h.reshape(-1, h.shape[-1]) for h in hidden]
-    total = sum(f.shape[0] for f in flats)
-    if total <= n_tokens:
-        return torch.cat(flats)
-    picked = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n_tokens].sort().values
-    out, offset = [], 0
-    for f in flats:
-        mine = picked[(picked >= offset) & (picked < offset + f.shape[0])] - offset
-        out.append(f[mine.to(f.device)])
-        offset += f.shape[0]
-    return torch.cat(out)
 
 
 def _chunk_rows(n_tokens: int) -> int:
@@ -242,13 +229,15 @@ def quantize_head(
         def loss_of_scales(s: torch.Tensor) -> float:
             return _scaled_loss(x, w, s.to(w.device), q)
 
-        with tqdm(total=len(config.ratios), desc="lm_head scales", leave=False, disable=not progress) as bar:
-            result = grid_search(loss_of_scales, x_mean, config.ratios, w_mean, bar.update)
+        step = COARSE_STEP if config.ratio_search == "coarse" else 1
+        with tqdm(total=search_evaluations(len(config.ratios), step), desc="lm_head scales", leave=False,
+                  disable=not progress) as bar:
+            result = grid_search(loss_of_scales, x_mean, config.ratios, w_mean, bar.update, step)
         # ratio 0 is plain RTN, except under duo scaling: measure RTN itself there
         rtn_loss = loss_of_scales(torch.ones_like(x_mean)) if config.duo_scaling else result.losses[0]
         log["groups"].append({
             "name": HEAD_GROUP.name, "prev_op": HEAD_GROUP.prev_op, "linears": list(HEAD_GROUP.linears),
-            "ratio": result.ratio, "rtn_loss": rtn_loss, "awq_loss": result.best_loss, "losses": result.losses,
+            "ratio": result.ratio, "rtn_loss": rtn_loss, "awq_loss": result.best_loss, "losses": result.logged_losses,
             "time_s": time.perf_counter() - t0,
         })
         s = result.scales.to(w.device)

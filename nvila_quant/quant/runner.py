@@ -127,7 +127,7 @@ def quantize(
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     device = resolve_device(config.device)
-    run = _Run(root, nv_config, config, device, resolve_dtype(config.dtype, device), nv_config.dtype,
+    run = _Run(root, nv_config, config, device, resolve_dtype(config.dtype, device, config.numerics), nv_config.dtype,
                plan_layers(nv_config, config), WorkDir(work_dir_for(output)), progress)
     for note in run.plan.notes:
         logger.warning("%s", note)

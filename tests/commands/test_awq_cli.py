@@ -12,7 +12,8 @@ from nvila_quant.commands import awq as awq_command
 from nvila_quant.io import read_json
 from nvila_quant.quant.runner import work_dir_for
 
-_FLAGS = ["--n-samples", str(TEST_CONFIG["n_samples"]), "--text-ratio", str(TEST_CONFIG["text_ratio"]),
+_FLAGS = ["--numerics", TEST_CONFIG["numerics"], "--n-samples", str(TEST_CONFIG["n_samples"]),
+          "--text-ratio", str(TEST_CONFIG["text_ratio"]),
           "--seqlen", str(TEST_CONFIG["seqlen"]), "--seed", str(TEST_CONFIG["seed"]), "--quiet"]
 
 
@@ -27,9 +28,26 @@ def test_help_lists_every_flag():
     for flag in ("--model", "--calib", "--output", "--w-bit", "--group-size", "--no-zero-point", "--targets",
                  "--format", "--n-samples", "--seqlen", "--text-ratio", "--device", "--dtype", "--resume",
                  "--overwrite", "--seed", "--duo-scaling", "--grid-include-one", "--gqa-vo", "--quant-input",
-                 "--no-clip"):
+                 "--no-clip", "--numerics", "--no-duo-scaling", "--ratio-search", "--search-tokens", "--gram-loss",
+                 "--no-gram-loss"):
         assert flag in text, flag
     assert "--calib" not in _help("rtn") and "--format" in _help("rtn")
+
+
+def test_numerics_preset_and_overrides_from_flags(tiny_nvila, tmp_path):
+    def config(*flags: str):
+        args = build_parser().parse_args(["awq", "--model", str(tiny_nvila), "--output", str(tmp_path / "o"), *flags])
+        return awq_command.config_from_args(args, "awq")
+
+    fast = config()
+    assert fast.numerics == "fast" and fast.duo_scaling and fast.gqa_vo and fast.ratio_search == "coarse"
+    assert fast.search_tokens == 4096 and fast.gram_loss
+    ref = config("--numerics", "reference")
+    assert ref.is_reference and not ref.duo_scaling and ref.search_tokens == 0 and ref.ratio_search == "grid"
+    mixed = config("--no-duo-scaling", "--search-tokens", "0", "--ratio-search", "grid", "--no-gram-loss")
+    assert not mixed.duo_scaling and mixed.search_tokens == 0 and mixed.ratio_search == "grid"
+    assert mixed.gqa_vo and mixed.quant_input and not mixed.gram_loss  # the rest from the preset
+    assert config("--numerics", "reference", "--gqa-vo").gqa_vo
 
 
 class Crash(RuntimeError):
