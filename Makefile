@@ -71,6 +71,14 @@ bench: setup
 bench-cpu-peers: setup
 	$(BIN)/python benchmarks/cpu_peers.py $(PEERS_ARGS)
 
+# Our AWQ's time and KL against llm-compressor's AWQ (issue 21), the peers part of benchmarks/awq.py. Not part of
+# `make test`: the first run installs llm-compressor into a venv of its own under ~/.cache/nvila-quant/awq_peers
+# (~3 min), then each of the three quantizations runs in its own process (~20 min in all on 2 cores). Pass flags with
+# AWQ_ARGS (e.g. AWQ_ARGS="--peer-smoke" for a one-minute self-check).
+.PHONY: bench-awq-peers
+bench-awq-peers: setup
+	$(BIN)/python benchmarks/awq.py --parts peers $(AWQ_ARGS)
+
 clean:
 	rm -rf $(VENV) .venv-compat nvila-demo .pytest_cache
 

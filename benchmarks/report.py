@@ -365,6 +365,38 @@ def awq_accuracy_rows(runs: list[dict], cpu: str) -> list[str]:
     return rows
 
 
+def awq_peers_rows(runs: list[dict], cpu: str) -> list[str]:
+    """awq.py --parts peers: our AWQ (each numerics) against llm-compressor's, time and held-out KL."""
+    mine = [r for r in runs if _cpu(r) == cpu and r["result"].get("peers")
+            and "smoke" not in (r.get("variant") or "")]
+
+    def key(r: dict) -> tuple:
+        p = r["result"]["peers"]
+        return (tuple(sorted(p["spec"].items())), p["n_samples"], p["seqlen"], p["threads"])
+
+    rows = []
+    for g in groups(mine, key):
+        p = g[0]["result"]["peers"]
+        peer = next(x["tool"] for x in p["rows"] if x["tool"].startswith("llm-compressor"))
+        cells = []
+        for numerics in ("fast", "reference"):
+            by = [next(x for x in r["result"]["peers"]["rows"] if x["tool"] == f"nvila-quant ({numerics})") for r in g]
+            base = [next(x for x in r["result"]["peers"]["rows"] if x["tool"].startswith("llm-compressor"))
+                    for r in g]
+            label = "default (fast)" if numerics == "fast" else "--numerics reference"
+            cells.append(f"{label}: {span(x['time_vs_llmcompressor'] for x in by)}x its time "
+                         f"({span((x['quantize_s'] for x in by), _fixed(0))} vs "
+                         f"{span((x['quantize_s'] for x in base), _fixed(0))} s), "
+                         f"{span(x['kl_vs_llmcompressor'] for x in by)}x its KL "
+                         f"({span((x['kl'] for x in by), _kl_digits)} vs {span((x['kl'] for x in base), _kl_digits)})")
+        spec = p["spec"]
+        what = (f"AWQ vs {peer} on {cpu} (`awq.py --parts peers`, 4-bit g128, {spec['llm_layers']}-layer "
+                f"{spec['llm_hidden']} / {spec['llm_intermediate']} LLM, {p['n_samples']} x {p['seqlen']} calibration "
+                f"tokens, held-out text KL vs float, {p['threads']} threads; {_runs(len(g))})")
+        rows.append(_row(what, "; ".join(cells), "awq"))
+    return rows
+
+
 def awq_memory_rows(runs: list[dict], cpu: str) -> list[str]:
     mine = [r for r in runs if _cpu(r) == cpu and r["result"].get("memory")]
 
@@ -451,7 +483,8 @@ def render(root: str | os.PathLike = RESULTS) -> str:
         rows += kernels_gpu_rows(runs.get("kernels", []), gpu)
         rows += decode_rows(runs.get("decode", []), gpu, cuda=True)
         rows += lm_head_rows(runs.get("lm_head", []), gpu, cuda=True)
-    for name, make in (("vision", vision_rows), ("awq", awq_accuracy_rows), ("awq", awq_memory_rows),
+    for name, make in (("vision", vision_rows), ("awq", awq_peers_rows), ("awq", awq_accuracy_rows),
+                       ("awq", awq_memory_rows),
                        ("loading", loading_rows), ("suite", suite_rows)):
         for cpu in cpus:
             rows += make(runs.get(name, []), cpu)
