@@ -402,6 +402,7 @@ def bench_gpu(tokens: list[int], repeats: int, group: int) -> dict:
 
 
 ACT_SHAPES = [(8960, 1536), (1536, 8960), (2048, 1536), (1536, 1536)]  # NVILA-Lite-2B: gate/up, down, qkv, o
+ACT_SHAPE_SETS = {"2b": ACT_SHAPES, "8b": [(18944, 3584), (3584, 18944), (4608, 3584), (3584, 3584)]}  # NVILA-8B
 ACT_KERNELS = {  # name: (C function, activation dtype)
     "avx512_bf16": ("nq_t16_bf16", torch.bfloat16), "vnni_x2": ("nq_t16_bf16_vnni", torch.bfloat16),
     "vnni_int8": ("nq_t16_bf16_vnni8", torch.bfloat16), "avx512_fma": ("nq_t16_f32", torch.float32),
@@ -446,7 +447,8 @@ def _read_pass(lib: object, ring: list[tuple[torch.Tensor, ...]], threads: int) 
     return times
 
 
-def bench_activations(tokens: list[int], rounds: int, group: int) -> list[dict]:
+def bench_activations(tokens: list[int], rounds: int, group: int,
+                      shapes: list[tuple[int, int]] = ACT_SHAPES) -> list[dict]:
     """Per (N, K) of ACT_SHAPES and token count: ms per call and GB/s of each ACT_KERNELS kernel on a ring of
     distinct weight copies (RING["mb"] MB), interleaved per round (see the module docstring)."""
     lib = cpu_native.library()
@@ -457,7 +459,7 @@ def bench_activations(tokens: list[int], rounds: int, group: int) -> list[dict]:
     rows = []
     # the dispatchers (nq_t16_bf16 / nq_t16_f32) on vdpbf16ps / FMA at every count, and the VNNI route exact
     with cpu_native.avx512_bf16_only():
-        for n, k in ACT_SHAPES:
+        for n, k in shapes:
             layer = _layer(n, k, group)
             layer.backend = "cpu"
             layer(torch.zeros(1, k, dtype=torch.bfloat16))  # packs the weights (T16) once
@@ -526,6 +528,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the few-token activation comparison (vdpbf16ps / FMA vs VNNI exact parts vs one "
                              "int8 per element) on rings of weight copies, NVILA-Lite-2B shapes")
     parser.add_argument("--rounds", type=int, default=15, help="--activations: interleaved passes over each ring")
+    parser.add_argument("--act-shapes", choices=sorted(ACT_SHAPE_SETS), default="2b",
+                        help="--activations: the (N, K) set, NVILA-Lite-2B's (gate/up, down, qkv, o; default) or "
+                             "NVILA-8B's")
     add_results_arg(parser)
     args = parser.parse_args(argv)
     if args.tokens is None:
@@ -542,16 +547,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"CPU ({torch.get_num_threads()} threads): T16 kernels by activation handling, rings of "
               f"~{RING['mb']} MB of weight copies, {args.rounds} interleaved rounds")
         with torch.inference_mode():
-            rows = bench_activations(args.tokens, args.rounds, args.group_size)
+            rows = bench_activations(args.tokens, args.rounds, args.group_size, ACT_SHAPE_SETS[args.act_shapes])
         names = [*ACT_KERNELS, "bare_read"]
         print(table(rows, ["N", "K", "M", *(f"{name}_gbs" for name in names), "avx512_bf16_vs_bare_read"]))
         print(table(rows, ["N", "K", "M", *(f"{name}_spread" for name in names)]))
         payload = {"group_size": args.group_size, "tokens": args.tokens, "threads": torch.get_num_threads(),
                    "rounds": args.rounds, "ring_mb": RING["mb"], "clock": args.clock,
                    "kernels": {k: v[0] for k, v in ACT_KERNELS.items()}, "bare_read_goal": BARE_READ_GOAL,
-                   "load_average_start": load, "rows": rows,
+                   "load_average_start": load, "rows": rows, "shapes": args.act_shapes,
                    "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
-        variant = "-".join(["activations"] + ([f"{args.threads}thread"] if args.threads else [])
+        variant = "-".join(["activations"] + ([] if args.act_shapes == "2b" else [args.act_shapes])
+                           + ([f"{args.threads}thread"] if args.threads else [])
                            + (["cputime"] if args.clock == "thread" else []))
         print(f"wrote {write_result('kernels', payload, variant, 'cpu', args.results)}")
         return
