@@ -345,7 +345,8 @@ def _awq_model(settings: dict, name: str) -> str:
 
 def awq_accuracy_rows(runs: list[dict], cpu: str) -> list[str]:
     mine = [r for r in runs if _cpu(r) == cpu and r["result"].get("accuracy")]
-    methods = (("rtn", "RTN"), ("awq", "AWQ"), ("awq+options", "AWQ + all options"))
+    methods = (("rtn", "RTN"), ("awq", "AWQ (reference numerics)"), ("awq+options", "reference + all options"),
+               ("awq fast", "AWQ default (fast numerics)"))
     rows = []
     for g in groups(mine, lambda r: (r["result"]["settings"].get("n_samples"), r["result"]["settings"].get("seqlen"))):
         settings = g[0]["result"]["settings"]
