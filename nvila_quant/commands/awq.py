@@ -31,7 +31,8 @@ def quantizer_flags(p: argparse.ArgumentParser) -> None:
                    "not divide fall back to 64, 32 or per channel with a warning")
     p.add_argument("--no-zero-point", action="store_true", help="symmetric quantization (no zero point)")
     p.add_argument("--targets", default="llm,projector", help="comma-separated sub-models to quantize: llm, "
-                   "projector (default: llm,projector)")
+                   "projector (int4 AWQ), vision_tower (W8A8 with a SmoothQuant search on the calibration images; "
+                   "awq only, with --format compressed-tensors) (default: llm,projector)")
     p.add_argument("--format", choices=FORMATS, default=_DEFAULTS.format, help="packed checkpoint format "
                    "(default: autoawq, which vLLM/SGLang/transformers load)")
     p.add_argument("--quantize-lm-head", action="store_true",
@@ -104,6 +105,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="the output MSE of a single-linear group (v -> o, up -> down) from its inputs' Gram "
                       f"matrix over every token, where that is cheaper than the forward {preset('gram_loss')}")
     opts.add_argument("--no-clip", action="store_true", help="skip the clip search (the reference runs it)")
+    vis = p.add_argument_group("vision tower W8A8 (with --targets ...,vision_tower)")
+    vis.add_argument("--vision-tiles", type=int, default=_DEFAULTS.vision_tiles,
+                     help="calibration tiles (a seeded subset of the image samples' tiles) the tower's smoothing "
+                     f"search and int8 run on (default: {_DEFAULTS.vision_tiles})")
+    vis.add_argument("--vision-max-error", type=float, default=_DEFAULTS.vision_max_error,
+                     help="a tower linear whose relative output error under W8A8 stays above this is kept float and "
+                     f"listed in quant_log.json (default: {_DEFAULTS.vision_max_error})")
     p.set_defaults(func=run)
 
 
@@ -116,6 +124,7 @@ def config_from_args(args: argparse.Namespace, method: str) -> AWQConfig:
             numerics=args.numerics, duo_scaling=args.duo_scaling, grid_include_one=args.grid_include_one,
             gqa_vo=args.gqa_vo, quant_input=args.quant_input, ratio_search=args.ratio_search,
             search_tokens=args.search_tokens, gram_loss=args.gram_loss, clip=not args.no_clip,
+            vision_tiles=args.vision_tiles, vision_max_error=args.vision_max_error,
         )
     return AWQConfig(
         method=method, bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point,
@@ -131,6 +140,9 @@ def report(result) -> None:  # noqa: ANN001 (a QuantizeResult)
     print(f"wrote {log['method']} checkpoint to {result.output} in {log['timings']['total_s']:.1f} s")
     if summary.get("blocks"):
         print(f"  LLM blocks where AWQ beats RTN (output MSE): {summary['blocks_awq_better']}/{summary['blocks']}")
+    if summary.get("vision_tower"):
+        v = summary["vision_tower"]
+        print(f"  vision tower W8A8: {v['quantized']} linears int8, {v['kept_float']} kept float")
     if summary.get("projector", {}).get("mse_rtn") is not None:
         p = summary["projector"]
         print(f"  projector output MSE: RTN {p['mse_rtn']:.3g}, {log['method']} {p['mse_awq']:.3g}")

@@ -32,8 +32,8 @@ from nvila_quant.formats.common import (
 from nvila_quant.numerics.bitpack import dense_word_count, pack_dense_int32, unpack_dense_int32
 from nvila_quant.numerics.qtensor import QTensor
 
-__all__ = ["BITS", "MARKER", "NAME", "SERVED_BITS", "SUFFIXES", "check", "pack", "quantization_config", "unpack",
-           "weights_args"]
+__all__ = ["BITS", "INT8_FORMAT", "MARKER", "NAME", "SERVED_BITS", "SUFFIXES", "check", "check_int8_config",
+           "int8_quantization_config", "pack", "quantization_config", "unpack", "weights_args"]
 
 NAME = "compressed-tensors"
 BITS = tuple(range(1, 9))
@@ -144,3 +144,50 @@ def quantization_config(
         "global_compression_ratio": None,
         "sparsity_config": {},
     }
+
+
+# ---- W8A8 (the vision tower): "int-quantized", int8 weights per channel, dynamic int8 activations per token ----
+# Tensors of a module: weight (N, K) int8, weight_scale (N, 1) float, bias (N,) float.
+INT8_FORMAT = "int-quantized"
+_INT8_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+_INT8_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+def int8_quantization_config(ignore: list[str]) -> dict:
+    """``quantization_config`` of a W8A8 (dynamic per-token activations) model; ``ignore``: Linear modules kept
+    float (full names)."""
+    weights = {**weights_args(8, -1, True), **_INT8_WEIGHTS}
+    inputs = {**_INT8_INPUTS, "group_size": None, "actorder": None, "block_structure": None, "observer": None,
+              "observer_kwargs": {}}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": INT8_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
+                                      "output_activations": None, "format": INT8_FORMAT}},
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+    }
+
+
+def check_int8_config(qc: Mapping, where: object) -> list[str]:
+    """The ``ignore`` list of a W8A8 ``quantization_config``; CheckpointError for anything but the scheme
+    :func:`int8_quantization_config` writes (which the runtime's int8 linears compute)."""
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != INT8_FORMAT:
+        raise CheckpointError(f"{where}: quantization_config is {qc.get('quant_method')!r} / {qc.get('format')!r}; "
+                              f"a quantized vision tower must be compressed-tensors {INT8_FORMAT!r} (W8A8)")
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise CheckpointError(f"{where}: expected one config group (W8A8 on every Linear), got {sorted(groups)}")
+    (group,) = groups.values()
+    for part, want in (("weights", _INT8_WEIGHTS), ("input_activations", _INT8_INPUTS)):
+        got = group.get(part) or {}
+        bad = {k: got.get(k) for k, v in want.items() if got.get(k) != v}
+        if bad:
+            raise CheckpointError(f"{where}: config_groups {part} has {bad}, expected {want} (int8 weights per "
+                                  "channel, dynamic int8 activations per token)")
+    if group.get("targets") != ["Linear"]:
+        raise CheckpointError(f"{where}: config group targets {group.get('targets')}, expected ['Linear']")
+    return list(qc.get("ignore") or [])

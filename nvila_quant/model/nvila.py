@@ -11,8 +11,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
 
 from nvila_quant.errors import CheckpointError
+from nvila_quant.formats.compressed_tensors import check_int8_config
 from nvila_quant.io import Part, as_part, load_state_dict, read_tensors
 from nvila_quant.kernels import QuantLinear
+from nvila_quant.kernels.int8 import Int8Linear
 from nvila_quant.model.config import NVILAConfig, dtype_from_str, load_config
 from nvila_quant.model.encoders import build_encoder
 from nvila_quant.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
@@ -85,30 +87,58 @@ def _siglip_config(cfg: dict, part: Part) -> SiglipVisionConfig:
             "'siglip_vision_model'"
         )
     data = cfg.get("vision_config", {}) if cfg.get("model_type") == "siglip" else cfg  # a full SigLIP config
-    data = {k: v for k, v in data.items() if k not in ("model_type", "architectures", "transformers_version")}
+    data = {k: v for k, v in data.items()
+            if k not in ("model_type", "architectures", "transformers_version", "quantization_config")}
     return SiglipVisionConfig(**data)
+
+
+def _int8_skeleton(skeleton: nn.Module, ignore: list[str], stored: set[str], dtype: torch.dtype) -> list[str]:
+    """Swap the Linear modules a W8A8 tower stores in int8 (a ``weight_scale`` in the file, not in ``ignore``)
+    for ``Int8Linear`` (on the meta device). Returns their names."""
+    swapped = []
+    for name, mod in list(skeleton.named_modules()):
+        full = name if name.startswith("vision_model.") else f"vision_model.{name}"
+        if isinstance(mod, nn.Linear) and full not in ignore and f"{name}.weight_scale" in stored:
+            owner, _, attr = name.rpartition(".")
+            with torch.device("meta"):
+                new = Int8Linear(mod.in_features, mod.out_features, mod.bias is not None, dtype)
+            setattr(skeleton.get_submodule(owner) if owner else skeleton, attr, new)
+            swapped.append(name)
+    return swapped
 
 
 def build_vision_tower(source: str | os.PathLike | Part, config: NVILAConfig, dtype: torch.dtype,
                        device: torch.device) -> VisionTower:
     part = as_part(source)
-    vision_config = _siglip_config(part.read_config(), part)
+    raw = part.read_config()
+    vision_config = _siglip_config(raw, part)
+    qc = raw.get("quantization_config")
+    ignore = check_int8_config(qc, part) if qc else []  # a W8A8 tower (nvila-quant awq --targets vision_tower)
     stored = part.key_map()
     with quiet_transformers(), torch.device("meta"):
         skeleton = SiglipVisionModel(vision_config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     # files name the tensors "vision_model.*" (SiglipVisionModel's base prefix), which its state dict may omit
-    strip = not any(k.startswith("vision_model.") for k in expected)
+    strip = not any(k.startswith("vision_model.") for k in skeleton.state_dict())
     key_map = stored.renamed(lambda k: k.removeprefix("vision_model.")) if strip else stored
+    int8 = _int8_skeleton(skeleton, ignore, set(key_map), dtype) if qc else []
+    if qc and not int8:
+        raise CheckpointError(f"{part}: its config says W8A8 but no Linear has an int8 weight and a weight_scale")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     check_tensor_shapes(part, key_map, expected, "the vision tower")
-    if part.flat:
+    if part.flat or qc:
         unexpected = sorted(set(key_map) - set(expected))
         missing = sorted(k for k in set(expected) - set(key_map) if not k.startswith(_UNUSED_VISION_PREFIXES))
         if missing or unexpected:
             raise CheckpointError(f"weights in {part} do not match the vision config: missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]}")
         model = skeleton
-        model.load_state_dict(read_tensors(key_map, list(key_map), dtype), strict=False, assign=True)
+        exact = {k for k in key_map if k.endswith(".weight_scale") or k.removesuffix(".weight") in int8}
+        tensors = {**read_tensors(key_map, [k for k in key_map if k not in exact], dtype),
+                   **read_tensors(key_map, sorted(exact))}  # int8 weights and fp32 scales as stored
+        model.load_state_dict(tensors, strict=False, assign=True)
+        bad = [n for n in int8 if model.get_submodule(n).weight.dtype != torch.int8]
+        if bad:
+            raise CheckpointError(f"{part}: {bad[:3]} have a weight_scale but no int8 weight (W8A8 stores int8)")
         materialize_buffers(model, torch.device("cpu"))
         for name, t in model.named_parameters():  # the never-run head / post_layernorm, when the file lacks them
             if t.device.type == "meta":

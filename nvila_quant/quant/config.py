@@ -24,6 +24,7 @@ __all__ = [
     "NUMERICS",
     "PRESETS",
     "RATIO_SEARCHES",
+    "DEFAULT_TARGETS",
     "TARGETS",
     "AWQConfig",
     "resolve_device",
@@ -33,7 +34,8 @@ __all__ = [
 METHODS = ("awq", "rtn")
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
-TARGETS = ("llm", "projector")
+TARGETS = ("llm", "projector", "vision_tower")
+DEFAULT_TARGETS = ("llm", "projector")
 FORMATS = ("autoawq", "compressed-tensors", "tinychat")  # = nvila_quant.formats.checkpoint.FORMATS
 DEFAULT_FORMAT = "autoawq"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")  # as stored (quant_log.json, the resume fingerprint)
@@ -58,7 +60,9 @@ class AWQConfig:
             "reference" is llm-awq's arithmetic, "fast" adds the four options and the cheaper searches.
         method: "awq" (scale + clip search) or "rtn" (round to nearest, no calibration).
         bits / group_size / zero_point: the weight quantizer (group_size -1 = one group per output channel).
-        targets: sub-models to quantize: "llm" (every Linear in the decoder blocks) and/or "projector".
+        targets: sub-models to quantize: "llm" (every Linear in the decoder blocks), "projector" (both int4, AWQ)
+            and/or "vision_tower" (W8A8 with SmoothQuant, :mod:`nvila_quant.quant.vision`; needs image samples and
+            the compressed-tensors format, the one that states int8 activations).
         format: packed checkpoint format written to the output.
         n_samples: calibration conversations (image + caption, or text only).
         seqlen: tokens kept per conversation (longer ones are truncated, with a warning).
@@ -85,6 +89,8 @@ class AWQConfig:
         quantize_lm_head: also quantize ``lm_head`` (the final RMSNorm -> lm_head scale group, searched like a
             block's) and write ``"lm_head": true``; a tied head is untied (embed_tokens stays float).
         lm_head_tokens: calibration tokens (a seeded random subset) the lm_head's scale and clip searches use.
+        vision_tiles: calibration tiles (a seeded subset of the image samples' tiles) the tower's W8A8 runs on.
+        vision_max_error: a tower linear whose relative W8A8 output error stays above this is kept float.
         chunk_tokens: tokens per chunk in loss evaluation of token-wise modules (memory bound only).
         device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
         dtype: compute dtype of the search, "auto", "fp32", "fp16" or "bf16" (stored as "float32", ...); "auto" =
@@ -97,7 +103,7 @@ class AWQConfig:
     bits: int = 4
     group_size: int = 128
     zero_point: bool = True
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     format: str = DEFAULT_FORMAT
     n_samples: int = 32
     seqlen: int = 4096
@@ -118,6 +124,8 @@ class AWQConfig:
     chunk_tokens: int = 4096
     quantize_lm_head: bool = False
     lm_head_tokens: int = 4096
+    vision_tiles: int = 16
+    vision_max_error: float = 0.05
     device: str = "auto"
     dtype: str = "auto"
     version: int = field(default=1)
@@ -149,6 +157,17 @@ class AWQConfig:
             raise ConfigError(f"quantize_lm_head quantizes the LLM's head: add 'llm' to targets (got {self.targets})")
         if self.format not in FORMATS:
             raise ConfigError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if "vision_tower" in self.targets:
+            if self.format != "compressed-tensors":
+                raise ConfigError(f"the vision tower is quantized W8A8 (int8 activations), which only the "
+                                  f"compressed-tensors format states; {self.format!r} cannot: use --format "
+                                  "compressed-tensors or drop 'vision_tower' from --targets")
+            if self.method != "awq":
+                raise ConfigError("the vision tower's W8A8 searches its smoothing on calibration images: it runs "
+                                  "with awq, not rtn")
+            if self.vision_tiles < 1 or self.vision_max_error <= 0:
+                raise ConfigError(f"vision_tiles must be >= 1 and vision_max_error > 0, got {self.vision_tiles} and "
+                                  f"{self.vision_max_error}")
         for name in ("n_samples", "seqlen", "n_grid", "clip_tokens", "clip_batch", "chunk_tokens", "lm_head_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -200,6 +219,8 @@ class AWQConfig:
         skip = {"clip_batch", "chunk_tokens", "device"}
         if not self.quantize_lm_head:  # as before the option existed: earlier work folders still resume
             skip |= {"quantize_lm_head", "lm_head_tokens"}
+        if "vision_tower" not in self.targets:
+            skip |= {"vision_tiles", "vision_max_error"}
         if self.is_reference:  # as before the presets existed
             skip |= {"numerics", "ratio_search", "search_tokens", "gram_loss"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}

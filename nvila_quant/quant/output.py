@@ -6,7 +6,7 @@
                                 with ``quantize_lm_head`` a packed lm_head, its scales folded into model.norm, and
                                 embed_tokens grown with the head to its rows (vocab_size; tie_word_embeddings false)
     mm_projector/               packed linears + LayerNorms + activation scales (``scaled_activations``)
-    vision_tower/               copied unchanged
+    vision_tower/               copied unchanged, or (target "vision_tower") W8A8 compressed-tensors int-quantized
     awq_results.safetensors     searched scales and clips (see :mod:`nvila_quant.quant.results`); in the flat -hf
                                 layout ``quantization/awq_results.safetensors``
 """
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,16 @@ def write_output(tmp: Path, output: Path, root: Path, nv_config: NVILAConfig, co
     else:
         materialize_part(mp_src, tmp / "mm_projector", progress)
 
-    # vision_tower/ unchanged, root config, AWQ results
-    materialize_part(nv_config.part("vision_tower"), tmp / "vision_tower", progress)
+    # vision_tower/ (W8A8 or unchanged), root config, AWQ results
+    if "vision_tower" in config.targets:
+        shutil.copytree(work.vision_path, tmp / "vision_tower", ignore=shutil.ignore_patterns("vision_quant_log.json"))
+        if "vision_tower_cfg" in root_cfg:
+            root_cfg["vision_tower_cfg"] = {**read_json(tmp / "vision_tower" / "config.json"),
+                                            "_name_or_path": "./vision_tower"}
+        summary["vision_tower"] = {"quantized": len(log.get("vision_tower", {}).get("quantized", [])),
+                                   "kept_float": len(log.get("vision_tower", {}).get("kept_float", []))}
+    else:
+        materialize_part(nv_config.part("vision_tower"), tmp / "vision_tower", progress)
     root_cfg["_name_or_path"] = str(output)
     root_cfg["quantization_config"] = {
         "quant_method": config.method, "format": config.format, "bits": config.bits,

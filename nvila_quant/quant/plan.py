@@ -90,10 +90,10 @@ def plan_layers(nv_config: NVILAConfig, config: AWQConfig) -> LayerPlan:
             projector = meta_projector(nv_config)
         for name in block_linears(projector):
             shapes[f"projector:{name}"] = tuple(projector.get_submodule(name).weight.shape)
-    if not shapes:
+    if not shapes and "vision_tower" not in config.targets:
         raise ConfigError(f"the targets {list(config.targets)} hold no Linear layers to quantize")
     g = config.group_size
-    if g != -1 and not any(k % g == 0 for _, k in shapes.values()):
+    if shapes and g != -1 and not any(k % g == 0 for _, k in shapes.values()):
         widths = sorted({k for _, k in shapes.values()})
         raise ConfigError(
             f"group size {g} divides the input width of none of the {len(shapes)} target linears "

@@ -42,7 +42,7 @@ from nvila_quant.calibration import (
 )
 from nvila_quant.errors import ConfigError
 from nvila_quant.formats.checkpoint import QuantSpec
-from nvila_quant.io import atomic_output_dir, check_output_dir, write_json
+from nvila_quant.io import atomic_output_dir, check_output_dir, read_json, write_json
 from nvila_quant.model import NVILAQwen2
 from nvila_quant.model.config import LAYOUTS, NVILAConfig, load_config
 from nvila_quant.model.layout import check_flat_quantization, write_hf
@@ -56,6 +56,7 @@ from nvila_quant.quant.mappings import projector_groups, qwen2_block_groups
 from nvila_quant.quant.output import write_output
 from nvila_quant.quant.plan import LayerPlan, meta_projector, plan_layers
 from nvila_quant.quant.results import load_block_result, save_block_result
+from nvila_quant.quant.vision import VisionQuantConfig, quantize_tower, save_tower
 from nvila_quant.quant.workdir import WorkDir, work_dir_for
 
 __all__ = ["LayerPlan", "QuantizeResult", "plan_layers", "quantize", "work_dir_for"]
@@ -93,6 +94,9 @@ def _calibration(calib: Any, config: AWQConfig) -> tuple[list[CalibSample], dict
     if "projector" in config.targets and config.method == "awq" and n_image == 0:
         raise ConfigError("AWQ of the projector needs image samples; lower --text-ratio or drop 'projector' "
                           "from --targets")
+    if "vision_tower" in config.targets and n_image == 0:
+        raise ConfigError("W8A8 of the vision tower needs image samples; lower --text-ratio or drop 'vision_tower' "
+                          "from --targets")
     return samples, {"source": str(source), "samples": [f"{s.kind}:{s.origin}" for s in samples]}
 
 
@@ -126,6 +130,9 @@ def quantize(
     layout = layout or nv_config.layout
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "hf" and "vision_tower" in config.targets:
+        raise ConfigError("a W8A8 vision tower is written in the three-folder layout only (--layout vila); the flat "
+                          "-hf layout's vision weights are not converted to int8 yet")
     device = resolve_device(config.device)
     run = _Run(root, nv_config, config, device, resolve_dtype(config.dtype, device, config.numerics), nv_config.dtype,
                plan_layers(nv_config, config), WorkDir(work_dir_for(output)), progress)
@@ -149,6 +156,8 @@ def quantize(
         "calibration": calib_info,
     })
     if samples is not None:
+        if "vision_tower" in config.targets:
+            run.vision_tower(samples)
         run.calibrate(samples, next_block)
     if "projector" in config.targets:
         run.projector(next_block)
@@ -227,6 +236,34 @@ class _Run:
         self.shell.free_vision_tower()
         self.log["calibration"] = {**self.log.get("calibration", {}), **self.calib.summary()}
         self.timings["calibration_s"] = time.perf_counter() - t0
+
+    def vision_tower(self, samples: list[CalibSample]) -> None:
+        """W8A8 of the tower on a seeded subset of the image samples' tiles, saved to the work folder (the LLM and
+        projector then calibrate on the float tower's features, as the reference's stages are independent)."""
+        t0 = time.perf_counter()
+        if self.work.vision_path.is_dir():
+            self.log["vision_tower"] = read_json(self.work.vision_path / "vision_quant_log.json")
+            return
+        shell = NVILAShell.load_pretrained(self.root, torch_dtype=self.dtype, device=self.device)
+        tiles = []
+        for sample in samples:
+            if sample.kind == "image":
+                media, _ = shell.prepare_media(sample.fresh_conversation())
+                tiles += list(media.get("image", []))
+        keep = torch.randperm(len(tiles), generator=torch.Generator().manual_seed(self.config.seed))
+        picked = torch.stack([tiles[i] for i in sorted(keep[: self.config.vision_tiles].tolist())])
+        tower = shell.get_vision_tower()
+        cfg = VisionQuantConfig(search_tokens=self.config.search_tokens or VisionQuantConfig.search_tokens,
+                                max_error=self.config.vision_max_error, seed=self.config.seed)
+        result = quantize_tower(tower, picked, cfg, progress=self.progress)
+        result.log["tiles_available"] = len(tiles)
+        staged = self.work.path / "vision_tower.partial"
+        shutil.rmtree(staged, ignore_errors=True)
+        save_tower(tower, result, self.nv_config.part("vision_tower"), staged, self.save_dtype)
+        write_json(staged / "vision_quant_log.json", result.log)
+        os.replace(staged, self.work.vision_path)
+        self.log["vision_tower"] = result.log
+        self.timings["vision_tower_s"] = time.perf_counter() - t0
 
     def projector(self, next_block: int | None) -> None:
         t0 = time.perf_counter()

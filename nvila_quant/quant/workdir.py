@@ -83,6 +83,11 @@ class WorkDir:
         return self.path / "lm_head.safetensors"
 
     @property
+    def vision_path(self) -> Path:
+        """The W8A8 vision tower's finished ``vision_tower/`` folder (renamed into place when complete)."""
+        return self.path / "vision_tower"
+
+    @property
     def hidden_path(self) -> Path:
         return self.path / "hidden.safetensors"
 

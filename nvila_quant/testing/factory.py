@@ -38,7 +38,7 @@ from nvila_quant.model.layout import write_hf
 from nvila_quant.model.projector import MultimodalProjector
 from nvila_quant.model.tokenizer import QWEN2_CHAT_TEMPLATE
 
-__all__ = ["TinySpec", "build_tokenizer", "make_tiny", "plant_outliers", "synthetic_corpus"]
+__all__ = ["TinySpec", "build_tokenizer", "make_tiny", "plant_outliers", "plant_vision_outliers", "synthetic_corpus"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[BOS]", "[PAD]"]
 # Qwen2's pre-tokenizer split pattern
@@ -55,6 +55,8 @@ class TinySpec:
         vision_intermediate: SigLIP MLP width; deliberately not a multiple of 128 (so400m's is 4304).
         llm_kv_heads: < llm_heads for grouped-query attention, as in Qwen2.
         outliers / outlier_channels / outlier_scale: planted activation outliers (see module docstring).
+        vision_outliers: also plant outlier channels in the vision tower (layer_norm1 -> q/k/v, layer_norm2 -> fc1),
+            function preserving as in the LLM: what W8A8's per-token activation scales suffer from.
         tie_embeddings: lm_head shares embed_tokens (as NVILA-Lite's Qwen2.5-1.5B); the checkpoint then stores no
             ``lm_head.weight``, as transformers' save_pretrained writes tied models.
         llm_vocab: stored embedding / head rows; 0 = the tokenizer's. More rows model a padded vocabulary (Qwen2
@@ -64,6 +66,7 @@ class TinySpec:
     variant: str = "nvila"
     seed: int = 0
     outliers: bool = True
+    vision_outliers: bool = False
     vision_hidden: int = 64
     vision_intermediate: int = 172
     vision_layers: int = 3
@@ -223,6 +226,26 @@ def plant_outliers(
     return planted
 
 
+@torch.no_grad()
+def plant_vision_outliers(vision: SiglipVisionModel, spec: TinySpec, gen: torch.Generator) -> dict:
+    """Outlier channels in every SigLIP encoder layer: the LayerNorms' outputs (weight and bias) x alpha on a few
+    channels, the consuming linears' input columns / alpha (x salience). Returns the planted channels."""
+    k, alpha, sal = spec.outlier_channels, spec.outlier_scale, spec.salience
+    vit = getattr(vision, "vision_model", vision)
+    planted: dict[str, list[int]] = {}
+    for i, layer in enumerate(vit.encoder.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        width = layer.layer_norm1.weight.shape[0]
+        ch = torch.randperm(width, generator=gen)[:k]
+        layer.layer_norm1.bias[ch] *= alpha
+        _plant(layer.layer_norm1.weight, [attn.q_proj, attn.k_proj, attn.v_proj], ch, alpha, sal)
+        ch2 = torch.randperm(width, generator=gen)[:k]
+        layer.layer_norm2.bias[ch2] *= alpha
+        _plant(layer.layer_norm2.weight, [mlp.fc1], ch2, alpha, sal)
+        planted[f"vision_model.encoder.layers.{i}"] = ch.tolist() + ch2.tolist()
+    return planted
+
+
 # ---------------------------------------------------------------------------- checkpoint
 @torch.no_grad()
 def _init_weights(module: torch.nn.Module, gen: torch.Generator, out_scale: float = 1.0) -> None:
@@ -311,6 +334,8 @@ def make_tiny(output: str | os.PathLike, spec: TinySpec | None = None, overwrite
     projector = MultimodalProjector(projector_type, mm_hidden, spec.llm_hidden)
     _init_weights(projector, gen)
     planted = plant_outliers(llm, projector, spec, gen) if spec.outliers else {}
+    if spec.vision_outliers:
+        planted.update(plant_vision_outliers(vision, spec, gen))
 
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         verbosity = hf_logging.get_verbosity()

@@ -1,0 +1,68 @@
+"""``Int8Linear``: a W8A8 linear (int8 weights per output channel, int8 activations quantized per token at run time).
+
+Backends: "int8" multiplies the int8 operands with ``torch._int_mm`` (oneDNN VNNI / AMX on CPU, tensor cores on
+CUDA); "reference" computes the same int32 sums in float64, the oracle. Both give the same integers, so their
+outputs agree to the rescale's rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nvila_quant.numerics.int8 import quantize_weight, w8a8_linear
+
+__all__ = ["INT8_BACKENDS", "Int8Linear", "int8_linears"]
+
+INT8_BACKENDS = ("int8", "reference")
+
+
+class Int8Linear(nn.Module):
+    """y = int8(x) @ int8(W)^T * s_x * s_w + bias. Buffers named as compressed-tensors' ``int-quantized`` tensors:
+    ``weight`` (N, K) int8, ``weight_scale`` (N, 1) float32, ``bias`` (N,) in the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.backend = "int8"
+        self._wt: tuple[tuple, torch.Tensor] | None = None  # (the weight's identity, its (K, N) transpose)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Quantize a float linear (per output channel, symmetric)."""
+        w = linear.weight.detach()
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
+        q, s = quantize_weight(w)
+        out.weight.copy_(q)
+        out.weight_scale.copy_(s)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach())
+        return out
+
+    def dequantized(self) -> torch.Tensor:
+        """W' = q * s, (N, K) float32."""
+        return self.weight.float() * self.weight_scale
+
+    def _transposed(self) -> torch.Tensor:
+        """The (K, N) int8 operand ``torch._int_mm`` takes, made once per weight tensor (a load or ``to`` replaces the
+        tensor; write a new weight with assignment, not in place)."""
+        key = (id(self.weight), self.weight.data_ptr(), self.weight.device)
+        if self._wt is None or self._wt[0] != key:
+            self._wt = (key, self.weight.t().contiguous())
+        return self._wt[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        ref = self.backend == "reference"
+        return w8a8_linear(x, self.weight, self.weight_scale, self.bias, exact_reference=ref,
+                           qw_t=None if ref else self._transposed())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+
+
+def int8_linears(model: nn.Module) -> dict[str, Int8Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
