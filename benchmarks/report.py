@@ -322,8 +322,14 @@ def vision_rows(runs: list[dict], cpu: str) -> list[str]:
         so400m = (spec.get("vision_hidden"), spec.get("vision_intermediate"), spec.get("vision_heads")) == (
             1152, 4304, 16)
         layers = "so400m-shaped layers" if so400m else f"{spec.get('vision_hidden')}-wide layers"
-        keys = sorted({k for r in g for k in r["result"]["speedup_vs_torch"] if not k.endswith("-portable")})
+        keys = sorted({k for r in g for k in r["result"]["speedup_vs_torch"]
+                       if not k.endswith("-portable") and k != "torch-w8a8"})
         cells = []
+        w8a8 = [r["result"]["speedup_vs_torch"]["torch-w8a8"] for r in g
+                if "torch-w8a8" in r["result"]["speedup_vs_torch"]]
+        if w8a8:
+            cells.append(f"PyTorch W8A8 {span(v['speedup_vs_best_float_eager'] for v in w8a8)}x the faster of fp32 / "
+                         f"bf16 eager (features' cosine to fp32 >= {min(v['min_cosine_vs_fp32'] for v in w8a8):.4f})")
         for k in keys:
             vals = [r["result"]["speedup_vs_torch"][k] for r in g if k in r["result"]["speedup_vs_torch"]]
             name = "onnxruntime" + (f" ({k})" if len(keys) > 1 else "")

@@ -20,15 +20,22 @@ the minimum (best of N, the robust statistic under background load) and the medi
 the speed-up is the ratio of minima. ``--threads 1`` also reports each side's CPU time (robust on a busy
 machine). Writes one result file per run, benchmarks/results/vision/<time>-<machine>[-<variant>].json, with every
 timed run per image and backend (``runs_s``, ``thread_cpu_s``) next to the minima and medians.
+
+``--w8a8`` adds the tower quantized W8A8 (``nvila-quant awq --targets vision_tower``'s SmoothQuant search and int8
+linears, calibrated on the first image's tiles, ``torch._int_mm``; norms and attention in bf16, as a bf16 checkpoint
+runs) and a bf16 copy of the float tower, and reports
+W8A8 against the faster float eager path (issue 22's goal: >= 1.5x) with its features' cosine to fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +50,7 @@ from nvila_quant.model.media import dynamic_s2_preprocess, load_image  # noqa: E
 from nvila_quant.model.onnx_vision import OnnxVisionGraphs  # noqa: E402
 from nvila_quant.model.vision import merge_features_for_dynamic_s2, split_chessboard  # noqa: E402
 from nvila_quant.paths import builtin_calib_dir  # noqa: E402
+from nvila_quant.quant.vision import VisionQuantConfig, quantize_tower  # noqa: E402
 from nvila_quant.testing.factory import TinySpec, make_tiny  # noqa: E402
 
 RUNTIME = "ort-o{}"  # the runtime's default way to run an export, per opset
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                         "background load does not inflate")
     parser.add_argument("--variant", "--name", default=None,
                         help="a label for this configuration, kept in the result file and its name (default: none)")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="also the W8A8 tower (SmoothQuant search on the first image's tiles) and a bf16 tower")
     add_results_arg(parser)
     args = parser.parse_args(argv)
     if args.threads:
@@ -110,6 +120,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.torch_per_tile:
             sides["torch-tile1"] = lambda p, b: torch_vision_s2(src, p, b, tile_batch=1).numpy()
         sides.update({k: (lambda p, b, g=g: g.encode(p.numpy(), b)) for k, g in graphs.items()})
+        w8a8_log = None
+        if args.w8a8:
+            tiles, _ = dynamic_s2_preprocess(load_image(builtin_calib_dir() / IMAGES[0]), src.config.s2_scales,
+                                             src.config.max_tiles, src.tower.image_size)
+            calib = src.tower.image_processor(tiles, return_tensors="pt")["pixel_values"].float()
+            bf16 = types.SimpleNamespace(config=src.config, tower=copy.deepcopy(src.tower).to(torch.bfloat16))
+            int8 = types.SimpleNamespace(config=src.config, tower=copy.deepcopy(src.tower).to(torch.bfloat16))
+            with torch.inference_mode():
+                w8a8_log = quantize_tower(int8.tower, calib, VisionQuantConfig(), progress=False).log
+            sides["torch-bf16"] = lambda p, b: torch_vision_s2(bf16, p, b).float().numpy()
+            sides["torch-w8a8"] = lambda p, b: torch_vision_s2(int8, p, b).float().numpy()
         graph_files = {k: g.graph_file("vision_tower").name + f" (tiles per call: {g.tile_batch})"
                        for k, g in graphs.items()}
 
@@ -124,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
             times: dict[str, list[float]] = {k: [] for k in sides}
             cpu: dict[str, list[float]] = {k: [] for k in sides}
             diffs: dict[str, float] = {}
+            cosines = {k: float(torch.nn.functional.cosine_similarity(
+                torch.from_numpy(np.asarray(run(pixels, block))).flatten().double(),
+                torch.from_numpy(ref).flatten().double(), dim=0)) for k, run in sides.items()}
             for _ in range(args.repeats):
                 for k, run in sides.items():
                     dt, ct, out = timed(lambda run=run: run(pixels, block))  # noqa: B023
@@ -134,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             best_cpu = {k: min(v) for k, v in cpu.items()}
             entry = {"image": name, "tiles": len(tiles), "block": list(block), "min_s": best, "median_s": med,
-                     "thread_cpu_min_s": best_cpu, "runs_s": times, "thread_cpu_s": cpu, "rel_diff_vs_torch": diffs}
+                     "thread_cpu_min_s": best_cpu, "runs_s": times, "thread_cpu_s": cpu, "rel_diff_vs_torch": diffs,
+                     "cosine_vs_torch": cosines}
             results.append(entry)
             for k in times:
                 rows.append({"image": name, "tiles": len(tiles), "backend": k, "min_ms": best[k] * 1000,
@@ -161,6 +186,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{key} vs PyTorch eager: {ratio:.2f}x faster (best of {args.repeats}; "
               f"{ratio_med:.2f}x on medians{extra}; goal >= 1.2x on the "
               f"{'CPU-time' if threads == 1 else 'lower wall-clock'} ratio: {verdict})")
+    if "torch-w8a8" in sides:
+        best_float = [min(r["min_s"]["torch"], r["min_s"]["torch-bf16"]) for r in results]
+        ratio = statistics.median(f / r["min_s"]["torch-w8a8"] for f, r in zip(best_float, results, strict=True))
+        cos = min(r["cosine_vs_torch"]["torch-w8a8"] for r in results)
+        summary["torch-w8a8"] = {"speedup_vs_best_float_eager": ratio, "goal_1.5x_met": ratio >= 1.5,
+                                 "min_cosine_vs_fp32": cos, "search": w8a8_log}
+        print(f"torch-w8a8 vs the faster of PyTorch fp32 / bf16 eager: {ratio:.2f}x (best of {args.repeats}; goal "
+              f">= 1.5x: {'meets' if ratio >= 1.5 else 'MISSES'}); features' cosine to fp32 >= {cos:.5f}")
     if threads != 1:
         print("wall clock follows the machine's background load; `--threads 1` adds CPU-time ratios, which it "
               "does not inflate")
