@@ -202,3 +202,19 @@ def test_awq_with_vision_tower_target_end_to_end(outlier_nvila, tmp_path):
     with pytest.raises(ConfigError, match="three-folder layout"):
         quantize(outlier_nvila, cfg, "builtin", tmp_path / "h", progress=False, layout="hf")
     assert not (tmp_path / "t").exists() and not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_quantize_and_rescale_are_bitwise_the_torch_ops(dtype):
+    from nvila_quant.kernels.int8 import native_w8a8
+
+    lin = torch.nn.Linear(192, 80).to(dtype)
+    mod = Int8Linear.from_linear(lin)
+    x = (torch.randn(2, 37, 192) * torch.linspace(0.01, 30, 192)).to(dtype)
+    x[0, 3] = 0  # an all-zero token: the scale's floor
+    y = native_w8a8(x, mod._transposed(), mod.weight_scale, mod.bias)
+    if y is None:
+        pytest.skip("the native CPU library is not available")
+    assert y.dtype == dtype and torch.equal(y, w8a8_linear(x, mod.weight, mod.weight_scale, mod.bias))
+    assert torch.equal(native_w8a8(x, mod._transposed(), mod.weight_scale, None),
+                       w8a8_linear(x, mod.weight, mod.weight_scale, None))

@@ -62,7 +62,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "rows.c", CSRC / "t16.c", CSRC / "t16_vnni.c", CSRC / "t16_amx.c", CSRC / "step.c"]  # one library
+SOURCES = [CSRC / "rows.c", CSRC / "t16.c", CSRC / "t16_vnni.c", CSRC / "t16_amx.c", CSRC / "step.c",
+           CSRC / "int8.c"]  # one library
 HEADERS = [CSRC / "nq_shared.h"]
 CAP_F32, CAP_BF16, CAP_T16_F32, CAP_AMX, CAP_VNNI = 1, 2, 4, 8, 16  # nq_caps() bits
 # Intel CPUs with AMX (Sapphire Rapids and later): where the default thresholds were measured and vdpbf16ps is slow
